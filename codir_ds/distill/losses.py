@@ -1,0 +1,150 @@
+"""Distillation losses: the contrastive CRD term (Eq. 4) and logit KD (Eq. 2).
+
+Both losses are computed in fp32 whatever the dtype of their inputs and return
+an fp32 scalar. The authors' released code evaluated ``exp(cos/τ)`` in fp16,
+which overflows (fp16 max is 65504) as soon as ``cos/τ > ~11``, i.e. cos > 0.78
+at τ = 0.07; here inputs are cast to fp32 *before* normalisation and the
+softmax denominators go through ``logsumexp`` (via ``cross_entropy`` /
+``log_softmax``), never a raw ``exp``. Autocast is disabled inside so an
+enclosing ``torch.autocast`` region cannot silently cast the maths back down.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["crd_loss", "crd_scores", "kd_loss"]
+
+
+def _no_autocast(device: torch.device):
+    # An enclosing autocast region would run the einsum / matmul in fp16/bf16
+    # again; switch it off for this device type only.
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _check_crd_shapes(h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor) -> None:
+    if h_t.dim() != 2 or h_s.shape != h_t.shape:
+        raise ValueError(
+            f"crd: h_t and h_s must both be [B, m]; got {tuple(h_t.shape)} and {tuple(h_s.shape)}"
+        )
+    b, m = h_t.shape
+    if negatives.dim() != 3 or negatives.shape[0] != b or negatives.shape[2] != m:
+        raise ValueError(
+            f"crd: negatives must be [B, K, m] = [{b}, K, {m}]; got {tuple(negatives.shape)}"
+        )
+
+
+def _cosine_scores(
+    h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shared maths of :func:`crd_scores` and :func:`crd_loss`.
+
+    Returns ``pos [B]`` = cos(h_t, h_s) and ``neg [B, K]`` = cos(h_t, n_j), fp32,
+    differentiable with respect to all three inputs. Must be called with autocast
+    disabled (the public functions do that).
+    """
+    _check_crd_shapes(h_t, h_s, negatives)
+    # Cast first, then normalise: normalising in fp16 can underflow/overflow the
+    # squared norm for large activations.
+    t = F.normalize(h_t.float(), dim=-1)
+    s = F.normalize(h_s.float(), dim=-1)
+    n = F.normalize(negatives.to(device=t.device, dtype=torch.float32), dim=-1)
+    pos = (t * s).sum(dim=-1)  # [B]
+    neg = torch.einsum("bm,bkm->bk", t, n)  # [B, K]
+    return pos, neg
+
+
+def crd_scores(
+    h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor, tau: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities behind the CRD loss, for monitoring.
+
+    Args:
+        h_t: ``[B, m]`` projected teacher features of the positives (any float dtype).
+        h_s: ``[B, m]`` projected student features of the positives.
+        negatives: ``[B, K, m]`` student features of the negatives (memory-bank rows).
+        tau: temperature; not applied (kept in the signature so call sites of
+            ``crd_loss`` and ``crd_scores`` look alike), must be > 0.
+
+    Returns:
+        ``(pos_sim [B], neg_sim [B, K])``: fp32 cosine similarities in [-1, 1],
+        *not* divided by τ, detached.
+    """
+    if not tau > 0:
+        raise ValueError(f"crd: temperature tau must be > 0, got {tau}")
+    with torch.no_grad(), _no_autocast(h_t.device):
+        return _cosine_scores(h_t, h_s, negatives)
+
+
+def crd_loss(
+    h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Contrastive representation distillation loss (CoDIR Eq. 4), batch mean.
+
+    For each row b::
+
+        -log( exp(cos(t_b, s_b)/τ) / (exp(cos(t_b, s_b)/τ) + Σ_j exp(cos(t_b, n_bj)/τ)) )
+
+    i.e. a (K+1)-way cross-entropy whose correct class is the positive pair.
+
+    Args:
+        h_t: ``[B, m]`` projected teacher features of the positives (any float dtype).
+        h_s: ``[B, m]`` projected student features of the positives.
+        negatives: ``[B, K, m]`` student features of K negatives per positive, as
+            read from the memory bank (K may be 0, then the loss is 0).
+        tau: temperature τ > 0 (dimensionless; the paper uses ~0.07-0.1).
+
+    Returns:
+        fp32 scalar in nats. Gradients flow to ``h_t`` and ``h_s`` (and to
+        ``negatives`` only if the caller passes a tensor that requires grad;
+        bank rows do not).
+    """
+    if not tau > 0:
+        raise ValueError(f"crd: temperature tau must be > 0, got {tau}")
+    with _no_autocast(h_t.device):
+        pos, neg = _cosine_scores(h_t, h_s, negatives)
+        logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / float(tau)  # [B, K+1]
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        # cross_entropy = logsumexp(logits) - logits[:, 0]: stable for any cos/τ.
+        return F.cross_entropy(logits, target, reduction="mean")
+
+
+def kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logit distillation KL( softmax(z_t/T) || softmax(z_s/T) ) (CoDIR Eq. 2).
+
+    Summed over classes, averaged over rows. Rows are examples (``[N, C]``
+    classification logits) or token positions (e.g. ``[B, L, V]`` MLM logits,
+    flattened to ``[B*L, V]``; select masked positions before calling if only
+    those should count). The conventional T² factor is NOT applied: the
+    objective multiplies by it when configured.
+
+    Args:
+        z_s: student logits ``[..., C]`` (any float dtype).
+        z_t: teacher logits, same shape; detached here (the teacher is a target).
+        temperature: T > 0.
+
+    Returns:
+        fp32 scalar in nats; 0 (still attached to ``z_s``) if there are no rows.
+    """
+    if not temperature > 0:
+        raise ValueError(f"kd: temperature must be > 0, got {temperature}")
+    if z_s.shape != z_t.shape or z_s.dim() < 1:
+        raise ValueError(
+            f"kd: student and teacher logits must have the same shape [..., C]; "
+            f"got {tuple(z_s.shape)} and {tuple(z_t.shape)}"
+        )
+    with _no_autocast(z_s.device):
+        s = z_s.reshape(-1, z_s.shape[-1]).float()
+        t = z_t.detach().reshape(-1, z_t.shape[-1]).to(device=s.device, dtype=torch.float32)
+        rows = s.shape[0]
+        if rows == 0:
+            # e.g. a micro-batch with no masked positions: contribute nothing
+            # but keep the graph connected for engine.backward.
+            return s.sum() * 0.0
+        log_p_s = F.log_softmax(s / float(temperature), dim=-1)
+        log_p_t = F.log_softmax(t / float(temperature), dim=-1)
+        # log_target=True handles teacher probabilities that underflow to 0.
+        return F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / rows

@@ -1,0 +1,82 @@
+"""Finetuning objectives, one per method, chosen by ``method.name``.
+
+Eq. 1 of the CoDIR paper: ``L = L_task + a1 * L_KD + a2 * L_CRD``.
+
+- ``ce``:    L_task only (plain finetuning).
+- ``kd``:    L_task + a1 * [rho^2] * KL(softmax(z_t/rho) || softmax(z_s/rho)).
+- ``codir``: ``kd`` + a2 * InfoNCE(teacher positive vs. K bank negatives).
+
+Regression tasks (one output): L_task is MSE to the target, and the KD term is
+the MSE between student and teacher predictions (a softmax over one output is
+constant); CRD negatives come from other target bins (see negatives module).
+
+An objective computes loss terms from tensors it is given; it owns neither the
+teacher nor the bank (the trainer runs the teacher and fetches negatives).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from codir_ds.distill.losses import crd_loss, crd_scores, kd_loss
+
+
+@dataclass
+class Objective:
+    name: str
+    uses_teacher: bool
+    uses_crd: bool
+    alpha_kd: float = 0.0
+    alpha_crd: float = 0.0
+    kd_temperature: float = 1.0
+    kd_t2_scale: bool = True
+    crd_temperature: float = 0.07
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
+                 teacher_logits: Optional[torch.Tensor] = None,
+                 h_t: Optional[torch.Tensor] = None, h_s: Optional[torch.Tensor] = None,
+                 negatives: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """Return ``(total, terms)``; ``terms`` holds detached fp32 scalars for logging."""
+        logits32 = logits.float()
+        if is_regression:
+            task = F.mse_loss(logits32.squeeze(-1), labels.float())
+        else:
+            task = F.cross_entropy(logits32, labels)
+        total = task
+        terms = {"loss/task": task.detach()}
+        if self.uses_teacher:
+            if is_regression:
+                kd = F.mse_loss(logits32, teacher_logits.float())
+            else:
+                kd = kd_loss(logits32, teacher_logits, self.kd_temperature)
+                if self.kd_t2_scale:
+                    kd = kd * self.kd_temperature ** 2
+            total = total + self.alpha_kd * kd
+            terms["loss/kd"] = kd.detach()
+        if self.uses_crd:
+            crd = crd_loss(h_t, h_s, negatives, self.crd_temperature)
+            total = total + self.alpha_crd * crd
+            terms["loss/crd"] = crd.detach()
+            with torch.no_grad():
+                pos, neg = crd_scores(h_t, h_s, negatives, self.crd_temperature)
+            terms["bank/pos_sim"] = pos.mean()
+            terms["bank/neg_sim"] = neg.mean()
+        terms["loss/total"] = total.detach()
+        return total, terms
+
+
+def build_objective(method_cfg) -> Objective:
+    """The objective named by ``method.name`` with its hyper-parameters from the config."""
+    name = method_cfg.name
+    if name == "ce":
+        return Objective(name, uses_teacher=False, uses_crd=False)
+    common = dict(alpha_kd=method_cfg.alpha_kd, kd_temperature=method_cfg.kd_temperature,
+                  kd_t2_scale=method_cfg.kd_t2_scale, crd_temperature=method_cfg.crd_temperature)
+    if name == "kd":
+        return Objective(name, uses_teacher=True, uses_crd=False, **common)
+    if name == "codir":
+        return Objective(name, uses_teacher=True, uses_crd=True, alpha_crd=method_cfg.alpha_crd, **common)
+    raise ValueError(f"unknown objective {name!r}")

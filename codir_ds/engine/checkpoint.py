@@ -1,0 +1,154 @@
+"""Checkpoints: DeepSpeed state plus every rank's own state, published atomically.
+
+Layout under ``<run>/checkpoints/``::
+
+    step_00000120/              DeepSpeed tag folder (model, optimizer, ZeRO shards, scheduler)
+        codir_rank_00000.pt     per-rank: bank shard, sampler position, RNG states, counters
+        codir_rank_00001.pt
+        COMPLETE                written by rank 0 once every rank has finished its files
+    latest                      tag of the newest COMPLETE checkpoint (replaced atomically)
+
+DeepSpeed writes its client state from rank 0 only, so per-rank state (bank shards,
+sampler positions, RNG) goes to per-rank files. A checkpoint is visible to resume
+only after ``COMPLETE`` and ``latest`` are written, so a crash mid-save leaves the
+previous checkpoint as the one that loads.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from codir_ds.errors import CodirError
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"codir_rank_{rank:05d}.pt"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, rank_state: dict, rank: int,
+                    keep: int) -> Path:
+    """Collective: every rank calls it. Returns the tag folder."""
+    tag = tag_for(step)
+    tag_dir = ckpt_root / tag
+    if rank == 0 and tag_dir.exists():  # a half-written save of this step from a crashed run
+        shutil.rmtree(tag_dir)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+    _atomic_torch_save(rank_state, rank_file(tag_dir, rank))
+    _barrier()
+    if rank == 0:
+        _atomic_write_text(tag_dir / COMPLETE, "ok\n")
+        _atomic_write_text(ckpt_root / LATEST, tag + "\n")
+        prune(ckpt_root, keep)
+    _barrier()
+    return tag_dir
+
+
+def complete_tags(ckpt_root: Path) -> list[str]:
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+
+
+def prune(ckpt_root: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, and stale incomplete ones."""
+    tags = complete_tags(ckpt_root)
+    newest = tags[-1] if tags else None
+    for old in tags[:-keep] if keep > 0 else []:
+        shutil.rmtree(ckpt_root / old, ignore_errors=True)
+    for p in ckpt_root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and not (p / COMPLETE).is_file() and newest and p.name < newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_tag(ckpt_root: Path) -> Optional[str]:
+    """The newest checkpoint that finished saving, or None."""
+    f = ckpt_root / LATEST
+    if f.is_file():
+        tag = f.read_text().strip()
+        if (ckpt_root / tag / COMPLETE).is_file():
+            return tag
+    tags = complete_tags(ckpt_root)
+    return tags[-1] if tags else None
+
+
+def load_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
+    """Every rank's state file of a checkpoint (all are needed to re-shard the bank)."""
+    files = sorted(tag_dir.glob("codir_rank_*.pt"))
+    if not files:
+        raise CodirError(f"checkpoint '{tag_dir}' has no codir_rank_*.pt files: it is incomplete or not a codir-ds "
+                         f"checkpoint; remove it or resume from another")
+    states = []
+    for f in files:
+        try:
+            states.append(torch.load(f, map_location="cpu", weights_only=False))
+        except Exception as e:  # truncated or corrupted pickle/zip
+            raise CodirError(f"checkpoint file '{f}' cannot be read ({type(e).__name__}): it is truncated or "
+                             f"corrupted; delete '{tag_dir}' to resume from the previous checkpoint") from None
+    saved_world = states[0].get("world_size")
+    if len(states) != saved_world:
+        raise CodirError(f"checkpoint '{tag_dir}' has {len(states)} rank files but was written by {saved_world} "
+                         f"ranks: it is incomplete; delete it to resume from the previous checkpoint")
+    if saved_world != world_size:
+        raise CodirError(f"checkpoint '{tag_dir}' was written by {saved_world} ranks but this run has {world_size}: "
+                         f"relaunch with {saved_world} ranks")
+    return states
+
+
+def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
+    """Load DeepSpeed state for ``tag``; returns its client state."""
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+        raise CodirError(f"DeepSpeed checkpoint '{ckpt_root / tag}' cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}): delete it to resume from the previous "
+                         f"checkpoint") from None
+    if path is None:
+        raise CodirError(f"DeepSpeed checkpoint '{ckpt_root / tag}' cannot be loaded: delete it to resume from the "
+                         f"previous checkpoint")
+    return client_state or {}

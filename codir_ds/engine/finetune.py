@@ -1,0 +1,334 @@
+"""Finetuning-stage distillation (CoDIR-Fine, KD, CE) on a DeepSpeed engine.
+
+``run_finetune`` is the whole recipe; the loop in ``_train`` reads top to bottom:
+teacher forward, student forward, negatives, loss terms, backward, step, bank
+update, log, evaluate, checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from codir_ds.assets import resolve_model_dir
+from codir_ds.config import ExperimentConfig, save_config
+from codir_ds.data.collate import ClassificationCollator
+from codir_ds.data.sampler import OwnedShardSampler
+from codir_ds.data.tasks import TaskData, load_task
+from codir_ds.distill.heads import DistillationModule
+from codir_ds.distill.memory_bank import ShardedMemoryBank
+from codir_ds.distill.negatives import LabelNegativeSampler
+from codir_ds.distill.objectives import build_objective
+from codir_ds.engine import checkpoint as ckpt
+from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
+from codir_ds.engine.evaluation import evaluate
+from codir_ds.engine.monitor import Monitor
+from codir_ds.engine.rundir import check_run_dir, clear_run_dir
+from codir_ds.engine.teacher import TeacherRunner
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import (build_student, check_same_vocab, export_student, hidden_size, load_teacher,
+                                     load_tokenizer, model_dir, resolve_layers)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the launcher's environment (1 process if unset)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(verbose=False)
+
+
+def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
+    """Labels that define CRD negatives: class ids, or equal-frequency target bins for regression."""
+    values = torch.tensor([ex.label for ex in task.train], dtype=torch.float64)
+    if not task.is_regression:
+        return values.long()
+    edges = torch.quantile(values, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
+    return torch.bucketize(values, edges).long()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int):
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available()
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, fused=fused)
+    warmup = int(tcfg.warmup_ratio * total_steps)
+
+    def linear(step: int) -> float:  # linear warm-up, then linear decay to 0 (BERT/RoBERTa finetuning)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before DeepSpeed starts."""
+    cfg: ExperimentConfig
+    ds: dict
+    dtype: torch.dtype
+    warning: Optional[str]
+    task: TaskData
+    tokenizer: object
+    teacher_dir: Optional[Path]
+    run_dir: Path
+    mode: str
+
+
+def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool, overwrite: bool) -> Prepared:
+    """Every check that can fail on bad input, in cheap-to-expensive order. Writes nothing."""
+    rank, _, world = dist_env()
+    run_dir = Path(output_dir)
+    mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
+    ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
+    task = load_task(cfg.data)
+    micro = ds["train_micro_batch_size_per_gpu"]
+    if len(task.train) < micro * world:
+        raise CodirError(f"the training set has {len(task.train)} examples, fewer than one global micro-batch "
+                         f"({micro} x {world} ranks): lower the batch size or add data")
+    teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
+    tok_spec = cfg.model.tokenizer or cfg.model.teacher or cfg.model.student_init
+    tokenizer = load_tokenizer(resolve_model_dir(tok_spec))
+    objective = build_objective(cfg.method)
+    if objective.uses_teacher:
+        check_same_vocab(tokenizer, teacher_dir, "model.teacher")
+    if objective.uses_crd and cfg.method.num_negatives < 1:
+        raise CodirError("method.num_negatives must be >= 1 for codir")
+    return Prepared(cfg, ds, dtype, warning, task, tokenizer, teacher_dir, run_dir, mode)
+
+
+def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
+                 overwrite: bool = False) -> dict:
+    """Check everything, start DeepSpeed, train, evaluate, export. Returns results.json's content."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    p = prepare(cfg, ds_config_path, output_dir, resume, overwrite)
+    rank, _, world = dist_env()
+    tcfg, mcfg = cfg.training, cfg.method
+    objective = build_objective(mcfg)
+    task = p.task
+    # Teacher loading verifies the checksum and the classification head: before any state is written.
+    teacher = (load_teacher(str(p.teacher_dir), task.num_labels, p.dtype, cfg.model.teacher_sha256)
+               if objective.uses_teacher else None)
+
+    init_distributed()
+    device = torch.device(get_accelerator().current_device_name())
+    if rank == 0:
+        if p.warning:
+            print(f"warning: {p.warning}", flush=True)
+        if p.mode == "overwrite":
+            clear_run_dir(p.run_dir)
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        if p.mode != "resume":
+            save_config(cfg, p.run_dir / "config.yaml")
+        (p.run_dir / "ds_config.json").write_text(json.dumps(p.ds, indent=2))
+    dist.barrier()
+
+    set_seed(tcfg.seed)  # identical student / head initialisation on every rank
+    student = build_student(cfg.model, task.num_labels, task.is_regression, p.tokenizer,
+                            template_dir=p.teacher_dir)
+    s_layers = resolve_layers(mcfg.student_layers, student, "method.student_layers")
+    t_layers = resolve_layers(mcfg.teacher_layers, teacher, "method.teacher_layers") if teacher is not None else None
+    module = DistillationModule(
+        student, s_layers, mcfg.pooling,
+        teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
+        projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+
+    sampler = OwnedShardSampler(len(task.train), p.ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed)
+    accum = p.ds["gradient_accumulation_steps"]
+    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
+    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    opt, sched = _optimizer_and_schedule(module, tcfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
+
+    runner = None
+    if teacher is not None:
+        teacher.to(device)
+        runner = TeacherRunner(teacher, t_layers if objective.uses_crd else None, mcfg.pooling)
+    bank = neg_sampler = None
+    labels_for_negatives = None
+    if objective.uses_crd:
+        bank = ShardedMemoryBank(len(task.train), mcfg.projection_dim, mcfg.bank_momentum, seed=tcfg.seed).to(device)
+        labels_for_negatives = contrast_labels(task, mcfg.regression_bins)
+        neg_sampler = LabelNegativeSampler(labels_for_negatives, mcfg.num_negatives, seed=tcfg.seed)
+
+    state = {"micro_step": 0, "best": None, "history": []}
+    ckpt_root = p.run_dir / "checkpoints"
+    if p.mode == "resume":
+        tag = ckpt.latest_tag(ckpt_root)
+        if tag is None:
+            raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
+        rank_states = ckpt.load_rank_states(ckpt_root / tag, world)
+        client = ckpt.load_checkpoint(engine, ckpt_root, tag)
+        state.update(client.get("codir", {}))
+        mine = rank_states[rank]
+        sampler.load_state_dict(mine["sampler"])
+        ckpt.set_rng_state(mine["rng"])
+        if bank is not None:
+            bank.load_state_dict([s["bank"] for s in rank_states])
+        if rank == 0:
+            print(f"resumed from {ckpt_root / tag} at step {engine.global_steps}", flush=True)
+    else:
+        set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks
+
+    collator = ClassificationCollator(p.tokenizer, cfg.data.max_length, task.is_regression)
+    if rank == 0:
+        print(f"{mcfg.name}: {len(task.train)} train / {len(task.validation)} validation examples, "
+              f"{world} rank(s), batch {p.ds['train_batch_size']} (micro {p.ds['train_micro_batch_size_per_gpu']} x "
+              f"accumulation {accum}), {total_steps} steps, precision {str(p.dtype).replace('torch.', '')}",
+              flush=True)
+    monitor = Monitor(p.run_dir, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar, total_steps,
+                      initial_step=engine.global_steps, desc=f"{mcfg.name}")
+
+    def forward_logits(batch):
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      token_type_ids=batch.get("token_type_ids"))["logits"]
+
+    def run_eval(step: int) -> dict:
+        engine.eval()
+        metrics = evaluate(forward_logits, task.validation, collator, tcfg.eval_batch_size, device,
+                           task.metric_names, rank, world)
+        engine.train()
+        main = task.metric_names[0]
+        monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        monitor.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        state["history"].append({"step": step, **metrics})
+        if state["best"] is None or metrics[main] > state["best"][main]:
+            state["best"] = {"step": step, **metrics}
+            _export(engine, p.tokenizer, p.run_dir / "export", rank,
+                    {"task": task.name, "label_names": task.label_names, "method": mcfg.name, "step": step,
+                     **{f"validation_{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def save(step: int) -> None:
+        rank_state = {"world_size": world, "rank": rank, "sampler": sampler.state_dict(), "rng": ckpt.rng_state(),
+                      "bank": bank.state_dict() if bank is not None else None}
+        ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank,
+                             tcfg.keep_checkpoints)
+
+    t_start = time.perf_counter()
+    start_step = engine.global_steps
+    step = engine.global_steps
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # bank updates wait for the optimizer step
+    stopped_early = False
+    engine.train()
+    while step < total_steps:
+        for ids in sampler:
+            batch = {k: v.to(device) for k, v in collator([task.train[i] for i in ids.tolist()]).items()}
+            t_out = runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")) if runner else None
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch.get("token_type_ids"),
+                         teacher_features=t_out.features if t_out is not None else None)
+            negatives = None
+            if objective.uses_crd:  # collective: every rank fetches the same negative ids
+                negatives = neg_sampler.negatives_for_batch(bank, state["micro_step"], labels_for_negatives[ids])
+            total, terms = objective(out["logits"], batch["labels"], task.is_regression,
+                                     teacher_logits=t_out.logits if t_out is not None else None,
+                                     h_t=out.get("h_t"), h_s=out.get("h_s"), negatives=negatives)
+            engine.backward(total)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            state["micro_step"] += 1
+            if bank is not None:
+                pending.append((ids, out["h_s"].detach()))
+            monitor.accumulate(terms, len(ids) * world)
+            if not boundary:
+                continue
+            if bank is not None:
+                if engine.was_step_applied():  # an fp16 overflow step leaves the bank untouched too
+                    for p_ids, p_feats in pending:
+                        bank.update(p_ids.to(device), p_feats)
+                pending.clear()
+            step += 1
+            monitor.advance()
+            if step % cfg.logging.log_every == 0 or step == total_steps:
+                extra = {"train/lr": engine.get_lr()[0]}
+                scale = getattr(engine.optimizer, "cur_scale", None)
+                if p.dtype == torch.float16 and scale is not None:
+                    extra["train/loss_scale"] = float(scale)
+                monitor.flush(step, extra)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
+                run_eval(step)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
+                save(step)
+            if tcfg.stop_at_step and step == tcfg.stop_at_step and step < total_steps:
+                save(step)
+                stopped_early = True
+                break
+            if step >= total_steps:
+                break
+        else:
+            sampler.set_epoch(sampler.epoch + 1)
+            continue
+        break
+
+    if stopped_early:
+        monitor.close()
+        if rank == 0:
+            print(f"stopped at step {step} (training.stop_at_step); continue with --resume", flush=True)
+        return {"stopped_at_step": step}
+
+    final = run_eval(step)
+    save(step)
+    elapsed = time.perf_counter() - t_start
+    results = {
+        "task": task.name, "method": mcfg.name, "seed": tcfg.seed, "world_size": world,
+        "precision": str(p.dtype).replace("torch.", ""), "steps": step,
+        "train_batch_size": p.ds["train_batch_size"], "num_train_examples": len(task.train),
+        "num_validation_examples": len(task.validation), "main_metric": task.metric_names[0],
+        "final": final, "best": state["best"], "history": state["history"],
+        "train_seconds_this_session": round(elapsed, 2),
+        "samples_per_second": round((step - start_step) * p.ds["train_batch_size"] / max(elapsed, 1e-9), 2),
+        "export_dir": str(p.run_dir / "export"),
+    }
+    if rank == 0:
+        (p.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    monitor.close()
+    dist.barrier()
+    return results
+
+
+def _export(engine, tokenizer, out_dir: Path, rank: int, extra: dict) -> None:
+    """Collective under ZeRO-3 (parameters are gathered); rank 0 writes the HF directory."""
+    import deepspeed
+    student = engine.module.student
+    with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+        if rank == 0:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            if tmp.exists():
+                import shutil
+                shutil.rmtree(tmp)
+            export_student(student, tokenizer, tmp, extra)
+            if out_dir.exists():
+                import shutil
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)

@@ -1,0 +1,77 @@
+"""Training monitor: TensorBoard scalars and a progress bar, from rank 0 only.
+
+Loss terms arrive as detached tensors every micro step and are summed on device;
+they are turned into Python numbers only at logging intervals, so the hot path has
+no host-device synchronisation.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress_bar: bool, total_steps: int,
+                 initial_step: int = 0, desc: str = "train"):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=initial_step or None)
+        if enabled and progress_bar:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._t0 = time.perf_counter()
+        self._samples = 0
+
+    def accumulate(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+        """Add one micro step's detached loss terms (no sync)."""
+        for k, v in terms.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._count += 1
+        self._samples += samples
+
+    def flush(self, step: int, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """Average the window, write scalars, update the bar; returns what was logged."""
+        now = time.perf_counter()
+        scalars = {k: (v / max(self._count, 1)).item() for k, v in self._sums.items()}
+        scalars["perf/samples_per_s"] = self._samples / max(now - self._t0, 1e-9)
+        scalars.update(extra or {})
+        self._sums, self._count, self._samples, self._t0 = {}, 0, 0, now
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        if self.bar is not None:
+            show = {k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items()
+                    if k.startswith("loss/") or k == "perf/samples_per_s"}
+            self.bar.set_postfix(show, refresh=False)
+        return scalars
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

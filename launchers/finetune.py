@@ -1,0 +1,26 @@
+"""Finetuning-stage distillation: ce, kd or codir (CoDIR-Fine) on one task.
+
+    deepspeed --num_gpus 2 launchers/finetune.py --deepspeed_config ds_configs/zero2.json \
+        --config configs/fine_movie_snippets_cpu.yaml --set method.name=codir --output_dir runs/codir
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from codir_ds.cli import base_parser, quiet_environment, run_main  # noqa: E402
+
+
+def main() -> int:
+    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    quiet_environment()
+    from codir_ds.config import load_config
+    from codir_ds.engine.finetune import run_finetune
+
+    cfg = load_config(args.config, args.overrides)
+    run_finetune(cfg, args.deepspeed_config, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
