@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +143,8 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is not None:  # list[int], not just "list"
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -202,6 +205,8 @@ def _build(cls, data: dict, prefix: str):
             raise CodirError(f"unknown config key '{full}': {_suggest(full, valid)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            if value is None:  # a section whose keys are all commented out
+                value = {}
             if not isinstance(value, dict):
                 raise CodirError(f"config key '{full}' must be a mapping of {tp.__name__} keys, got {value!r}")
             kwargs[key] = _build(tp, value, full + ".")
@@ -264,8 +269,8 @@ def _choice(key: str, value: Any, allowed) -> None:
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise CodirError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise CodirError(f"config key '{key}' must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def _layers(key: str, value) -> None:

@@ -37,15 +37,19 @@ def resolve_batch(ds: dict, world_size: int, train_batch_size: Optional[int] = N
                   micro_batch_size: Optional[int] = None) -> tuple[int, int, int]:
     """Return ``(train_batch_size, micro_batch_per_rank, grad_accumulation)``, checked.
 
-    Any two of the three determine the third (``train = micro * accum * world``);
-    YAML overrides replace the JSON's values, and an accumulation derived from them
-    replaces the JSON's. A mismatch is explained in one line.
+    Any two of the three determine the third (``train = micro * accum * world``).
+    YAML overrides replace the JSON's values: both sizes -> accumulation derived;
+    ``train_batch_size`` alone -> accumulation 1, micro derived; micro alone -> the
+    JSON's train_batch_size with accumulation derived. A mismatch is explained in one line.
     """
-    train = train_batch_size if train_batch_size is not None else ds.get("train_batch_size")
-    micro = micro_batch_size if micro_batch_size is not None else ds.get("train_micro_batch_size_per_gpu")
-    accum = ds.get("gradient_accumulation_steps")
-    if train_batch_size is not None or micro_batch_size is not None:
-        accum = None  # derived from the overridden sizes
+    train, micro, accum = (ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
+                           ds.get("gradient_accumulation_steps"))
+    if train_batch_size is not None and micro_batch_size is not None:
+        train, micro, accum = train_batch_size, micro_batch_size, None   # accumulation derived
+    elif train_batch_size is not None:
+        train, micro, accum = train_batch_size, None, 1                   # micro = train / world
+    elif micro_batch_size is not None:
+        micro, accum = micro_batch_size, None                             # accumulation derived
     for name, v in (("train_batch_size", train), ("train_micro_batch_size_per_gpu", micro),
                     ("gradient_accumulation_steps", accum)):
         if v is not None and (not isinstance(v, int) or v <= 0):

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -126,8 +126,13 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
 
 
 def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
-                 overwrite: bool = False) -> dict:
-    """Check everything, start DeepSpeed, train, evaluate, export. Returns results.json's content."""
+                 overwrite: bool = False, probe: Optional[Callable[[str, dict], None]] = None) -> dict:
+    """Check everything, start DeepSpeed, train, evaluate, export. Returns results.json's content.
+
+    ``probe(event, objects)``, for tests and debugging tools, is called with event
+    ``"setup"`` once the engine exists and ``"done"`` after training; ``objects`` holds
+    the live ``engine``, ``optimizer``, ``teacher``, ``bank`` and ``sampler``.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -168,7 +173,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     opt, sched = _optimizer_and_schedule(module, tcfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
 
     runner = None
     if teacher is not None:
@@ -235,6 +240,9 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank,
                              tcfg.keep_checkpoints)
 
+    objects = {"engine": engine, "optimizer": ds_optimizer, "teacher": teacher, "bank": bank, "sampler": sampler}
+    if probe is not None:
+        probe("setup", objects)
     t_start = time.perf_counter()
     start_step = engine.global_steps
     step = engine.global_steps
@@ -291,6 +299,8 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             continue
         break
 
+    if probe is not None:
+        probe("done", objects)
     if stopped_early:
         monitor.close()
         if rank == 0:

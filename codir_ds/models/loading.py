@@ -48,7 +48,11 @@ def expected_sha256(path: Path, configured: Optional[str]) -> Optional[str]:
         return known
     manifest = path / EXPORT_MANIFEST
     if manifest.is_file():
-        return json.loads(manifest.read_text()).get("sha256")
+        try:
+            return json.loads(manifest.read_text()).get("sha256")
+        except (json.JSONDecodeError, AttributeError):
+            raise CodirError(f"export manifest '{manifest}' is not valid JSON: re-export the model or delete "
+                             f"the manifest") from None
     return None
 
 
@@ -74,7 +78,8 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise CodirError(f"no tokenizer could be loaded from '{path}' ({type(e).__name__}): set model.tokenizer "
-                         f"to a directory with tokenizer.json or vocab.txt") from None
+                         f"to a Hugging Face directory written by save_pretrained (tokenizer.json or vocab.txt plus "
+                         f"tokenizer_config.json/config.json)") from None
 
 
 def check_same_vocab(tokenizer, other_dir: Path, what: str) -> None:

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny finetuned-looking teacher, tiny configs, and DeepSpeed launches."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DEEPSPEED_TIMEOUT", "2")  # minutes: a hung rank fails the test instead of stalling CI
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 2-layer / 32-wide BERT classifier (random weights) exported like a finetuned teacher."""
+    import torch
+    from types import SimpleNamespace
+    from codir_ds.assets import minilm_dir
+    from codir_ds.models.loading import build_student, export_student, load_tokenizer
+
+    tok = load_tokenizer(minilm_dir())
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(student_init=None, student_init_layers=None, student_layers=2, student_hidden=32,
+                          student_heads=2, student_intermediate=64, dropout=0.1)
+    model = build_student(cfg, num_labels=2, is_regression=False, tokenizer=tok)
+    out = tmp_path_factory.mktemp("teacher") / "export"
+    export_student(model, tok, out)
+    return out
+
+
+TINY_YAML = """
+name: tiny
+model:
+  teacher: {teacher}
+  student_layers: 1
+  student_hidden: 32
+  student_heads: 2
+  student_intermediate: 64
+data:
+  task: movie_snippets
+  max_train_examples: 64
+  max_eval_examples: 24
+  max_length: 24
+method:
+  name: codir
+  num_negatives: 8
+  projection_dim: 16
+  alpha_crd: 0.5
+training:
+  seed: 7
+  max_steps: 6
+  lr: 1.0e-3
+  train_batch_size: 8
+  micro_batch_size: 2
+  fp16_fallback: fp32
+  eval_batch_size: 16
+logging:
+  log_every: 2
+  progress_bar: false
+"""
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, tiny_teacher) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML.format(teacher=tiny_teacher))
+    return path
+
+
+def deepspeed_launch(script: str, ranks: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N script args`` on CPU ranks (gloo), one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(free_port()), str(REPO / script), *args]
+    return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+
+
+def python_launch(script: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """A launcher run as a single plain process (no deepspeed runner)."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(REPO / script), *args], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=timeout)
