@@ -136,3 +136,31 @@ def test_teacher_is_frozen_never_optimized_and_bit_identical(tmp_path, tiny_conf
     assert seen["before"].keys() == seen["after"].keys()
     for k in seen["before"]:
         assert torch.equal(seen["before"][k], seen["after"][k]), k
+
+
+def test_zero3_codir_two_ranks_exports_gathered_student(tmp_path, tiny_config):
+    """ZeRO-3 partitions the student and the CRD heads; export must gather full weights."""
+    run = tmp_path / "z3"
+    _ok(deepspeed_launch("launchers/finetune.py", 2, ["--deepspeed_config", str(REPO / "ds_configs" / "zero3.json"),
+                                                      "--config", str(tiny_config), "--output_dir", str(run),
+                                                      "--set", "training.max_steps=3"]))
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 3
+    weights = load_file(run / "export" / "model.safetensors")
+    emb = weights["bert.embeddings.word_embeddings.weight"]
+    assert emb.shape == (30522, 32) and emb.abs().sum() > 0  # not an empty ZeRO-3 placeholder
+
+
+def test_fp16_fallback_warns_once_and_runs_bf16(tmp_path, tiny_config):
+    from conftest import python_launch
+    run = tmp_path / "bf16"
+    proc = python_launch("launchers/finetune.py", ["--deepspeed_config", DS, "--config", str(tiny_config),
+                                                   "--output_dir", str(run), "--set", "training.fp16_fallback=bf16",
+                                                   "--set", "training.max_steps=2"])
+    _ok(proc)
+    out = proc.stdout + proc.stderr
+    warnings = [line for line in out.splitlines() if "fp16 is not supported" in line]
+    assert len(warnings) == 1 and "bf16" in warnings[0]
+    assert json.loads((run / "results.json").read_text())["precision"] == "bfloat16"
+    # The export is fp32 whatever the training precision.
+    assert all(t.dtype == torch.float32 for t in load_file(run / "export" / "model.safetensors").values())

@@ -1,0 +1,160 @@
+"""Export the student of any saved checkpoint of a run as a Hugging Face directory.
+
+A finetuning run exports its best model to ``<run>/export/`` while training; this
+turns any other complete checkpoint (e.g. the last one, or an intermediate step)
+into the same kind of directory, without DeepSpeed or ``torch.distributed``:
+
+1. ``zero_to_fp32`` merges the fp32 master weights of all ranks' ZeRO 1/2/3
+   partitions into one state dict (keys of the engine's
+   :class:`~codir_ds.distill.heads.DistillationModule`);
+2. the ``student.`` entries (the classifier; CRD projection heads are dropped) are
+   loaded, strictly, into a model built from the architecture of ``<run>/export/``;
+3. :func:`~codir_ds.models.loading.export_student` writes model, tokenizer and a
+   manifest with the weights' sha256 and the checkpoint they came from.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from codir_ds.engine import checkpoint as ckpt
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import EXPORT_MANIFEST, export_student, load_tokenizer
+
+STUDENT_PREFIX = "student."
+# Manifest entries of <run>/export that describe the run, not the particular weights there.
+_RUN_KEYS = ("task", "label_names", "method")
+
+
+def _resolve_tag(ckpt_root: Path, tag: Optional[str]) -> str:
+    """``tag``, checked to be a complete checkpoint, or the newest complete one."""
+    available = ckpt.complete_tags(ckpt_root)
+    if not available:
+        raise CodirError(f"no complete checkpoint under '{ckpt_root}': the run saved none (it saves at the end and "
+                         f"every training.checkpoint_every steps); train or --resume it first")
+    if tag is None:
+        return ckpt.latest_tag(ckpt_root)
+    if tag in available:
+        return tag
+    listed = ", ".join(available)
+    if (ckpt_root / tag).is_dir():
+        raise CodirError(f"checkpoint '{ckpt_root / tag}' is incomplete (no {ckpt.COMPLETE} file: its save was "
+                         f"interrupted): pick one of the complete tags: {listed}")
+    raise CodirError(f"no checkpoint '{tag}' under '{ckpt_root}': available tags are {listed}")
+
+
+def _check_output_dir(out: Path, run: Path, overwrite: bool) -> None:
+    o, r = out.resolve(), run.resolve()
+    # --overwrite replaces the whole directory: never let that be the run, a parent of it, or its checkpoints.
+    if o == r or o in r.parents or o == r / "checkpoints" or r / "checkpoints" in o.parents:
+        raise CodirError(f"--output_dir '{out}' would replace the run or its checkpoints: choose a new directory, "
+                         f"e.g. '{run / 'export_<tag>'}'")
+    if out.exists() and not out.is_dir():
+        raise CodirError(f"--output_dir '{out}' is a file: choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CodirError(f"--output_dir '{out}' already exists and is not empty: pass --overwrite to replace it, "
+                         f"or choose another --output_dir")
+
+
+def _step_of(tag: str) -> Optional[int]:
+    """Optimizer step of a ``step_00000120``-style tag (see ``checkpoint.tag_for``)."""
+    m = re.fullmatch(r"step_(\d+)", tag)
+    return int(m.group(1)) if m else None
+
+
+def _run_manifest(arch_dir: Path) -> dict:
+    """Task / label names / method recorded by the run's own export, to carry over."""
+    try:
+        manifest = json.loads((arch_dir / EXPORT_MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: manifest[k] for k in _RUN_KEYS if isinstance(manifest, dict) and k in manifest}
+
+
+def read_student_state(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 student weights of checkpoint ``tag``: ``{name: tensor}`` on the CPU, ``student.`` prefix removed.
+
+    Works for ZeRO stages 1-3 and any number of ranks: the fp32 master partitions
+    of every rank are concatenated (so a bf16/fp16 run exports its full-precision
+    weights, not the rounded 16-bit copies).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    chatter = io.StringIO()
+    try:
+        # zero_to_fp32 prints its progress on stdout/stderr; keep the launcher's output to its own lines.
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, NotImplementedError) as e:
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise CodirError(f"DeepSpeed checkpoint '{ckpt_root / tag}' cannot be read ({type(e).__name__}: {first}): "
+                         f"it is corrupted or not a ZeRO checkpoint; pick another --tag") from None
+    student = {k[len(STUDENT_PREFIX):]: v for k, v in merged.items() if k.startswith(STUDENT_PREFIX)}
+    if not student:
+        raise CodirError(f"checkpoint '{ckpt_root / tag}' holds no '{STUDENT_PREFIX}*' weights: it is not a codir-ds "
+                         f"finetuning checkpoint")
+    return student
+
+
+def _build_from_architecture(arch_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An fp32 model of ``arch_dir``'s config holding exactly ``state`` (strict load)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(arch_dir))
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        # Missing/unexpected keys or shape mismatches: the checkpoint is of another architecture.
+        detail = " ".join(str(e).split())[:240]
+        raise CodirError(f"the checkpoint's student does not match the architecture in '{arch_dir}/config.json' "
+                         f"({detail}): export from the run the checkpoint belongs to") from None
+    return model.eval()
+
+
+def export_from_checkpoint(run_dir: Union[str, Path], tag: Optional[str] = None,
+                           output_dir: Union[str, Path, None] = None, overwrite: bool = False) -> Path:
+    """Write checkpoint ``tag`` of finetuning run ``run_dir`` as a Hugging Face directory; return it.
+
+    ``tag`` defaults to the newest complete checkpoint, ``output_dir`` to
+    ``<run_dir>/export_<tag>``. The run's ``export/`` directory supplies the
+    architecture (``config.json``), the tokenizer, and the task / label names /
+    method recorded in the new manifest, next to ``tag``, ``step`` and the
+    checkpoint path. The directory appears atomically (written beside it, then
+    renamed), so an interrupted export never leaves a half-written model.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CodirError(f"--run_dir '{run}' does not exist: pass a finetuning run directory (the --output_dir of "
+                         f"launchers/finetune.py)")
+    ckpt_root = run / "checkpoints"
+    tag = _resolve_tag(ckpt_root, tag)
+    arch_dir = run / "export"
+    if not (arch_dir / "config.json").is_file():
+        raise CodirError(f"'{arch_dir}' has no config.json to take the student's architecture from: the run has not "
+                         f"evaluated yet (it exports at its first evaluation); finish or --resume the run first")
+    out = Path(output_dir) if output_dir is not None else run / f"export_{tag}"
+    _check_output_dir(out, run, overwrite)
+
+    # Everything that reads arch_dir happens before writing, so --output_dir <run>/export --overwrite is safe.
+    model = _build_from_architecture(arch_dir, read_student_state(ckpt_root, tag))
+    tokenizer = load_tokenizer(arch_dir)
+    extra = {**_run_manifest(arch_dir), "tag": tag, "step": _step_of(tag),
+             "checkpoint": str((ckpt_root / tag).resolve())}
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():  # left by an interrupted export
+        shutil.rmtree(tmp)
+    export_student(model, tokenizer, tmp, extra)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
