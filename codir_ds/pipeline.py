@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def deepspeed_command(script: str, ranks: int, args: Sequence[str], master_port: Optional[int] = None) -> list[str]:
     """``deepspeed --num_gpus N script args``; on a CPU machine N is the number of CPU ranks."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--num_gpus", str(ranks),
             "--master_port", str(master_port or free_port()), str(REPO / script), *args]
 
 
