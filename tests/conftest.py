@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,7 @@ os.environ.setdefault("DEEPSPEED_TIMEOUT", "2")  # minutes: a hung rank fails th
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from codir_ds.pipeline import free_port  # noqa: E402  (re-exported for the tests)
 
 
 @pytest.fixture(scope="session")

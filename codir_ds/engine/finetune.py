@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,11 +335,7 @@ def _export(engine, tokenizer, out_dir: Path, rank: int, extra: dict) -> None:
     with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
         if rank == 0:
             tmp = out_dir.with_name(out_dir.name + ".tmp")
-            if tmp.exists():
-                import shutil
-                shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             export_student(student, tokenizer, tmp, extra)
-            if out_dir.exists():
-                import shutil
-                shutil.rmtree(out_dir)
+            shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
