@@ -10,7 +10,6 @@ match the run's ``results.json`` for the same model and config.
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 from pathlib import Path
 from typing import Union
@@ -22,7 +21,7 @@ from codir_ds.data.collate import ClassificationCollator
 from codir_ds.data.tasks import load_task
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import EXPORT_MANIFEST, load_tokenizer, model_dir, verify_weights
+from codir_ds.models.loading import load_tokenizer, model_dir, read_manifest, verify_weights
 
 SPLITS = ("validation", "train")
 
@@ -41,17 +40,6 @@ def _check_classifier(config, num_labels: int, task_name: str, path: Path) -> No
         raise CodirError(f"--model '{path}' has a {config.num_labels}-way head but task '{task_name}' needs "
                          f"{num_labels} output(s) (1 for regression): evaluate it with the config of the task it was "
                          f"finetuned on (see data.task)")
-
-
-def _manifest_task(path: Path):
-    """The task name an exported model was finetuned on (codir-ds manifest), or None."""
-    manifest = path / EXPORT_MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text()).get("task")
-    except (json.JSONDecodeError, AttributeError):
-        return None  # verify_weights has already rejected an unreadable manifest that matters
 
 
 def _forward_fn(model: torch.nn.Module):
@@ -98,7 +86,8 @@ def evaluate_model_dir(model_dir_path: Union[str, Path], cfg: ExperimentConfig, 
         raise CodirError(f"the {split} split of task '{task.name}' is empty: pick the other --split or check data.*")
     _check_classifier(AutoConfig.from_pretrained(str(path)), task.num_labels, task.name, path)
     verify_weights(path, None, "--model")
-    trained_on = _manifest_task(path)
+    # verify_weights has already rejected an unreadable manifest that matters
+    trained_on = read_manifest(path, strict=False).get("task")
     if trained_on is not None and trained_on != task.name:
         # Legitimate for transfer experiments with the same label set, so only a warning.
         print(f"warning: --model '{path}' was finetuned on task '{trained_on}', evaluating on '{task.name}'",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ import torch
 
 from codir_ds.engine import checkpoint as ckpt
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import EXPORT_MANIFEST, export_student, load_tokenizer
+from codir_ds.models.loading import export_student, load_tokenizer, read_manifest
 
 STUDENT_PREFIX = "student."
 # Manifest entries of <run>/export that describe the run, not the particular weights there.
@@ -72,11 +71,8 @@ def _step_of(tag: str) -> Optional[int]:
 
 def _run_manifest(arch_dir: Path) -> dict:
     """Task / label names / method recorded by the run's own export, to carry over."""
-    try:
-        manifest = json.loads((arch_dir / EXPORT_MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return {k: manifest[k] for k in _RUN_KEYS if isinstance(manifest, dict) and k in manifest}
+    manifest = read_manifest(arch_dir, strict=False)
+    return {k: manifest[k] for k in _RUN_KEYS if k in manifest}
 
 
 def read_student_state(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -46,14 +46,27 @@ def expected_sha256(path: Path, configured: Optional[str]) -> Optional[str]:
     known = known_sha256(path)
     if known:
         return known
-    manifest = path / EXPORT_MANIFEST
-    if manifest.is_file():
-        try:
-            return json.loads(manifest.read_text()).get("sha256")
-        except (json.JSONDecodeError, AttributeError):
-            raise CodirError(f"export manifest '{manifest}' is not valid JSON: re-export the model or delete "
-                             f"the manifest") from None
-    return None
+    return read_manifest(path).get("sha256")
+
+
+def read_manifest(path: Path, strict: bool = True) -> dict:
+    """The codir-ds export manifest of a model directory; ``{}`` when there is none.
+
+    An unreadable manifest is a one-line CodirError, or ``{}`` when ``strict`` is False.
+    """
+    manifest = Path(path) / EXPORT_MANIFEST
+    if not manifest.is_file():
+        return {}
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = None
+    if isinstance(data, dict):
+        return data
+    if strict:
+        raise CodirError(f"export manifest '{manifest}' is not valid JSON: re-export the model or delete "
+                         f"the manifest")
+    return {}
 
 
 def verify_weights(path: Path, configured: Optional[str], what: str) -> Optional[str]:
