@@ -4,19 +4,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from codir_ds.errors import CodirError
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """Arguments every training launcher takes (DESIGN.md launcher contract)."""
+def base_parser(description: str, default_config: Optional[str] = None,
+                default_output: bool = False) -> argparse.ArgumentParser:
+    """Arguments every training launcher takes (DESIGN.md launcher contract).
+
+    ``default_config``: the YAML used when --config is not given. ``default_output``: when
+    --output_dir is not given the launcher uses ``runs/<config name>``.
+    """
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--config", help="experiment YAML (see configs/)")
+    ap.add_argument("--config", default=default_config,
+                    help="experiment YAML (see configs/)" + (f"; default {default_config}" if default_config else ""))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set training.lr=1e-4 (repeatable)")
     ap.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (see ds_configs/)")
-    ap.add_argument("--output_dir", required=True, help="run directory (config, checkpoints, tensorboard, results)")
+    ap.add_argument("--output_dir", required=not default_output,
+                    help="run directory (config, checkpoints, tensorboard, results)"
+                         + ("; default runs/<config name>" if default_output else ""))
     ap.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
     ap.add_argument("--overwrite", action="store_true", help="replace the run in --output_dir")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher

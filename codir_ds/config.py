@@ -22,7 +22,10 @@ from codir_ds.errors import CodirError
 
 ConfigError = CodirError
 
-OBJECTIVES = ("ce", "kd", "codir")
+OBJECTIVES = ("ce", "mlm", "kd", "codir")
+# Which objectives each stage accepts: finetuning has labels, pre-training has a corpus.
+FINETUNE_OBJECTIVES = ("ce", "kd", "codir")
+PRETRAIN_OBJECTIVES = ("mlm", "kd", "codir")
 POOLINGS = ("mean", "cls")
 PRECISION_FALLBACKS = ("bf16", "fp32")
 
@@ -46,6 +49,10 @@ class ModelConfig:
     student_heads: int = 2
     student_intermediate: Optional[int] = None  # default 4 x hidden
     dropout: float = 0.1
+    # Two-stage training: start the student from a previous codir-ds run (its export/
+    # directory) or a Hugging Face directory, all weights included (e.g. stage 2 of
+    # CoDIR-Pre from the stage-1 MLM run, or finetuning a pre-trained student).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -68,6 +75,23 @@ class DataConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """Pre-training text: raw sources -> tokenized, packed blocks cached on disk."""
+    # The packaged name moviedialog, or paths: .txt (one document per line),
+    # .jsonl / .csv / .tsv (columns in text_columns), or a `datasets` save_to_disk directory.
+    sources: list[str] = field(default_factory=lambda: ["moviedialog"])
+    # Columns joined with a space into one document (JSONL/CSV/datasets sources).
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    block_size: int = 128           # tokens per packed block, [CLS] and [SEP] included (<= 512)
+    max_documents: Optional[int] = None  # first N documents of all sources together (small runs)
+    validation_blocks: int = 256    # the last N blocks are held out for MLM evaluation
+    # Where tokenized corpora are cached (keyed by sources, tokenizer and block size);
+    # null = $CODIR_DS_CACHE or ~/.cache/codir_ds.
+    cache_dir: Optional[str] = None
+    num_proc: int = 0               # tokenization processes; 0 = all available cores
+
+
+@dataclass
 class MethodConfig:
     # Objective by name: ce (finetuning), kd (CE + KD), codir (CE + KD + CRD).
     name: str = "codir"
@@ -87,6 +111,9 @@ class MethodConfig:
     # Regression tasks: targets are cut into this many equal-frequency bins and CRD
     # negatives come from other bins (see README, "CRD on regression tasks").
     regression_bins: int = 5
+    # Pre-training: fraction of (non-special) tokens selected for masked-LM prediction;
+    # selected tokens become [MASK] 80%, a random token 10%, unchanged 10%.
+    mlm_probability: float = 0.15
 
 
 @dataclass
@@ -125,6 +152,7 @@ class ExperimentConfig:
     name: str = "codir"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -316,8 +344,22 @@ def validate(cfg: ExperimentConfig) -> None:
         raise CodirError(f"config key 'training.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise CodirError(f"config key 'training.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    c = cfg.corpus
+    if not c.sources:
+        raise CodirError("corpus.sources is empty: list the packaged moviedialog corpus or your text files")
+    if not 8 <= c.block_size <= 512:
+        raise CodirError(f"config key 'corpus.block_size' must be in 8..512, got {c.block_size}")
+    _positive("corpus.validation_blocks", c.validation_blocks, allow_zero=True)
+    _positive("corpus.num_proc", c.num_proc, allow_zero=True)
+    if c.max_documents is not None:
+        _positive("corpus.max_documents", c.max_documents)
+    if not 0.0 < m.mlm_probability < 1.0:
+        raise CodirError(f"config key 'method.mlm_probability' must be in (0, 1), got {m.mlm_probability}")
     mc = cfg.model
-    if mc.student_init is None:
+    if mc.init_from and mc.student_init:
+        raise CodirError("model.init_from and model.student_init are both set: use init_from to continue a "
+                         "previous run's student, student_init to copy layers of another model; not both")
+    if mc.student_init is None and mc.init_from is None:
         for key in ("student_layers", "student_hidden", "student_heads"):
             _positive(f"model.{key}", getattr(mc, key))
         if mc.student_hidden % mc.student_heads:
@@ -325,8 +367,9 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"model.student_hidden ({mc.student_hidden}) must be divisible by model.student_heads ({mc.student_heads})")
     if m.name in ("kd", "codir") and not mc.teacher:
         raise CodirError(f"method.name={m.name} needs a teacher: set model.teacher to a directory or 'all-MiniLM-L6-v2'")
-    if mc.tokenizer is None and mc.teacher is None and mc.student_init is None:
-        raise CodirError("no tokenizer: set model.tokenizer, model.teacher or model.student_init to a model directory")
+    if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:
+        raise CodirError("no tokenizer: set model.tokenizer, model.teacher, model.student_init or model.init_from "
+                         "to a model directory")
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

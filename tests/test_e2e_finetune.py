@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, deepspeed_launch, free_port
+from conftest import REPO, deepspeed_launch
 
 DS = str(REPO / "ds_configs" / "zero2.json")
 
@@ -95,17 +93,6 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
     assert torch.equal(ids_a, ids_b) and torch.equal(rows_a, rows_b)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, split))
     assert ra["final"] == rb["final"] and ra["steps"] == rb["steps"] == 6
-
-
-@pytest.fixture()
-def single_process_env(monkeypatch):
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-    yield
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_teacher_is_frozen_never_optimized_and_bit_identical(tmp_path, tiny_config, single_process_env):

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
 
 
@@ -52,6 +53,28 @@ class DistillationModule(nn.Module):
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                            output_hidden_states=want_features)
         result = {"logits": out.logits}
+        if want_features:
+            pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
+            result["h_s"] = self.proj_s(pooled)
+            result["h_t"] = self.proj_t(teacher_features)
+        return result
+
+
+class PretrainModule(DistillationModule):
+    """Masked-LM student with optional CRD heads (pre-training distillation).
+
+    ``forward`` returns ``logits`` ``[M, V]`` at the flat masked positions ``rows`` only
+    (see :func:`codir_ds.models.mlm.masked_rows`) and, with CRD heads and
+    ``teacher_features``, ``h_s`` / ``h_t`` ``[B, m]`` pooled from the same masked input.
+    """
+
+    def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
+                teacher_features: Optional[torch.Tensor] = None) -> dict:
+        body, head = mlm_parts(self.student)
+        want_features = self.proj_s is not None and teacher_features is not None
+        out = body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                   output_hidden_states=want_features)
+        result = {"logits": head(gather_rows(out.last_hidden_state, rows))}
         if want_features:
             pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
             result["h_s"] = self.proj_s(pooled)

@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crd_loss", "crd_scores", "kd_loss"]
+__all__ = ["crd_loss", "crd_loss_shared", "crd_scores", "kd_loss"]
 
 
 def _no_autocast(device: torch.device):
@@ -110,6 +110,47 @@ def crd_loss(
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         # cross_entropy = logsumexp(logits) - logits[:, 0]: stable for any cos/τ.
         return F.cross_entropy(logits, target, reduction="mean")
+
+
+def crd_loss_shared(h_t: torch.Tensor, h_s: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor,
+                    tau: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CRD (Eq. 4) when all anchors share one candidate set of negatives, e.g. in-batch negatives.
+
+    Equal to :func:`crd_loss` with ``negatives[b]`` = the candidates not excluded for
+    anchor ``b``, but scores ``[B, G]`` come from one matrix product against the ``[G, m]``
+    candidates instead of a ``[B, K, m]`` copy per anchor.
+
+    Args:
+        h_t, h_s: ``[B, m]`` projected teacher / student features of the positives.
+        candidates: ``[G, m]`` bank rows (no gradient).
+        exclude: ``[B, G]`` bool, True where candidate g is not a negative of anchor b
+            (its own row, so the positive is never its own negative).
+        tau: temperature > 0.
+
+    Returns:
+        ``(loss, pos_sim [B], mean_neg_sim [B])``: fp32 loss (batch mean) and detached cosine
+        similarities for monitoring.
+    """
+    if not tau > 0:
+        raise ValueError(f"crd: temperature tau must be > 0, got {tau}")
+    if h_t.dim() != 2 or h_s.shape != h_t.shape or candidates.dim() != 2 or candidates.shape[1] != h_t.shape[1]:
+        raise ValueError(f"crd: h_t, h_s must be [B, m] and candidates [G, m]; got {tuple(h_t.shape)}, "
+                         f"{tuple(h_s.shape)}, {tuple(candidates.shape)}")
+    if exclude.shape != (h_t.shape[0], candidates.shape[0]):
+        raise ValueError(f"crd: exclude must be [B, G] = {[h_t.shape[0], candidates.shape[0]]}, got {tuple(exclude.shape)}")
+    with _no_autocast(h_t.device):
+        t = F.normalize(h_t.float(), dim=-1)
+        s = F.normalize(h_s.float(), dim=-1)
+        c = F.normalize(candidates.to(device=t.device, dtype=torch.float32), dim=-1)
+        pos = (t * s).sum(dim=-1)                                     # [B]
+        neg = t @ c.t()                                               # [B, G]
+        logits = torch.cat([pos.unsqueeze(1), neg.masked_fill(exclude, float("-inf"))], dim=1) / float(tau)
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        loss = F.cross_entropy(logits, target, reduction="mean")
+        with torch.no_grad():
+            keep = (~exclude).float()
+            mean_neg = (neg.detach() * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return loss, pos.detach(), mean_neg
 
 
 def kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from codir_ds.distill.losses import crd_loss, crd_scores, kd_loss
+from codir_ds.distill.losses import crd_loss, crd_loss_shared, crd_scores, kd_loss
 
 
 @dataclass
@@ -66,6 +66,72 @@ class Objective:
             terms["bank/neg_sim"] = neg.mean()
         terms["loss/total"] = total.detach()
         return total, terms
+
+
+@dataclass
+class PretrainObjective:
+    """Pre-training objectives (CoDIR Sec. 2.3), Eq. 1 with L_task = masked-LM loss.
+
+    - ``mlm``:   MLM cross-entropy on the masked positions (MLM-Pre).
+    - ``kd``:    MLM + a1 * [rho^2] * KL on the masked positions' vocabulary logits (KD-Pre).
+    - ``codir``: ``kd`` + a2 * InfoNCE against in-batch negatives read from the bank (CoDIR-Pre).
+
+    Logits are ``[M, V]`` rows at the masked positions only, so KD never sees unmasked tokens.
+    With a1 = 0 the teacher's MLM head is not needed (and not run).
+    """
+    name: str
+    uses_teacher: bool
+    uses_crd: bool
+    alpha_kd: float = 0.0
+    alpha_crd: float = 0.0
+    kd_temperature: float = 1.0
+    kd_t2_scale: bool = True
+    crd_temperature: float = 0.07
+
+    @property
+    def uses_teacher_logits(self) -> bool:
+        return self.uses_teacher and self.alpha_kd > 0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
+                 h_t: Optional[torch.Tensor] = None, h_s: Optional[torch.Tensor] = None,
+                 candidates: Optional[torch.Tensor] = None,
+                 exclude: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """``logits`` ``[M, V]`` and ``labels`` ``[M]`` at masked positions; returns ``(total, terms)``."""
+        logits32 = logits.float()
+        if labels.numel():
+            mlm = F.cross_entropy(logits32, labels)
+        else:  # no masked token in this micro-batch: contribute nothing, keep the graph connected
+            mlm = logits32.sum() * 0.0
+        total = mlm
+        terms = {"loss/mlm": mlm.detach()}
+        if self.uses_teacher_logits:
+            kd = kd_loss(logits32, teacher_logits, self.kd_temperature)
+            if self.kd_t2_scale:
+                kd = kd * self.kd_temperature ** 2
+            total = total + self.alpha_kd * kd
+            terms["loss/kd"] = kd.detach()
+        if self.uses_crd:
+            crd, pos, neg = crd_loss_shared(h_t, h_s, candidates, exclude, self.crd_temperature)
+            total = total + self.alpha_crd * crd
+            terms["loss/crd"] = crd.detach()
+            terms["bank/pos_sim"] = pos.mean()
+            terms["bank/neg_sim"] = neg.mean()
+        terms["loss/total"] = total.detach()
+        return total, terms
+
+
+def build_pretrain_objective(method_cfg) -> PretrainObjective:
+    """The pre-training objective named by ``method.name`` (mlm, kd, codir)."""
+    name = method_cfg.name
+    if name == "mlm":
+        return PretrainObjective(name, uses_teacher=False, uses_crd=False)
+    common = dict(alpha_kd=method_cfg.alpha_kd, kd_temperature=method_cfg.kd_temperature,
+                  kd_t2_scale=method_cfg.kd_t2_scale, crd_temperature=method_cfg.crd_temperature)
+    if name == "kd":
+        return PretrainObjective(name, uses_teacher=True, uses_crd=False, **common)
+    if name == "codir":
+        return PretrainObjective(name, uses_teacher=True, uses_crd=True, alpha_crd=method_cfg.alpha_crd, **common)
+    raise ValueError(f"unknown pre-training objective {name!r}")
 
 
 def build_objective(method_cfg) -> Objective:

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from codir_ds.assets import resolve_model_dir
-from codir_ds.config import ExperimentConfig, save_config
+from codir_ds.config import FINETUNE_OBJECTIVES, ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator
 from codir_ds.data.sampler import OwnedShardSampler
 from codir_ds.data.tasks import TaskData, load_task
@@ -29,32 +24,16 @@ from codir_ds.distill.heads import DistillationModule
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.negatives import LabelNegativeSampler
 from codir_ds.distill.objectives import build_objective
-from codir_ds.engine import checkpoint as ckpt
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.monitor import Monitor
-from codir_ds.engine.rundir import check_run_dir, clear_run_dir
+from codir_ds.engine.rundir import check_run_dir
+from codir_ds.engine.session import (dist_env, export_engine_student, init_distributed, open_run_dir,
+                                     optimizer_and_schedule, resume_latest, save_run_checkpoint, set_seed)
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import (build_student, check_same_vocab, export_student, hidden_size, load_teacher,
-                                     load_tokenizer, model_dir, resolve_layers)
-
-
-def dist_env() -> tuple[int, int, int]:
-    """``(rank, local_rank, world_size)`` from the launcher's environment (1 process if unset)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
-    import deepspeed
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(verbose=False)
+from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_teacher,
+                                     load_tokenizer, model_dir, resolve_layers, tokenizer_dir)
 
 
 def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
@@ -64,30 +43,6 @@ def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
         return values.long()
     edges = torch.quantile(values, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
     return torch.bucketize(values, edges).long()
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def _optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int):
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available()
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, fused=fused)
-    warmup = int(tcfg.warmup_ratio * total_steps)
-
-    def linear(step: int) -> float:  # linear warm-up, then linear decay to 0 (BERT/RoBERTa finetuning)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
 
 
 @dataclass
@@ -107,6 +62,9 @@ class Prepared:
 def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool, overwrite: bool) -> Prepared:
     """Every check that can fail on bad input, in cheap-to-expensive order. Writes nothing."""
     rank, _, world = dist_env()
+    if cfg.method.name not in FINETUNE_OBJECTIVES:
+        raise CodirError(f"method.name={cfg.method.name} is not a finetuning objective: use one of "
+                         f"{', '.join(FINETUNE_OBJECTIVES)} here, or launchers/pretrain.py for pre-training")
     run_dir = Path(output_dir)
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
     ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
@@ -116,8 +74,7 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
         raise CodirError(f"the training set has {len(task.train)} examples, fewer than one global micro-batch "
                          f"({micro} x {world} ranks): lower the batch size or add data")
     teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
-    tok_spec = cfg.model.tokenizer or cfg.model.teacher or cfg.model.student_init
-    tokenizer = load_tokenizer(resolve_model_dir(tok_spec))
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
     objective = build_objective(cfg.method)
     if objective.uses_teacher:
         check_same_vocab(tokenizer, teacher_dir, "model.teacher")
@@ -148,16 +105,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
 
     init_distributed()
     device = torch.device(get_accelerator().current_device_name())
-    if rank == 0:
-        if p.warning:
-            print(f"warning: {p.warning}", flush=True)
-        if p.mode == "overwrite":
-            clear_run_dir(p.run_dir)
-        p.run_dir.mkdir(parents=True, exist_ok=True)
-        if p.mode != "resume":
-            save_config(cfg, p.run_dir / "config.yaml")
-        (p.run_dir / "ds_config.json").write_text(json.dumps(p.ds, indent=2))
-    dist.barrier()
+    open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     set_seed(tcfg.seed)  # identical student / head initialisation on every rank
     student = build_student(cfg.model, task.num_labels, task.is_regression, p.tokenizer,
@@ -173,7 +121,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     accum = p.ds["gradient_accumulation_steps"]
     steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    opt, sched = _optimizer_and_schedule(module, tcfg, total_steps)
+    opt, sched = optimizer_and_schedule(module, tcfg, total_steps)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
 
     runner = None
@@ -190,19 +138,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     state = {"micro_step": 0, "best": None, "history": []}
     ckpt_root = p.run_dir / "checkpoints"
     if p.mode == "resume":
-        tag = ckpt.latest_tag(ckpt_root)
-        if tag is None:
-            raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
-        rank_states = ckpt.load_rank_states(ckpt_root / tag, world)
-        client = ckpt.load_checkpoint(engine, ckpt_root, tag)
-        state.update(client.get("codir", {}))
-        mine = rank_states[rank]
-        sampler.load_state_dict(mine["sampler"])
-        ckpt.set_rng_state(mine["rng"])
-        if bank is not None:
-            bank.load_state_dict([s["bank"] for s in rank_states])
-        if rank == 0:
-            print(f"resumed from {ckpt_root / tag} at step {engine.global_steps}", flush=True)
+        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank))
     else:
         set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks
 
@@ -230,16 +166,13 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         state["history"].append({"step": step, **metrics})
         if state["best"] is None or metrics[main] > state["best"][main]:
             state["best"] = {"step": step, **metrics}
-            _export(engine, p.tokenizer, p.run_dir / "export", rank,
+            export_engine_student(engine, p.tokenizer, p.run_dir / "export", rank,
                     {"task": task.name, "label_names": task.label_names, "method": mcfg.name, "step": step,
                      **{f"validation_{k}": v for k, v in metrics.items()}})
         return metrics
 
     def save(step: int) -> None:
-        rank_state = {"world_size": world, "rank": rank, "sampler": sampler.state_dict(), "rng": ckpt.rng_state(),
-                      "bank": bank.state_dict() if bank is not None else None}
-        ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank,
-                             tcfg.keep_checkpoints)
+        save_run_checkpoint(engine, ckpt_root, step, state, rank, world, sampler, bank, tcfg.keep_checkpoints)
 
     objects = {"engine": engine, "optimizer": ds_optimizer, "teacher": teacher, "bank": bank, "sampler": sampler}
     if probe is not None:
@@ -327,15 +260,3 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     dist.barrier()
     return results
 
-
-def _export(engine, tokenizer, out_dir: Path, rank: int, extra: dict) -> None:
-    """Collective under ZeRO-3 (parameters are gathered); rank 0 writes the HF directory."""
-    import deepspeed
-    student = engine.module.student
-    with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
-        if rank == 0:
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            export_student(student, tokenizer, tmp, extra)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)

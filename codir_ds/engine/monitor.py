@@ -21,7 +21,9 @@ class Monitor:
         self.bar = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=initial_step or None)
+            # A resumed run redoes the steps after its checkpoint: drop their old events, keep the checkpoint step's.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=initial_step + 1 if initial_step else None)
         if enabled and progress_bar:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)

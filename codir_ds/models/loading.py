@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from codir_ds.assets import known_sha256, resolve_model_dir, sha256_file
 from codir_ds.errors import CodirError
@@ -95,6 +95,13 @@ def load_tokenizer(path: Path):
                          f"tokenizer_config.json/config.json)") from None
 
 
+def tokenizer_dir(model_cfg) -> Path:
+    """The run's tokenizer: model.tokenizer, else the teacher's, the student init's or init_from's."""
+    if model_cfg.tokenizer or model_cfg.teacher or model_cfg.student_init:
+        return resolve_model_dir(model_cfg.tokenizer or model_cfg.teacher or model_cfg.student_init)
+    return resolve_init_from(model_cfg.init_from)
+
+
 def check_same_vocab(tokenizer, other_dir: Path, what: str) -> None:
     """Teacher and student must index the same vocabulary, or logits and inputs disagree."""
     has_tok = any((other_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
@@ -150,39 +157,67 @@ def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
-                  template_dir: Optional[Path] = None) -> torch.nn.Module:
-    """Student ``*ForSequenceClassification`` in fp32 (DeepSpeed casts it to the run's precision).
+def resolve_init_from(spec: str) -> Path:
+    """``model.init_from``: a codir-ds run directory (its ``export/``) or a Hugging Face model directory."""
+    path = Path(spec)
+    if (path / "export" / "config.json").is_file():
+        path = path / "export"
+    elif not (path / "config.json").is_file():
+        hint = (" (the run has no export/ yet: let it finish, or export a checkpoint with launchers/export.py)"
+                if (path / "checkpoints").is_dir() else "")
+        raise CodirError(f"model.init_from '{spec}' is neither a codir-ds run directory with export/ nor a Hugging "
+                         f"Face model directory{hint}: point it at the previous stage's run directory")
+    verify_weights(path, None, "model.init_from")
+    return path
 
+
+def keep_layers(model: torch.nn.Module, keep: Sequence[int], path: Path) -> None:
+    """Keep only the Transformer blocks ``keep`` (0-based, in order) of ``model``, in place."""
+    layers = encoder_layers(model)
+    keep = list(keep)
+    bad = [i for i in keep if not 0 <= i < len(layers)]
+    if bad or not keep:
+        raise CodirError(f"model.student_init_layers {keep} must be non-empty indices in 0..{len(layers) - 1} "
+                         f"of '{path}'")
+    new = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(new):  # attention modules know their index (KV caches)
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    base = getattr(model, model.base_model_prefix)
+    base.encoder.layer = new
+    model.config.num_hidden_layers = len(keep)
+
+
+def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
+                  template_dir: Optional[Path] = None, masked_lm: bool = False) -> torch.nn.Module:
+    """Student model in fp32 (DeepSpeed casts it to the run's precision).
+
+    A ``*ForSequenceClassification`` model, or ``*ForMaskedLM`` with ``masked_lm`` (pre-training;
+    ``num_labels``/``is_regression`` are then ignored).
+
+    - ``model_cfg.init_from`` set: all weights of a previous run's export (two-stage training).
     - ``model_cfg.student_init`` set: load that directory; keep the layers listed in
       ``student_init_layers`` (0-based block indices, in order), e.g. [0, 2, 4] takes every
       other layer of a 6-layer model (DistilBERT-style initialisation).
     - otherwise: a randomly initialised model of ``template_dir``'s architecture (BERT when
       none) with ``student_layers`` x ``student_hidden`` / ``student_heads``.
     """
-    problem = "regression" if is_regression else "single_label_classification"
-    if model_cfg.student_init:
-        path = model_dir(model_cfg.student_init, "model.student_init")
-        check_same_vocab(tokenizer, path, "model.student_init")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, problem_type=problem, dtype=torch.float32,
-            hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
-            ignore_mismatched_sizes=True)
-        if model_cfg.student_init_layers is not None:
-            layers = encoder_layers(model)
-            keep = list(model_cfg.student_init_layers)
-            bad = [i for i in keep if not 0 <= i < len(layers)]
-            if bad or not keep:
-                raise CodirError(f"model.student_init_layers {keep} must be non-empty indices in 0..{len(layers) - 1} "
-                                 f"of '{path}'")
-            new = torch.nn.ModuleList([layers[i] for i in keep])
-            for new_idx, layer in enumerate(new):  # attention modules know their index (KV caches)
-                for mod in layer.modules():
-                    if hasattr(mod, "layer_idx"):
-                        mod.layer_idx = new_idx
-            base = getattr(model, model.base_model_prefix)
-            base.encoder.layer = new
-            model.config.num_hidden_layers = len(keep)
+    auto = AutoModelForMaskedLM if masked_lm else AutoModelForSequenceClassification
+    head_kwargs = {} if masked_lm else {
+        "num_labels": num_labels, "problem_type": "regression" if is_regression else "single_label_classification"}
+    if model_cfg.init_from or model_cfg.student_init:
+        if model_cfg.init_from:
+            path = resolve_init_from(model_cfg.init_from)
+            check_same_vocab(tokenizer, path, "model.init_from")
+        else:
+            path = model_dir(model_cfg.student_init, "model.student_init")
+            check_same_vocab(tokenizer, path, "model.student_init")
+        model = auto.from_pretrained(
+            str(path), dtype=torch.float32, hidden_dropout_prob=model_cfg.dropout,
+            attention_probs_dropout_prob=model_cfg.dropout, ignore_mismatched_sizes=True, **head_kwargs)
+        if model_cfg.student_init and model_cfg.student_init_layers is not None:
+            keep_layers(model, model_cfg.student_init_layers, path)
         return model
     template = AutoConfig.from_pretrained(str(template_dir)) if template_dir else None
     model_type = template.model_type if template is not None else "bert"
@@ -199,10 +234,9 @@ def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
         pad_token_id=tokenizer.pad_token_id,
         hidden_dropout_prob=model_cfg.dropout,
         attention_probs_dropout_prob=model_cfg.dropout,
-        num_labels=num_labels,
-        problem_type=problem,
+        **({} if masked_lm else {"num_labels": num_labels, "problem_type": head_kwargs["problem_type"]}),
     )
-    return AutoModelForSequenceClassification.from_config(config)
+    return auto.from_config(config)
 
 
 def num_layers(model: torch.nn.Module) -> int:

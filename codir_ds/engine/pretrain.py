@@ -1,0 +1,339 @@
+"""Pre-training distillation (MLM-Pre, KD-Pre, CoDIR-Pre) on a DeepSpeed engine.
+
+``run_pretrain`` is the recipe; one optimizer step of the loop in it reads:
+
+1. take this rank's ``accumulation`` micro-batches of block ids from the sampler;
+2. CoDIR only: all-gather every rank's ids -> the global mini-batch, and read its
+   bank rows with one collective ``bank.gather`` (the in-batch negatives, shared by
+   every micro step of this optimizer step);
+3. per micro step: dynamic masking, teacher forward under inference mode (MLM logits
+   at masked positions, pooled layers), student forward, loss terms, backward, step;
+4. after the optimizer step (and only if it was applied): the positives' bank rows
+   get the momentum update, locally on their owner rank;
+5. log, evaluate held-out MLM loss/accuracy, checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from codir_ds.config import PRETRAIN_OBJECTIVES, ExperimentConfig
+from codir_ds.data.corpus import PackedCorpus, load_corpus
+from codir_ds.data.mlm import MLMCollator
+from codir_ds.data.sampler import OwnedShardSampler
+from codir_ds.distill.heads import PretrainModule
+from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
+from codir_ds.distill.objectives import build_pretrain_objective
+from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
+from codir_ds.engine.monitor import Monitor
+from codir_ds.engine.rundir import check_run_dir
+from codir_ds.engine.session import (dist_env, export_engine_student, init_distributed, open_run_dir,
+                                     optimizer_and_schedule, resume_latest, save_run_checkpoint, set_seed)
+from codir_ds.engine.teacher import MLMTeacherRunner
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
+                                     resolve_layers, tokenizer_dir)
+from codir_ds.models.mlm import load_mlm_teacher, masked_rows
+
+
+@dataclass
+class PreparedPretrain:
+    """Everything checked and loaded before DeepSpeed starts."""
+    ds: dict
+    dtype: torch.dtype
+    warning: Optional[str]
+    corpus: PackedCorpus
+    tokenizer: object
+    teacher_dir: Optional[Path]
+    run_dir: Path
+    mode: str
+
+
+def _position_limit(config) -> int:
+    """Longest sequence a model's position embeddings allow (RoBERTa-style models reserve 2)."""
+    offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer") else 0
+    return int(getattr(config, "max_position_embeddings", 512)) - offset
+
+
+def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool,
+                     overwrite: bool) -> PreparedPretrain:
+    """Every check that can fail on bad input, cheap ones first. Writes nothing to the run directory."""
+    from transformers import AutoConfig
+    rank, _, world = dist_env()
+    if cfg.method.name not in PRETRAIN_OBJECTIVES:
+        raise CodirError(f"method.name={cfg.method.name} is not a pre-training objective: use one of "
+                         f"{', '.join(PRETRAIN_OBJECTIVES)} here, or launchers/finetune.py for finetuning")
+    objective = build_pretrain_objective(cfg.method)
+    run_dir = Path(output_dir)
+    mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
+    ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
+    teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
+    if objective.uses_teacher and teacher_dir is None:
+        raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher")
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
+    if teacher_dir is not None:
+        check_same_vocab(tokenizer, teacher_dir, "model.teacher")
+        limit = _position_limit(AutoConfig.from_pretrained(str(teacher_dir)))
+        if cfg.corpus.block_size > limit:
+            raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the teacher's {limit} positions: "
+                             f"lower corpus.block_size")
+    if objective.uses_crd and cfg.method.num_negatives < 1:
+        raise CodirError("method.num_negatives must be >= 1 for codir")
+    corpus = load_corpus(cfg.corpus, tokenizer, verbose=rank == 0)
+    micro = ds["train_micro_batch_size_per_gpu"]
+    if len(corpus.train_ids) // world < micro:
+        raise CodirError(f"the corpus has {len(corpus.train_ids)} training blocks, fewer than one global micro-batch "
+                         f"({micro} x {world} ranks): add text, lower corpus.block_size or the batch size")
+    return PreparedPretrain(ds, dtype, warning, corpus, tokenizer, teacher_dir, run_dir, mode)
+
+
+def micro_batches(sampler: OwnedShardSampler) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(epoch, ids)`` forever, from the sampler's current position (resume-aware)."""
+    while True:
+        for ids in sampler:
+            yield sampler.epoch, ids
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step: int,
+                    world: int) -> torch.Tensor:
+    """Ids of the global mini-batch whose bank rows are this step's negatives. COLLECTIVE.
+
+    Every rank contributes the ids of all its micro-batches of this optimizer step; the
+    result is identical on every rank. When the global batch has more than
+    ``num_negatives + 1`` examples, a subset of that size (seeded by ``(seed, step)``, so
+    no communication is needed to agree on it) is used. Each anchor's own row is excluded
+    later, so every anchor is contrasted with ``min(num_negatives, G - 1)`` negatives
+    (one more when it is not in the sampled subset).
+    """
+    if world > 1:
+        out = [torch.empty_like(local_ids) for _ in range(world)]
+        dist.all_gather(out, local_ids)
+        ids = torch.cat(out)
+    else:
+        ids = local_ids
+    if ids.numel() > num_negatives + 1:
+        g = torch.Generator().manual_seed(derive_seed(seed, step, 7))
+        ids = ids[torch.randperm(ids.numel(), generator=g)[: num_negatives + 1]]
+    return ids
+
+
+def self_mask(anchor_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, G]`` True where candidate g is anchor b's own example: a positive is never its own negative."""
+    return anchor_ids.to(candidate_ids.device)[:, None] == candidate_ids[None, :]
+
+
+@torch.no_grad()
+def evaluate_mlm(forward: Callable[[dict], torch.Tensor], corpus: PackedCorpus, collator: MLMCollator,
+                 batch_size: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Held-out masked-LM loss, accuracy and perplexity (fixed masks). Collective.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters during
+    forward); rows added for padding have no labels and count for nothing.
+    """
+    ids = list(corpus.validation_ids)
+    if not ids:
+        return {}
+    mine = ids[rank::world]
+    per_rank = math.ceil(len(ids) / world)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for start in range(0, per_rank, batch_size):
+        chunk = mine[start:start + batch_size]
+        padding = min(batch_size, per_rank - start) - len(chunk)
+        chunk_ids = chunk + [ids[0]] * padding
+        batch = collator([corpus[i] for i in chunk_ids], chunk_ids, epoch=0)
+        if padding:
+            batch["labels"][len(chunk):] = -100
+        batch = {k: v.to(device) for k, v in batch.items()}
+        rows = masked_rows(batch["labels"])
+        logits = forward({**batch, "rows": rows}).float()
+        labels = batch["labels"].reshape(-1)[rows]
+        if labels.numel():
+            sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            sums[1] += (logits.argmax(-1) == labels).sum().item()
+            sums[2] += labels.numel()
+    if world > 1:
+        dist.all_reduce(sums)
+    loss = (sums[0] / sums[2].clamp_min(1)).item()
+    return {"mlm_loss": loss, "mlm_accuracy": (sums[1] / sums[2].clamp_min(1)).item(),
+            "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": int(sums[2].item())}
+
+
+def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
+                 overwrite: bool = False, probe: Optional[Callable[[str, dict], None]] = None) -> dict:
+    """Check everything, start DeepSpeed, pre-train, evaluate, export. Returns results.json's content.
+
+    ``probe(event, objects)`` (tests, debugging) is called with ``"setup"`` once the engine
+    exists and ``"done"`` after training, with the live ``engine``, ``teacher``, ``bank``,
+    ``sampler`` and ``module``.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    p = prepare_pretrain(cfg, ds_config_path, output_dir, resume, overwrite)
+    rank, _, world = dist_env()
+    tcfg, mcfg = cfg.training, cfg.method
+    objective = build_pretrain_objective(mcfg)
+    corpus = p.corpus
+    # Loading the teacher checks its checksum and MLM head: before any state is written.
+    teacher = (load_mlm_teacher(str(p.teacher_dir), p.dtype, cfg.model.teacher_sha256,
+                                need_head=objective.uses_teacher_logits) if objective.uses_teacher else None)
+
+    init_distributed()
+    device = torch.device(get_accelerator().current_device_name())
+    open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
+
+    set_seed(tcfg.seed)  # identical student / head initialisation on every rank
+    student = build_student(cfg.model, 0, False, p.tokenizer, template_dir=p.teacher_dir, masked_lm=True)
+    if cfg.corpus.block_size > _position_limit(student.config):
+        raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
+                         f"{_position_limit(student.config)} positions: lower corpus.block_size")
+    s_layers = resolve_layers(mcfg.student_layers, student, "method.student_layers")
+    t_layers = resolve_layers(mcfg.teacher_layers, teacher, "method.teacher_layers") if objective.uses_crd else None
+    module = PretrainModule(
+        student, s_layers, mcfg.pooling,
+        teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
+        projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+
+    num_train = len(corpus.train_ids)  # training block ids are 0..num_train-1
+    micro = p.ds["train_micro_batch_size_per_gpu"]
+    accum = p.ds["gradient_accumulation_steps"]
+    sampler = OwnedShardSampler(num_train, micro, rank, world, tcfg.seed)
+    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
+    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    opt, sched = optimizer_and_schedule(module, tcfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
+
+    runner = None
+    if teacher is not None:
+        teacher.to(device)
+        runner = MLMTeacherRunner(teacher, t_layers, mcfg.pooling, logits=objective.uses_teacher_logits)
+    bank = (ShardedMemoryBank(num_train, mcfg.projection_dim, mcfg.bank_momentum, seed=tcfg.seed).to(device)
+            if objective.uses_crd else None)
+
+    state = {"history": []}
+    ckpt_root = p.run_dir / "checkpoints"
+    if p.mode == "resume":
+        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank))
+    else:
+        set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks
+
+    collator = MLMCollator(p.tokenizer, mcfg.mlm_probability, seed=tcfg.seed)
+    if rank == 0:
+        print(f"{mcfg.name} pre-training: {num_train} blocks of <= {corpus.block_size} tokens "
+              f"({len(corpus.validation_ids)} held out), {world} rank(s), batch {p.ds['train_batch_size']} "
+              f"(micro {micro} x accumulation {accum}), {total_steps} steps, "
+              f"precision {str(p.dtype).replace('torch.', '')}", flush=True)
+    monitor = Monitor(p.run_dir, rank == 0, cfg.logging.tensorboard, cfg.logging.progress_bar, total_steps,
+                      initial_step=engine.global_steps, desc=f"{mcfg.name}-pre")
+
+    def forward_logits(batch: dict) -> torch.Tensor:
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=batch["rows"])["logits"]
+
+    def run_eval(step: int) -> dict:
+        engine.eval()
+        metrics = evaluate_mlm(forward_logits, corpus, collator, tcfg.eval_batch_size, device, rank, world)
+        engine.train()
+        if metrics:
+            monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            monitor.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            state["history"].append({"step": step, **metrics})
+        return metrics
+
+    def save(step: int) -> None:
+        save_run_checkpoint(engine, ckpt_root, step, state, rank, world, sampler, bank, tcfg.keep_checkpoints)
+
+    if probe is not None:
+        probe("setup", {"engine": engine, "teacher": teacher, "bank": bank, "sampler": sampler, "module": module})
+    batches = micro_batches(sampler)
+    t_start = time.perf_counter()
+    start_step = step = engine.global_steps
+    tokens = torch.zeros((), dtype=torch.long)
+    stopped_early = False
+    engine.train()
+    while step < total_steps:
+        group = [next(batches) for _ in range(accum)]  # this rank's micro-batches of one optimizer step
+        cand_ids = candidates = None
+        if bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
+            cand_ids = batch_negatives(torch.cat([ids for _, ids in group]), mcfg.num_negatives, tcfg.seed,
+                                       step, world)
+            candidates = bank.gather(cand_ids)
+            cand_ids = cand_ids.to(device)
+        pending = []
+        for epoch, ids in group:
+            batch = {k: v.to(device) for k, v in collator([corpus[i] for i in ids.tolist()], ids, epoch).items()}
+            rows = masked_rows(batch["labels"])
+            labels = batch["labels"].reshape(-1)[rows]
+            t_out = runner(batch["input_ids"], batch["attention_mask"], rows) if runner is not None else None
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
+                         teacher_features=t_out.features if t_out is not None else None)
+            exclude = self_mask(batch["ids"], cand_ids) if bank is not None else None
+            total, terms = objective(out["logits"], labels,
+                                     teacher_logits=t_out.logits if t_out is not None else None,
+                                     h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates, exclude=exclude)
+            engine.backward(total)
+            engine.step()
+            if bank is not None:
+                pending.append((ids, out["h_s"].detach()))
+            tokens += batch["attention_mask"].sum().cpu()
+            monitor.accumulate(terms, len(ids) * world)
+        if bank is not None and engine.was_step_applied():  # no bank update on an fp16 overflow step
+            for p_ids, p_feats in pending:
+                bank.update(p_ids.to(device), p_feats)
+        step += 1
+        monitor.advance()
+        if step % cfg.logging.log_every == 0 or step == total_steps:
+            extra = {"train/lr": engine.get_lr()[0]}
+            scale = getattr(engine.optimizer, "cur_scale", None)
+            if p.dtype == torch.float16 and scale is not None:
+                extra["train/loss_scale"] = float(scale)
+            monitor.flush(step, extra)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
+            run_eval(step)
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
+            save(step)
+        if tcfg.stop_at_step and step == tcfg.stop_at_step and step < total_steps:
+            save(step)
+            stopped_early = True
+            break
+
+    if probe is not None:
+        probe("done", {"engine": engine, "teacher": teacher, "bank": bank, "sampler": sampler, "module": module})
+    if stopped_early:
+        monitor.close()
+        if rank == 0:
+            print(f"stopped at step {step} (training.stop_at_step); continue with --resume", flush=True)
+        return {"stopped_at_step": step}
+
+    final = run_eval(step)
+    save(step)
+    export_engine_student(engine, p.tokenizer, p.run_dir / "export", rank,
+                          {"stage": "pretrain", "method": mcfg.name, "step": step,
+                           **{f"validation_{k}": v for k, v in final.items()}})
+    elapsed = time.perf_counter() - t_start
+    if world > 1:
+        dist.all_reduce(tokens)
+    done = step - start_step
+    results = {
+        "stage": "pretrain", "method": mcfg.name, "seed": tcfg.seed, "world_size": world,
+        "precision": str(p.dtype).replace("torch.", ""), "steps": step,
+        "train_batch_size": p.ds["train_batch_size"], "block_size": corpus.block_size,
+        "num_train_blocks": num_train, "num_validation_blocks": len(corpus.validation_ids),
+        "corpus": str(corpus.path), "final": final, "history": state["history"],
+        "train_seconds_this_session": round(elapsed, 2),
+        "samples_per_second": round(done * p.ds["train_batch_size"] / max(elapsed, 1e-9), 2),
+        "tokens_per_second": round(int(tokens) / max(elapsed, 1e-9), 1),
+        "export_dir": str(p.run_dir / "export"),
+    }
+    if rank == 0:
+        (p.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    monitor.close()
+    dist.barrier()
+    return results

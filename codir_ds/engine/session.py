@@ -1,0 +1,119 @@
+"""Run plumbing shared by the finetuning and pre-training loops.
+
+Process layout, seeding, optimizer/schedule, run-directory setup, checkpoint
+save/resume of the per-rank state (bank shard, sampler position, RNG), and the
+collective export of the student.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from codir_ds.config import ExperimentConfig, save_config
+from codir_ds.engine import checkpoint as ckpt
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import export_student
+
+
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the launcher's environment (1 process if unset)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(verbose=False)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int):
+    """AdamW (no decay on biases/norms) and linear warm-up then linear decay to 0."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available()
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, fused=fused)
+    warmup = int(tcfg.warmup_ratio * total_steps)
+
+    def linear(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
+
+
+def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank: int,
+                 warning: Optional[str]) -> None:
+    """Rank 0 creates (or clears, with --overwrite) the run directory and records the config. Collective."""
+    from codir_ds.engine.rundir import clear_run_dir
+    if rank == 0:
+        if warning:
+            print(f"warning: {warning}", flush=True)
+        if mode == "overwrite":
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if mode != "resume":
+            save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    dist.barrier()
+
+
+def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank) -> dict:
+    """Load the newest complete checkpoint into the engine, sampler, RNG and bank; returns the client state."""
+    tag = ckpt.latest_tag(ckpt_root)
+    if tag is None:
+        raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
+    rank_states = ckpt.load_rank_states(ckpt_root / tag, world)
+    client = ckpt.load_checkpoint(engine, ckpt_root, tag)
+    mine = rank_states[rank]
+    sampler.load_state_dict(mine["sampler"])
+    ckpt.set_rng_state(mine["rng"])
+    if bank is not None:
+        bank.load_state_dict([s["bank"] for s in rank_states])
+    if rank == 0:
+        print(f"resumed from {ckpt_root / tag} at step {engine.global_steps}", flush=True)
+    return client.get("codir", {})
+
+
+def save_run_checkpoint(engine, ckpt_root: Path, step: int, state: dict, rank: int, world: int, sampler, bank,
+                        keep: int) -> None:
+    """Collective: DeepSpeed state plus this rank's bank shard, sampler position and RNG."""
+    rank_state = {"world_size": world, "rank": rank, "sampler": sampler.state_dict(), "rng": ckpt.rng_state(),
+                  "bank": bank.state_dict() if bank is not None else None}
+    ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank, keep)
+
+
+def export_engine_student(engine, tokenizer, out_dir: Path, rank: int, extra: dict) -> None:
+    """Collective under ZeRO-3 (parameters are gathered); rank 0 writes the HF directory atomically."""
+    import deepspeed
+    student = engine.module.student
+    with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+        if rank == 0:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            export_student(student, tokenizer, tmp, extra)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
