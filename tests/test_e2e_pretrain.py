@@ -198,3 +198,15 @@ def test_fit_teacher_head_makes_a_kd_ready_teacher(tmp_path, tiny_teacher, corpu
     proc = python_launch("launchers/fit_teacher_head.py", ["--teacher", str(tiny_teacher), "--output_dir", str(out),
                                                            "--config", str(cfg), "--steps", "2"])
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_zero3_codir_pretrain_two_ranks_exports_gathered_student(tmp_path, pre_config):
+    """ZeRO-3 partitions the student, its MLM head and the CRD heads; the export gathers full weights."""
+    run = tmp_path / "z3"
+    _ok(deepspeed_launch("launchers/pretrain.py", 2, ["--deepspeed_config", str(REPO / "ds_configs" / "zero3.json"),
+                                                      "--config", str(pre_config), "--output_dir", str(run),
+                                                      "--set", "training.max_steps=2"]))
+    assert json.loads((run / "results.json").read_text())["steps"] == 2
+    weights = load_file(run / "export" / "model.safetensors")
+    emb = weights["bert.embeddings.word_embeddings.weight"]
+    assert emb.shape == (30522, 32) and emb.abs().sum() > 0

@@ -1,0 +1,122 @@
+"""The offline default main job: CoDIR-Pre vs MLM-Pre on a laptop-sized machine (paper Table 2, bottom).
+
+1. fit an MLM head on the frozen packaged MiniLM teacher (launchers/fit_teacher_head.py);
+2. stage 1: MLM pre-training of a 2-layer student (MiniLM layers 0 and 3) on the packaged
+   movie-dialogue corpus;
+3. stage 2, both from the stage-1 student: MLM only (MLM-Pre) and MLM + KD + CRD with
+   alpha_1 = alpha_2 = 0.1 (CoDIR-Pre), same steps and learning rate;
+4. finetune each pre-trained student with plain cross-entropy on movie_snippets;
+5. print a table: held-out MLM after pre-training, movie_snippets validation accuracy.
+
+Every training stage is a real ``deepspeed launchers/pretrain.py`` / ``finetune.py`` job;
+re-running continues an interrupted pipeline and reuses finished stages.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from codir_ds.cli import quiet_environment, run_main  # noqa: E402
+from codir_ds.errors import CodirError  # noqa: E402
+
+PRE_NAMES = {"mlm": "MLM-Pre", "kd": "KD-Pre", "codir": "CoDIR-Pre"}
+
+
+def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
+    """Run (or reuse) launchers/fit_teacher_head.py; returns its manifest."""
+    manifest = out / "codir_export.json"
+    if manifest.is_file():
+        print(f"[teacher head] reusing {out}", flush=True)
+        return json.loads(manifest.read_text())
+    cmd = [sys.executable, str(Path(__file__).parent / "fit_teacher_head.py"), "--teacher", teacher,
+           "--output_dir", str(out), "--config", config, "--steps", str(steps), "--overwrite"]
+    print(f"[teacher head] {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0 or not manifest.is_file():
+        raise CodirError(f"stage 'teacher head' failed (exit {proc.returncode}); its output is above; fix the cause "
+                         f"and re-run")
+    print(f"[teacher head] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads(manifest.read_text())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output_dir", default="runs/demo")
+    ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    ap.add_argument("--stage1_config", default="configs/pre_mlm_cpu.yaml")
+    ap.add_argument("--stage2_config", default="configs/pre_codir_cpu.yaml")
+    ap.add_argument("--finetune_config", default="configs/fine_movie_snippets_cpu.yaml")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="data-parallel ranks (CPU processes or GPUs); on 2 CPU cores 1 rank x 2 threads is faster")
+    ap.add_argument("--methods", nargs="+", default=["mlm", "codir"], choices=["mlm", "kd", "codir"],
+                    help="stage-2 pre-training objectives to compare")
+    ap.add_argument("--head_steps", type=int, default=150, help="steps of teacher MLM-head fitting")
+    ap.add_argument("--stage1_steps", type=int, default=100)
+    ap.add_argument("--stage2_steps", type=int, default=80)
+    ap.add_argument("--stage2_lr", type=float, default=1e-4, help="paper: 1e-4 in stage 2")
+    ap.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args()
+    quiet_environment()
+    from codir_ds.config import load_config
+    from codir_ds.pipeline import run_stage
+
+    out = Path(args.output_dir)
+    load_config(args.stage1_config)  # fail fast, before any job starts
+    load_config(args.stage2_config)
+    load_config(args.finetune_config, ["method.name=ce"])
+    t0 = time.perf_counter()
+    teacher = out / "teacher_mlm"
+    head = fit_head(teacher, "all-MiniLM-L6-v2", args.stage2_config, args.head_steps)
+
+    ds = ["--deepspeed_config", args.deepspeed_config]
+    seed = ["--set", f"training.seed={args.seed}"]
+    stage1_dir = out / "stage1_mlm"
+    stage1 = run_stage("stage 1 mlm", "launchers/pretrain.py", args.ranks, stage1_dir,
+                       ds + ["--config", args.stage1_config, "--set", f"training.max_steps={args.stage1_steps}"] + seed)
+    rows = []
+    for method in args.methods:
+        sets = ["--set", f"method.name={method}", "--set", f"model.init_from={stage1_dir}",
+                "--set", "model.student_init=null", "--set", "model.student_init_layers=null",
+                "--set", f"model.teacher={teacher}", "--set", "method.alpha_kd=0.1", "--set", "method.alpha_crd=0.1",
+                "--set", f"training.max_steps={args.stage2_steps}", "--set", f"training.lr={args.stage2_lr}"]
+        pre_dir = out / f"stage2_{method}"
+        pre = run_stage(f"stage 2 {method}", "launchers/pretrain.py", args.ranks, pre_dir,
+                        ds + ["--config", args.stage2_config] + sets + seed)
+        fine = run_stage(f"finetune {PRE_NAMES[method]}", "launchers/finetune.py", args.ranks,
+                         out / f"finetune_{method}",
+                         ds + ["--config", args.finetune_config, "--set", "method.name=ce",
+                               "--set", f"model.init_from={pre_dir}", "--set", "model.student_init=null",
+                               "--set", "model.student_init_layers=null"] + seed)
+        rows.append({"pretraining": PRE_NAMES[method], "stage2_steps": pre["steps"],
+                     "mlm_loss": pre["final"]["mlm_loss"], "mlm_accuracy": pre["final"]["mlm_accuracy"],
+                     "pretrain_samples_per_second": pre["samples_per_second"],
+                     "finetune_metric": fine["main_metric"], "finetune_best": fine["best"][fine["main_metric"]],
+                     "finetune_final": fine["final"][fine["main_metric"]], "finetune_steps": fine["steps"]})
+    elapsed = time.perf_counter() - t0
+    lines = ["| pre-training (stage 2) | held-out MLM loss | held-out MLM acc. | pre-train samples/s "
+             "| movie_snippets acc. (CE finetune, best) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pretraining']} | {r['mlm_loss']:.4f} | {r['mlm_accuracy']:.4f} | "
+                     f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_best']:.4f} |")
+    table = "\n".join(lines)
+    summary = {"rows": rows, "stage1": {"steps": stage1["steps"], "final": stage1["final"]},
+               "teacher_head": {k: v for k, v in head.items() if k.startswith("validation")},
+               "elapsed_seconds": round(elapsed, 1), "ranks": args.ranks, "seed": args.seed,
+               "args": vars(args)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(table + "\n")
+    print(f"\nstage 1: {stage1['steps']} MLM steps; stage 2: {args.stage2_steps} steps each; "
+          f"teacher head held-out MLM accuracy {head.get('validation_mlm_accuracy', float('nan')):.3f}; "
+          f"{args.ranks} rank(s), {elapsed:.0f} s:\n{table}\n\nwritten to {out}/summary.md and summary.json; "
+          f"TensorBoard: tensorboard --logdir {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
