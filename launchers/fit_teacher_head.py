@@ -32,7 +32,8 @@ def main() -> int:
     from codir_ds.config import load_config
     from codir_ds.engine.fit_head import fit_teacher_head
 
-    cfg = load_config(args.config, args.overrides)
+    # Only the corpus, seed and masking rate are used; the teacher is --teacher.
+    cfg = load_config(args.config, args.overrides + [f"model.teacher={args.teacher}"])
     fit_teacher_head(args.teacher, args.output_dir, cfg.corpus, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, seed=cfg.training.seed, mlm_probability=cfg.method.mlm_probability,
                      sha256=args.teacher_sha256, overwrite=args.overwrite)

@@ -210,7 +210,7 @@ def test_wrong_list_item_type_names_item_type():
 
 def test_bad_method_name_lists_allowed():
     msg = _err(None, TEACHER + ["method.name=crd"])
-    assert "'method.name'" in msg and "ce, kd, codir" in msg and "'crd'" in msg
+    assert "'method.name'" in msg and "ce, mlm, kd, codir" in msg and "'crd'" in msg
 
 
 def test_bad_pooling_lists_allowed():

@@ -94,6 +94,17 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
     return PreparedPretrain(ds, dtype, warning, corpus, tokenizer, teacher_dir, run_dir, mode)
 
 
+def build_pretrain_module(student, teacher, mcfg, objective) -> tuple[PretrainModule, Optional[list[int]]]:
+    """The module DeepSpeed trains (student + CRD heads when the objective contrasts) and the teacher layers."""
+    s_layers = resolve_layers(mcfg.student_layers, student, "method.student_layers")
+    t_layers = resolve_layers(mcfg.teacher_layers, teacher, "method.teacher_layers") if objective.uses_crd else None
+    module = PretrainModule(
+        student, s_layers, mcfg.pooling,
+        teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
+        projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+    return module, t_layers
+
+
 def micro_batches(sampler: OwnedShardSampler) -> Iterator[tuple[int, torch.Tensor]]:
     """``(epoch, ids)`` forever, from the sampler's current position (resume-aware)."""
     while True:
@@ -195,12 +206,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     if cfg.corpus.block_size > _position_limit(student.config):
         raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
                          f"{_position_limit(student.config)} positions: lower corpus.block_size")
-    s_layers = resolve_layers(mcfg.student_layers, student, "method.student_layers")
-    t_layers = resolve_layers(mcfg.teacher_layers, teacher, "method.teacher_layers") if objective.uses_crd else None
-    module = PretrainModule(
-        student, s_layers, mcfg.pooling,
-        teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
-        projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+    module, t_layers = build_pretrain_module(student, teacher, mcfg, objective)
 
     num_train = len(corpus.train_ids)  # training block ids are 0..num_train-1
     micro = p.ds["train_micro_batch_size_per_gpu"]

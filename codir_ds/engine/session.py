@@ -38,6 +38,11 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(verbose=False)
+    # Bind this process to its accelerator before anything is placed on it (the engine
+    # would do it only inside deepspeed.initialize; the teacher and bank come first).
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def set_seed(seed: int) -> None:

@@ -1,0 +1,100 @@
+"""bench/throughput.py: a tiny run of all three objectives (fields, not timings) and the fp16-on-CPU refusal."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = str(REPO / "bench" / "throughput.py")
+TINY = ["--teacher_layers", "2", "--teacher_hidden", "32", "--teacher_heads", "2",
+        "--student_layers", "1", "--student_hidden", "32", "--student_heads", "2",
+        "--seq_len", "32", "--micro_batch", "4", "--steps", "2", "--warmup", "1"]
+
+RESULT_FIELDS = ("samples_per_second", "tokens_per_second", "step_time_mean_s", "step_time_median_s", "timed_steps",
+                 "steps_applied", "final_loss", "flops_per_token", "teacher_params", "student_params",
+                 "achieved_tflops", "mfu", "peak_memory_bytes", "peak_memory_source", "breakdown_s",
+                 "crd_loss_fwd_bwd_s", "bank_allgather_bytes_per_step", "batch_negatives_allgather_bytes_per_step")
+POSITIVE = ("samples_per_second", "tokens_per_second", "step_time_mean_s", "step_time_median_s", "timed_steps",
+            "steps_applied", "final_loss", "flops_per_token", "student_params", "achieved_tflops", "mfu",
+            "peak_memory_bytes")
+BREAKDOWN = ("teacher_forward", "student_forward_backward", "crd_and_bank", "optimizer_step", "other")
+CONFIG_FIELDS = ("teacher", "student", "vocab", "seq_len", "precision", "micro_batch", "grad_accum", "world_size",
+                 "train_batch_size", "steps", "warmup", "num_negatives", "num_examples", "device", "torch_version",
+                 "deepspeed_version", "date", "command")
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    """The script as a plain single process: it sets RANK/WORLD_SIZE/MASTER_PORT itself."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
+                          timeout=180)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    proc = _run(TINY + ["--precision", "fp32", "--output", str(out)])
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    assert json.loads(out.read_text()) == report
+    return report
+
+
+def test_tiny_run_reports_every_field(tiny_report):
+    cfg = tiny_report["config"]
+    for key in CONFIG_FIELDS:
+        assert key in cfg, key
+    assert cfg["world_size"] == 1 and cfg["precision"] == "fp32" and cfg["train_batch_size"] == 4
+    assert cfg["seq_len"] == 32 and cfg["micro_batch"] == 4 and cfg["grad_accum"] == 1
+    assert cfg["device"] and cfg["torch_version"] and cfg["deepspeed_version"]
+    assert _number(tiny_report["peak_tflops"]) and tiny_report["peak_tflops"] > 0
+    assert tiny_report["peak_source"] == "measured_matmul"
+
+    results = tiny_report["results"]
+    assert set(results) == {"mlm", "kd", "codir"}
+    for name, r in results.items():
+        for key in RESULT_FIELDS:
+            assert key in r, f"{name}: {key} missing"
+        for key in POSITIVE:
+            assert _number(r[key]) and r[key] > 0, f"{name}: {key} = {r[key]!r}"
+        for key in ("teacher_params", "crd_loss_fwd_bwd_s", "bank_allgather_bytes_per_step",
+                    "batch_negatives_allgather_bytes_per_step"):
+            assert _number(r[key]) and r[key] >= 0, f"{name}: {key} = {r[key]!r}"
+        assert r["timed_steps"] == 2
+        assert r["flops_per_token"] == 2 * r["teacher_params"] + 6 * r["student_params"]
+        assert set(r["breakdown_s"]) == set(BREAKDOWN)
+        for key, v in r["breakdown_s"].items():
+            assert _number(v) and v >= 0, f"{name}: breakdown {key} = {v!r}"
+        # the buckets partition the step ("other" is the remainder), by construction
+        assert math.isclose(sum(r["breakdown_s"].values()), r["step_time_mean_s"], rel_tol=1e-6)
+        assert r["breakdown_s"]["student_forward_backward"] > 0 and r["breakdown_s"]["optimizer_step"] > 0
+
+    assert results["mlm"]["teacher_params"] == 0 and results["mlm"]["breakdown_s"]["teacher_forward"] == 0
+    assert results["mlm"]["breakdown_s"]["crd_and_bank"] == 0
+    for name in ("kd", "codir"):
+        assert results[name]["teacher_params"] == cfg["teacher"]["non_embedding_params"] > 0
+        assert results[name]["breakdown_s"]["teacher_forward"] > 0
+    assert results["codir"]["breakdown_s"]["crd_and_bank"] > 0 and results["codir"]["crd_loss_fwd_bwd_s"] > 0
+    assert results["kd"]["breakdown_s"]["crd_and_bank"] == 0
+    assert results["codir"]["bank_allgather_bytes_per_step"] == 0  # one rank: gather() reads locally
+
+
+def test_fp16_on_cpu_is_refused_in_one_line():
+    proc = _run(TINY + ["--precision", "fp16"])
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and "fp16" in lines[0] and "bf16" in lines[0] and "fp32" in lines[0]
