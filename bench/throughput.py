@@ -254,7 +254,7 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
     from codir_ds.distill.memory_bank import ShardedMemoryBank
     from codir_ds.distill.objectives import build_pretrain_objective
     from codir_ds.engine.pretrain import batch_negatives, build_pretrain_module, micro_batches, self_mask
-    from codir_ds.engine.session import optimizer_and_schedule, set_seed
+    from codir_ds.engine.session import apply_bank_updates, optimizer_and_schedule, set_seed
     from codir_ds.engine.teacher import MLMTeacherRunner
     from codir_ds.data.sampler import OwnedShardSampler
     from codir_ds.models.mlm import masked_rows
@@ -296,7 +296,7 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
 
     sections = Sections(sync, not args.no_breakdown)
     step_times, crd_times, gather_bytes, neg_bytes = [], [], [], []
-    tokens = torch.zeros((), dtype=torch.long)
+    tokens = 0
     applied = 0
     last_loss = float("nan")
     if is_cuda:
@@ -306,7 +306,7 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
         timed = step >= args.warmup
         if step == args.warmup:
             sections.reset()
-            tokens.zero_()
+            tokens = 0
         sync()
         t_step = time.perf_counter()
         group = [next(batches) for _ in range(accum)]  # this rank's micro-batches of one optimizer step
@@ -314,16 +314,19 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
         if bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
             with sections("crd_and_bank"):
                 local_ids = torch.cat([ids for _, ids in group])
-                cand_ids = batch_negatives(local_ids, mcfg.num_negatives, tcfg.seed, step, world)
+                cand_ids = batch_negatives(local_ids, mcfg.num_negatives, tcfg.seed, step, world, device)
                 candidates = bank.gather(cand_ids)
                 cpu_cand_ids = cand_ids
                 cand_ids = cand_ids.to(device)
         pending = []
         crd_inputs = None
         for epoch, ids in group:
-            batch = {k: v.to(device) for k, v in collator([block(i) for i in ids.tolist()], ids, epoch).items()}
-            rows = masked_rows(batch["labels"])
-            labels = batch["labels"].reshape(-1)[rows]
+            host = collator([block(i) for i in ids.tolist()], ids, epoch)
+            rows = masked_rows(host["labels"])  # on the host, as in the training loop
+            labels = host["labels"].reshape(-1)[rows].to(device)
+            tokens += int(host["attention_mask"].sum())
+            rows = rows.to(device)
+            batch = {k: v.to(device) for k, v in host.items()}
             t_out = None
             if runner is not None:
                 with sections("teacher_forward"):
@@ -346,11 +349,9 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
             if bank is not None:
                 pending.append((ids, out["h_s"].detach()))
                 crd_inputs = (out["h_t"].detach(), out["h_s"].detach(), exclude)
-            tokens += batch["attention_mask"].sum().cpu()
-        if bank is not None and engine.was_step_applied():  # no bank update on an fp16 overflow step
+        if bank is not None:
             with sections("crd_and_bank"):
-                for p_ids, p_feats in pending:
-                    bank.update(p_ids.to(device), p_feats)
+                apply_bank_updates(bank, engine, pending, device)
         sync()
         dt = time.perf_counter() - t_step
         last_loss = float(terms["loss/total"])
@@ -370,10 +371,12 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
                                                        mcfg.crd_temperature, sync))
 
     if world > 1:
-        dist.all_reduce(tokens)
+        total_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+        dist.all_reduce(total_tokens)
+        tokens = int(total_tokens)
     elapsed = sum(step_times)
     steps = len(step_times)
-    tokens_per_s = int(tokens) / elapsed
+    tokens_per_s = tokens / elapsed
     flops_per_token = 2 * n_teacher + 6 * n_student
     achieved = flops_per_token * tokens_per_s
     if is_cuda:

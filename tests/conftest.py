@@ -38,40 +38,34 @@ def single_process_env(monkeypatch):
     yield
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory) -> Path:
-    """A 2-layer / 32-wide BERT classifier (random weights) exported like a finetuned teacher."""
+def _export_tiny_bert(tmp_path_factory, name: str, seed: int, masked_lm: bool) -> Path:
+    """A 2-layer / 32-wide BERT (random weights, MiniLM's tokenizer) exported like a codir-ds model."""
     import torch
     from types import SimpleNamespace
     from codir_ds.assets import minilm_dir
     from codir_ds.models.loading import build_student, export_student, load_tokenizer
 
     tok = load_tokenizer(minilm_dir())
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = SimpleNamespace(init_from=None, student_init=None, student_init_layers=None, student_layers=2,
                           student_hidden=32, student_heads=2, student_intermediate=64, dropout=0.1)
-    model = build_student(cfg, num_labels=2, is_regression=False, tokenizer=tok)
-    out = tmp_path_factory.mktemp("teacher") / "export"
+    model = build_student(cfg, num_labels=0 if masked_lm else 2, is_regression=False, tokenizer=tok,
+                          masked_lm=masked_lm)
+    out = tmp_path_factory.mktemp(name) / "export"
     export_student(model, tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A tiny BERT classifier (2 labels) exported like a finetuned teacher."""
+    return _export_tiny_bert(tmp_path_factory, "teacher", seed=0, masked_lm=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_mlm_teacher(tmp_path_factory) -> Path:
-    """A 2-layer / 32-wide BERT masked-LM teacher (random weights, MLM head included)."""
-    import torch
-    from types import SimpleNamespace
-    from codir_ds.assets import minilm_dir
-    from codir_ds.models.loading import build_student, export_student, load_tokenizer
-
-    tok = load_tokenizer(minilm_dir())
-    torch.manual_seed(1)
-    cfg = SimpleNamespace(init_from=None, student_init=None, student_init_layers=None, student_layers=2,
-                          student_hidden=32, student_heads=2, student_intermediate=64, dropout=0.1)
-    model = build_student(cfg, num_labels=0, is_regression=False, tokenizer=tok, masked_lm=True)
-    out = tmp_path_factory.mktemp("mlm_teacher") / "export"
-    export_student(model, tok, out)
-    return out
+    """A tiny BERT masked-LM teacher (MLM head included)."""
+    return _export_tiny_bert(tmp_path_factory, "mlm_teacher", seed=1, masked_lm=True)
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +82,20 @@ def corpus_file(tmp_path_factory) -> Path:
             g.write(f"{row['statement'].strip()} {row['reply'].strip()}\n")
     return out
 
+
+# The training and logging sections every tiny end-to-end run shares (6 steps, batch 8 = 2 x 4).
+TINY_TRAINING_YAML = """training:
+  seed: 7
+  max_steps: 6
+  lr: 1.0e-3
+  train_batch_size: 8
+  micro_batch_size: 2
+  fp16_fallback: fp32
+  eval_batch_size: 16
+logging:
+  log_every: 2
+  progress_bar: false
+"""
 
 TINY_YAML = """
 name: tiny
@@ -107,18 +115,7 @@ method:
   num_negatives: 8
   projection_dim: 16
   alpha_crd: 0.5
-training:
-  seed: 7
-  max_steps: 6
-  lr: 1.0e-3
-  train_batch_size: 8
-  micro_batch_size: 2
-  fp16_fallback: fp32
-  eval_batch_size: 16
-logging:
-  log_every: 2
-  progress_bar: false
-"""
+""" + TINY_TRAINING_YAML
 
 
 @pytest.fixture()

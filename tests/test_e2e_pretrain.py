@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, deepspeed_launch, python_launch
+from conftest import REPO, TINY_TRAINING_YAML, deepspeed_launch, python_launch
 
 DS = str(REPO / "ds_configs" / "zero2.json")
 
@@ -31,18 +31,7 @@ method:
   alpha_crd: 0.1
   num_negatives: 5
   projection_dim: 16
-training:
-  seed: 7
-  max_steps: 6
-  lr: 1.0e-3
-  train_batch_size: 8
-  micro_batch_size: 2
-  fp16_fallback: fp32
-  eval_batch_size: 16
-logging:
-  log_every: 2
-  progress_bar: false
-"""
+""" + TINY_TRAINING_YAML
 
 
 def _ok(proc):

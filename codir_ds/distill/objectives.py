@@ -25,7 +25,8 @@ from codir_ds.distill.losses import crd_loss, crd_loss_shared, crd_scores, kd_lo
 
 
 @dataclass
-class Objective:
+class _Weights:
+    """Which terms of Eq. 1 an objective has, and their hyper-parameters."""
     name: str
     uses_teacher: bool
     uses_crd: bool
@@ -34,6 +35,30 @@ class Objective:
     kd_temperature: float = 1.0
     kd_t2_scale: bool = True
     crd_temperature: float = 0.07
+
+    def logit_kd(self, logits32: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """KL(softmax(z_t/rho) || softmax(z_s/rho)), times rho^2 when ``kd_t2_scale``."""
+        kd = kd_loss(logits32, teacher_logits, self.kd_temperature)
+        return kd * self.kd_temperature ** 2 if self.kd_t2_scale else kd
+
+    @classmethod
+    def from_config(cls, method_cfg, task_only: str):
+        """``task_only`` (ce / mlm) has the task loss alone; ``kd`` adds KD; ``codir`` adds KD and CRD."""
+        name = method_cfg.name
+        if name == task_only:
+            return cls(name, uses_teacher=False, uses_crd=False)
+        common = dict(alpha_kd=method_cfg.alpha_kd, kd_temperature=method_cfg.kd_temperature,
+                      kd_t2_scale=method_cfg.kd_t2_scale, crd_temperature=method_cfg.crd_temperature)
+        if name == "kd":
+            return cls(name, uses_teacher=True, uses_crd=False, **common)
+        if name == "codir":
+            return cls(name, uses_teacher=True, uses_crd=True, alpha_crd=method_cfg.alpha_crd, **common)
+        raise ValueError(f"unknown objective {name!r} for {cls.__name__}")
+
+
+@dataclass
+class Objective(_Weights):
+    """Finetuning objectives: ``ce``, ``kd``, ``codir`` (negatives ``[B, K, m]`` per anchor)."""
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
                  teacher_logits: Optional[torch.Tensor] = None,
@@ -51,9 +76,7 @@ class Objective:
             if is_regression:
                 kd = F.mse_loss(logits32, teacher_logits.float())
             else:
-                kd = kd_loss(logits32, teacher_logits, self.kd_temperature)
-                if self.kd_t2_scale:
-                    kd = kd * self.kd_temperature ** 2
+                kd = self.logit_kd(logits32, teacher_logits)
             total = total + self.alpha_kd * kd
             terms["loss/kd"] = kd.detach()
         if self.uses_crd:
@@ -69,7 +92,7 @@ class Objective:
 
 
 @dataclass
-class PretrainObjective:
+class PretrainObjective(_Weights):
     """Pre-training objectives (CoDIR Sec. 2.3), Eq. 1 with L_task = masked-LM loss.
 
     - ``mlm``:   MLM cross-entropy on the masked positions (MLM-Pre).
@@ -79,14 +102,6 @@ class PretrainObjective:
     Logits are ``[M, V]`` rows at the masked positions only, so KD never sees unmasked tokens.
     With a1 = 0 the teacher's MLM head is not needed (and not run).
     """
-    name: str
-    uses_teacher: bool
-    uses_crd: bool
-    alpha_kd: float = 0.0
-    alpha_crd: float = 0.0
-    kd_temperature: float = 1.0
-    kd_t2_scale: bool = True
-    crd_temperature: float = 0.07
 
     @property
     def uses_teacher_logits(self) -> bool:
@@ -105,9 +120,7 @@ class PretrainObjective:
         total = mlm
         terms = {"loss/mlm": mlm.detach()}
         if self.uses_teacher_logits:
-            kd = kd_loss(logits32, teacher_logits, self.kd_temperature)
-            if self.kd_t2_scale:
-                kd = kd * self.kd_temperature ** 2
+            kd = self.logit_kd(logits32, teacher_logits)
             total = total + self.alpha_kd * kd
             terms["loss/kd"] = kd.detach()
         if self.uses_crd:
@@ -122,27 +135,9 @@ class PretrainObjective:
 
 def build_pretrain_objective(method_cfg) -> PretrainObjective:
     """The pre-training objective named by ``method.name`` (mlm, kd, codir)."""
-    name = method_cfg.name
-    if name == "mlm":
-        return PretrainObjective(name, uses_teacher=False, uses_crd=False)
-    common = dict(alpha_kd=method_cfg.alpha_kd, kd_temperature=method_cfg.kd_temperature,
-                  kd_t2_scale=method_cfg.kd_t2_scale, crd_temperature=method_cfg.crd_temperature)
-    if name == "kd":
-        return PretrainObjective(name, uses_teacher=True, uses_crd=False, **common)
-    if name == "codir":
-        return PretrainObjective(name, uses_teacher=True, uses_crd=True, alpha_crd=method_cfg.alpha_crd, **common)
-    raise ValueError(f"unknown pre-training objective {name!r}")
+    return PretrainObjective.from_config(method_cfg, "mlm")
 
 
 def build_objective(method_cfg) -> Objective:
-    """The objective named by ``method.name`` with its hyper-parameters from the config."""
-    name = method_cfg.name
-    if name == "ce":
-        return Objective(name, uses_teacher=False, uses_crd=False)
-    common = dict(alpha_kd=method_cfg.alpha_kd, kd_temperature=method_cfg.kd_temperature,
-                  kd_t2_scale=method_cfg.kd_t2_scale, crd_temperature=method_cfg.crd_temperature)
-    if name == "kd":
-        return Objective(name, uses_teacher=True, uses_crd=False, **common)
-    if name == "codir":
-        return Objective(name, uses_teacher=True, uses_crd=True, alpha_crd=method_cfg.alpha_crd, **common)
-    raise ValueError(f"unknown objective {name!r}")
+    """The finetuning objective named by ``method.name`` (ce, kd, codir) with its hyper-parameters."""
+    return Objective.from_config(method_cfg, "ce")

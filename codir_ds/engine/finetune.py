@@ -28,8 +28,9 @@ from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
-from codir_ds.engine.session import (dist_env, export_engine_student, init_distributed, open_run_dir,
-                                     optimizer_and_schedule, resume_latest, save_run_checkpoint, set_seed)
+from codir_ds.engine.session import (after_step, apply_bank_updates, dist_env, export_engine_student,
+                                     init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
+                                     save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_teacher,
@@ -99,13 +100,9 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     tcfg, mcfg = cfg.training, cfg.method
     objective = build_objective(mcfg)
     task = p.task
-    # Teacher loading verifies the checksum and the classification head: before any state is written.
+    # Teacher (checksum, classification head) and student are loaded before any state is written.
     teacher = (load_teacher(str(p.teacher_dir), task.num_labels, p.dtype, cfg.model.teacher_sha256)
                if objective.uses_teacher else None)
-
-    init_distributed()
-    device = torch.device(get_accelerator().current_device_name())
-    open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     set_seed(tcfg.seed)  # identical student / head initialisation on every rank
     student = build_student(cfg.model, task.num_labels, task.is_regression, p.tokenizer,
@@ -116,6 +113,10 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         student, s_layers, mcfg.pooling,
         teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
         projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+
+    init_distributed()
+    device = torch.device(get_accelerator().current_device_name())
+    open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     sampler = OwnedShardSampler(len(task.train), p.ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed)
     accum = p.ds["gradient_accumulation_steps"]
@@ -167,8 +168,8 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         if state["best"] is None or metrics[main] > state["best"][main]:
             state["best"] = {"step": step, **metrics}
             export_engine_student(engine, p.tokenizer, p.run_dir / "export", rank,
-                    {"task": task.name, "label_names": task.label_names, "method": mcfg.name, "step": step,
-                     **{f"validation_{k}": v for k, v in metrics.items()}})
+                                  {"task": task.name, "label_names": task.label_names, "method": mcfg.name,
+                                   "step": step, **{f"validation_{k}": v for k, v in metrics.items()}})
         return metrics
 
     def save(step: int) -> None:
@@ -205,25 +206,9 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             monitor.accumulate(terms, len(ids) * world)
             if not boundary:
                 continue
-            if bank is not None:
-                if engine.was_step_applied():  # an fp16 overflow step leaves the bank untouched too
-                    for p_ids, p_feats in pending:
-                        bank.update(p_ids.to(device), p_feats)
-                pending.clear()
+            apply_bank_updates(bank, engine, pending, device)
             step += 1
-            monitor.advance()
-            if step % cfg.logging.log_every == 0 or step == total_steps:
-                extra = {"train/lr": engine.get_lr()[0]}
-                scale = getattr(engine.optimizer, "cur_scale", None)
-                if p.dtype == torch.float16 and scale is not None:
-                    extra["train/loss_scale"] = float(scale)
-                monitor.flush(step, extra)
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-                run_eval(step)
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
-                save(step)
-            if tcfg.stop_at_step and step == tcfg.stop_at_step and step < total_steps:
-                save(step)
+            if after_step(step, total_steps, engine, cfg, p.dtype, monitor, run_eval, save):
                 stopped_early = True
                 break
             if step >= total_steps:
@@ -236,10 +221,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     if probe is not None:
         probe("done", objects)
     if stopped_early:
-        monitor.close()
-        if rank == 0:
-            print(f"stopped at step {step} (training.stop_at_step); continue with --resume", flush=True)
-        return {"stopped_at_step": step}
+        return stop_early(step, rank, monitor)
 
     final = run_eval(step)
     save(step)

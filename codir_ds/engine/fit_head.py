@@ -74,7 +74,8 @@ def fit_teacher_head(teacher: str, output_dir: str, corpus_cfg: CorpusConfig, st
     def forward(batch: dict) -> torch.Tensor:
         with torch.inference_mode():
             hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return head(gather_rows(hidden.clone(), batch["rows"]))
+            masked = gather_rows(hidden, batch["rows"])
+        return head(masked.clone())  # out of inference mode: the head trains on the masked rows only
 
     before = evaluate_mlm(forward, corpus, collator, 64, "cpu")
     print("held-out MLM before fitting: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()), flush=True)

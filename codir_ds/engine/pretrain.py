@@ -34,8 +34,9 @@ from codir_ds.distill.objectives import build_pretrain_objective
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
-from codir_ds.engine.session import (dist_env, export_engine_student, init_distributed, open_run_dir,
-                                     optimizer_and_schedule, resume_latest, save_run_checkpoint, set_seed)
+from codir_ds.engine.session import (after_step, apply_bank_updates, dist_env, export_engine_student,
+                                     init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
+                                     save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
@@ -114,7 +115,7 @@ def micro_batches(sampler: OwnedShardSampler) -> Iterator[tuple[int, torch.Tenso
 
 
 def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step: int,
-                    world: int) -> torch.Tensor:
+                    world: int, device=None) -> torch.Tensor:
     """Ids of the global mini-batch whose bank rows are this step's negatives. COLLECTIVE.
 
     Every rank contributes the ids of all its micro-batches of this optimizer step; the
@@ -122,12 +123,14 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
     ``num_negatives + 1`` examples, a subset of that size (seeded by ``(seed, step)``, so
     no communication is needed to agree on it) is used. Each anchor's own row is excluded
     later, so every anchor is contrasted with ``min(num_negatives, G - 1)`` negatives
-    (one more when it is not in the sampled subset).
+    (one more when it is not in the sampled subset). The all-gather runs on ``device`` (NCCL
+    needs accelerator tensors); the ids come back on the CPU.
     """
     if world > 1:
-        out = [torch.empty_like(local_ids) for _ in range(world)]
-        dist.all_gather(out, local_ids)
-        ids = torch.cat(out)
+        local = local_ids.to(device or "cpu")
+        out = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(out, local)
+        ids = torch.cat(out).cpu()
     else:
         ids = local_ids
     if ids.numel() > num_negatives + 1:
@@ -154,7 +157,7 @@ def evaluate_mlm(forward: Callable[[dict], torch.Tensor], corpus: PackedCorpus, 
         return {}
     mine = ids[rank::world]
     per_rank = math.ceil(len(ids) / world)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count (all-reduced on device)
     for start in range(0, per_rank, batch_size):
         chunk = mine[start:start + batch_size]
         padding = min(batch_size, per_rank - start) - len(chunk)
@@ -167,14 +170,15 @@ def evaluate_mlm(forward: Callable[[dict], torch.Tensor], corpus: PackedCorpus, 
         logits = forward({**batch, "rows": rows}).float()
         labels = batch["labels"].reshape(-1)[rows]
         if labels.numel():
-            sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            sums[1] += (logits.argmax(-1) == labels).sum().item()
+            sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            sums[1] += (logits.argmax(-1) == labels).sum()
             sums[2] += labels.numel()
     if world > 1:
         dist.all_reduce(sums)
-    loss = (sums[0] / sums[2].clamp_min(1)).item()
-    return {"mlm_loss": loss, "mlm_accuracy": (sums[1] / sums[2].clamp_min(1)).item(),
-            "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": int(sums[2].item())}
+    loss_sum, correct, count = sums.tolist()
+    loss = loss_sum / max(count, 1.0)
+    return {"mlm_loss": loss, "mlm_accuracy": correct / max(count, 1.0),
+            "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": int(count)}
 
 
 def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
@@ -193,13 +197,9 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     tcfg, mcfg = cfg.training, cfg.method
     objective = build_pretrain_objective(mcfg)
     corpus = p.corpus
-    # Loading the teacher checks its checksum and MLM head: before any state is written.
+    # Loading the teacher (checksum, MLM head) and the student: before any state is written.
     teacher = (load_mlm_teacher(str(p.teacher_dir), p.dtype, cfg.model.teacher_sha256,
                                 need_head=objective.uses_teacher_logits) if objective.uses_teacher else None)
-
-    init_distributed()
-    device = torch.device(get_accelerator().current_device_name())
-    open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     set_seed(tcfg.seed)  # identical student / head initialisation on every rank
     student = build_student(cfg.model, 0, False, p.tokenizer, template_dir=p.teacher_dir, masked_lm=True)
@@ -207,6 +207,10 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
                          f"{_position_limit(student.config)} positions: lower corpus.block_size")
     module, t_layers = build_pretrain_module(student, teacher, mcfg, objective)
+
+    init_distributed()
+    device = torch.device(get_accelerator().current_device_name())
+    open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     num_train = len(corpus.train_ids)  # training block ids are 0..num_train-1
     micro = p.ds["train_micro_batch_size_per_gpu"]
@@ -261,7 +265,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     batches = micro_batches(sampler)
     t_start = time.perf_counter()
     start_step = step = engine.global_steps
-    tokens = torch.zeros((), dtype=torch.long)
+    tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
     stopped_early = False
     engine.train()
     while step < total_steps:
@@ -269,14 +273,17 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         cand_ids = candidates = None
         if bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
             cand_ids = batch_negatives(torch.cat([ids for _, ids in group]), mcfg.num_negatives, tcfg.seed,
-                                       step, world)
+                                       step, world, device)
             candidates = bank.gather(cand_ids)
             cand_ids = cand_ids.to(device)
         pending = []
         for epoch, ids in group:
-            batch = {k: v.to(device) for k, v in collator([corpus[i] for i in ids.tolist()], ids, epoch).items()}
-            rows = masked_rows(batch["labels"])
-            labels = batch["labels"].reshape(-1)[rows]
+            host = collator([corpus[i] for i in ids.tolist()], ids, epoch)
+            rows = masked_rows(host["labels"])  # on the host: nonzero() on a GPU would sync every micro step
+            labels = host["labels"].reshape(-1)[rows].to(device)
+            tokens += int(host["attention_mask"].sum())
+            rows = rows.to(device)
+            batch = {k: v.to(device) for k, v in host.items()}
             t_out = runner(batch["input_ids"], batch["attention_mask"], rows) if runner is not None else None
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
                          teacher_features=t_out.features if t_out is not None else None)
@@ -288,35 +295,17 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             engine.step()
             if bank is not None:
                 pending.append((ids, out["h_s"].detach()))
-            tokens += batch["attention_mask"].sum().cpu()
             monitor.accumulate(terms, len(ids) * world)
-        if bank is not None and engine.was_step_applied():  # no bank update on an fp16 overflow step
-            for p_ids, p_feats in pending:
-                bank.update(p_ids.to(device), p_feats)
+        apply_bank_updates(bank, engine, pending, device)
         step += 1
-        monitor.advance()
-        if step % cfg.logging.log_every == 0 or step == total_steps:
-            extra = {"train/lr": engine.get_lr()[0]}
-            scale = getattr(engine.optimizer, "cur_scale", None)
-            if p.dtype == torch.float16 and scale is not None:
-                extra["train/loss_scale"] = float(scale)
-            monitor.flush(step, extra)
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-            run_eval(step)
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
-            save(step)
-        if tcfg.stop_at_step and step == tcfg.stop_at_step and step < total_steps:
-            save(step)
+        if after_step(step, total_steps, engine, cfg, p.dtype, monitor, run_eval, save):
             stopped_early = True
             break
 
     if probe is not None:
         probe("done", {"engine": engine, "teacher": teacher, "bank": bank, "sampler": sampler, "module": module})
     if stopped_early:
-        monitor.close()
-        if rank == 0:
-            print(f"stopped at step {step} (training.stop_at_step); continue with --resume", flush=True)
-        return {"stopped_at_step": step}
+        return stop_early(step, rank, monitor)
 
     final = run_eval(step)
     save(step)
@@ -325,7 +314,9 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                            **{f"validation_{k}": v for k, v in final.items()}})
     elapsed = time.perf_counter() - t_start
     if world > 1:
-        dist.all_reduce(tokens)
+        total_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+        dist.all_reduce(total_tokens)
+        tokens = int(total_tokens)
     done = step - start_step
     results = {
         "stage": "pretrain", "method": mcfg.name, "seed": tcfg.seed, "world_size": world,
@@ -335,7 +326,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         "corpus": str(corpus.path), "final": final, "history": state["history"],
         "train_seconds_this_session": round(elapsed, 2),
         "samples_per_second": round(done * p.ds["train_batch_size"] / max(elapsed, 1e-9), 2),
-        "tokens_per_second": round(int(tokens) / max(elapsed, 1e-9), 1),
+        "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
         "export_dir": str(p.run_dir / "export"),
     }
     if rank == 0:

@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -109,6 +109,54 @@ def save_run_checkpoint(engine, ckpt_root: Path, step: int, state: dict, rank: i
     rank_state = {"world_size": world, "rank": rank, "sampler": sampler.state_dict(), "rng": ckpt.rng_state(),
                   "bank": bank.state_dict() if bank is not None else None}
     ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank, keep)
+
+
+def apply_bank_updates(bank, engine, pending: list, device) -> None:
+    """After an optimizer step: the positives' momentum updates (Eq. 5), held back since their micro steps.
+
+    A step the engine skipped (fp16 overflow) leaves the bank untouched too. Empties ``pending``.
+    """
+    if bank is not None and engine.was_step_applied():
+        for ids, feats in pending:
+            bank.update(ids.to(device), feats)
+    pending.clear()
+
+
+def after_step(step: int, total_steps: int, engine, cfg: ExperimentConfig, dtype: torch.dtype, monitor,
+               run_eval: Callable[[int], dict], save: Callable[[int], None]) -> bool:
+    """Bookkeeping after optimizer step ``step``: log, evaluate, checkpoint.
+
+    Returns True when ``training.stop_at_step`` ends the run here (a checkpoint has been saved).
+    The final evaluation and checkpoint, at ``total_steps``, are the caller's.
+    """
+    tcfg = cfg.training
+    monitor.advance()
+    if step % cfg.logging.log_every == 0 or step == total_steps:
+        extra = {"train/lr": engine.get_lr()[0]}
+        scale = getattr(engine.optimizer, "cur_scale", None)
+        if dtype == torch.float16 and scale is not None:
+            extra["train/loss_scale"] = float(scale)
+        monitor.flush(step, extra)
+    if step >= total_steps:
+        return False
+    if tcfg.eval_every and step % tcfg.eval_every == 0:
+        run_eval(step)
+    saved = bool(tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
+    if saved:
+        save(step)
+    if tcfg.stop_at_step and step == tcfg.stop_at_step:
+        if not saved:
+            save(step)
+        return True
+    return False
+
+
+def stop_early(step: int, rank: int, monitor) -> dict:
+    """End a run stopped by ``training.stop_at_step``; returns what the run function returns."""
+    monitor.close()
+    if rank == 0:
+        print(f"stopped at step {step} (training.stop_at_step); continue with --resume", flush=True)
+    return {"stopped_at_step": step}
 
 
 def export_engine_student(engine, tokenizer, out_dir: Path, rank: int, extra: dict) -> None:
