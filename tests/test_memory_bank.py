@@ -116,7 +116,7 @@ def test_state_dict_reshards_between_world_sizes(monkeypatch):
             mine = ids % 3 == r
             bank.update(ids[mine], feats[mine])
         st = bank.state_dict()
-        assert set(st) == {"num_examples", "dim", "momentum", "world_size", "rank", "ids", "rows"}
+        assert set(st) == {"num_examples", "dim", "momentum", "world_size", "rank", "ids", "rows", "updates"}
         assert (st["world_size"], st["rank"]) == (3, r)
         shards.append(st)
     # 3 -> 2 ranks

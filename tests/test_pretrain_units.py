@@ -101,9 +101,14 @@ def test_shared_crd_equals_per_anchor_crd():
 def test_in_batch_negatives_exclude_the_positive():
     ids = torch.tensor([4, 9, 2, 7, 11, 0])
     cand = batch_negatives(ids, num_negatives=100, seed=1, step=0, world=1)
-    assert torch.equal(cand, ids)  # all of the global batch when it is small
+    assert torch.equal(cand, torch.sort(ids).values)  # all of the global batch when it is small, by id
     mask = self_mask(ids, cand)
-    assert torch.equal(mask, torch.eye(6, dtype=torch.bool))  # exactly the anchor itself
+    assert torch.equal(mask.sum(1), torch.ones(6, dtype=torch.long))  # exactly the anchor itself
+    assert torch.equal(cand[mask.int().argmax(1)], ids)
+    # the subset depends on the set of ids, not on the order ranks contributed them in
+    big = torch.arange(50)
+    assert torch.equal(batch_negatives(big, 9, seed=1, step=3, world=1),
+                       batch_negatives(big.flip(0), 9, seed=1, step=3, world=1))
     # capped: a seeded subset of num_negatives + 1 rows, the same for the same step
     big = torch.arange(50)
     a = batch_negatives(big, 9, seed=1, step=3, world=1)
@@ -117,7 +122,7 @@ def test_in_batch_negatives_exclude_the_positive():
     rows = torch.randn(6, 4)
     l1, _, _ = crd_loss_shared(h_t, h_s, rows, mask, 0.07)
     rows2 = rows.clone()
-    rows2[0] = 100 * torch.randn(4)
+    rows2[int(mask[0].int().argmax())] = 100 * torch.randn(4)  # anchor 0's own row
     changed = crd_loss_shared(h_t[:1], h_s[:1], rows2, mask[:1], 0.07)[0]
     assert torch.allclose(changed, crd_loss_shared(h_t[:1], h_s[:1], rows, mask[:1], 0.07)[0])
 

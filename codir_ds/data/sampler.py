@@ -19,16 +19,25 @@ after training on a batch counts that batch. If the sampler is wrapped by a
 prefetching ``DataLoader`` (``num_workers > 0`` / ``prefetch_factor``), the
 loader pulls batches ahead of training; the training loop must then record the
 number of batches it actually consumed and put that in ``state["position"]``.
+
+Resuming on another number of ranks (:meth:`OwnedShardSampler.resume` with every
+old rank's state): the ids not yet handed out in the current epoch are rebuilt
+from the old layout (the shuffles are deterministic), re-sharded by the new
+ownership and shuffled again; that epoch ends when they run out, so no example is
+repeated or skipped in it. Later epochs follow the new layout.
+
+``GlobalOrderSampler`` (``training.deterministic``) gives up local bank updates
+for a run that does not depend on the number of ranks: see its docstring.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
-__all__ = ["OwnedShardSampler", "owner_of"]
+__all__ = ["OwnedShardSampler", "GlobalOrderSampler", "build_sampler", "owner_of"]
 
 
 def _derive_seed(*parts: int) -> int:
@@ -81,11 +90,24 @@ class OwnedShardSampler:
         self.epoch = 0
         self.position = 0
         self._owned = torch.arange(rank, num_examples, world_size, dtype=torch.long)
+        # After a re-shard: (epoch, this rank's remaining ids in order, batches in that epoch).
+        self._resharded: Optional[tuple[int, torch.Tensor, int]] = None
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches every rank yields per epoch (identical on all ranks)."""
+        """Batches every rank yields per (regular) epoch (identical on all ranks)."""
         return (self.num_examples // self.world_size) // self.batch_size
+
+    def _current(self) -> tuple[torch.Tensor, int]:
+        """This epoch's order and number of batches (a re-sharded epoch has its own)."""
+        if self._resharded is not None and self._resharded[0] == self.epoch:
+            return self._resharded[1], self._resharded[2]
+        return self.epoch_order(self.epoch), self.batches_per_epoch
+
+    def remaining_ids(self) -> torch.Tensor:
+        """Ids of this epoch not handed out yet (including those the epoch will drop)."""
+        order, _ = self._current()
+        return order[self.position * self.batch_size:].clone()
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -105,14 +127,15 @@ class OwnedShardSampler:
         return self._owned[torch.randperm(self._owned.numel(), generator=g)]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = self.epoch_order(self.epoch)
-        while self.position < self.batches_per_epoch:
+        order, batches = self._current()
+        while self.position < batches:
             start = self.position * self.batch_size
             self.position += 1  # counted as consumed as soon as it is handed out
             yield order[start : start + self.batch_size].clone()
 
     def state_dict(self) -> dict:
-        return {
+        state = {
+            "kind": "owned",
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
@@ -121,6 +144,43 @@ class OwnedShardSampler:
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
         }
+        if self._resharded is not None and self._resharded[0] == self.epoch:
+            state["resharded_order"] = self._resharded[1].clone()
+            state["resharded_batches"] = self._resharded[2]
+        return state
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue from the sampler states saved by EVERY rank of a checkpoint.
+
+        Same layout: exact (:meth:`load_state_dict` of this rank's state). Another world
+        size or micro-batch size: the rest of the saved epoch is re-sharded (module
+        docstring), so every id not yet seen in that epoch is seen exactly once.
+        """
+        _check_states(states, self.seed, self.num_examples)
+        first = states[0]
+        if int(first["world_size"]) == self.world_size and int(first["batch_size"]) == self.batch_size:
+            self.load_state_dict(states[self.rank])
+            return
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise ValueError(f"sampler states of one checkpoint disagree on the epoch: {sorted(epochs)}")
+        epoch = epochs.pop()
+        remaining = []
+        for st in states:
+            old = OwnedShardSampler(self.num_examples, int(st["batch_size"]), int(st["rank"]),
+                                    int(st["world_size"]), self.seed)
+            old.load_state_dict(st)
+            remaining.append(old.remaining_ids())
+        left = torch.cat(remaining)
+        if int(left.numel()) and int(torch.bincount(left).max()) > 1:
+            raise ValueError("sampler states of one checkpoint overlap: they are not from one run")
+        owner = left % self.world_size
+        per_rank = torch.bincount(owner, minlength=self.world_size)
+        batches = int(per_rank.min()) // self.batch_size
+        mine = torch.sort(left[owner == self.rank]).values
+        g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch, self.rank, self.world_size, 1))
+        self.epoch, self.position = epoch, 0
+        self._resharded = (epoch, mine[torch.randperm(mine.numel(), generator=g)], batches)
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Resume at ``state``'s epoch and position.
@@ -148,8 +208,111 @@ class OwnedShardSampler:
         if diff:
             consumed = position * int(state["batch_size"]) * int(state["world_size"])
             position = consumed // (self.batch_size * self.world_size)
-        if not 0 <= position <= self.batches_per_epoch:
-            raise ValueError(
-                f"sampler state position {position} is outside [0, {self.batches_per_epoch}]"
-            )
+        self._resharded = None
+        limit = self.batches_per_epoch
+        if "resharded_order" in state and not diff:
+            limit = int(state["resharded_batches"])
+            self._resharded = (epoch, torch.as_tensor(state["resharded_order"], dtype=torch.long).clone(), limit)
+        if not 0 <= position <= limit:
+            raise ValueError(f"sampler state position {position} is outside [0, {limit}]")
         self.epoch, self.position = epoch, position
+
+
+def _check_states(states: list[dict], seed: int, num_examples: int) -> None:
+    if not states:
+        raise ValueError("sampler resume: no saved states")
+    for st in states:
+        if int(st.get("seed", seed)) != seed or int(st.get("num_examples", num_examples)) != num_examples:
+            raise ValueError(f"sampler state is for seed {st.get('seed')} / {st.get('num_examples')} examples, "
+                             f"this run has seed {seed} / {num_examples}: resume with the same data and seed")
+    if len(states) != int(states[0]["world_size"]):
+        raise ValueError(f"{len(states)} sampler states for a run of {states[0]['world_size']} ranks")
+
+
+class GlobalOrderSampler:
+    """World-size-invariant batches (``training.deterministic``).
+
+    Each epoch is ONE permutation of all N ids, seeded by ``(seed, epoch)`` only, cut
+    into global batches of ``G = micro x world x accumulation`` ids (the remainder
+    ``N % G`` is dropped). Micro step ``a`` of rank ``r`` in a global batch takes its
+    positions ``[(a*world + r)*micro, ... + micro)``. The set of ids of every optimizer
+    step is therefore the same for any world size with the same ``G``.
+
+    Rank ``r`` trains on ids it does not own, so the bank's momentum updates must be
+    routed to the owners (``ShardedMemoryBank.update_routed``, one all-gather per step).
+    Resuming on another number of ranks with the same ``G`` is exact.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 accumulation: int = 1):
+        num_examples, batch_size, rank = int(num_examples), int(batch_size), int(rank)
+        world_size, accumulation = int(world_size), int(accumulation)
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"sampler: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size <= 0 or accumulation <= 0:
+            raise ValueError(f"sampler: batch_size and accumulation must be > 0, got {batch_size}, {accumulation}")
+        self.global_batch = batch_size * world_size * accumulation
+        if num_examples < self.global_batch:
+            raise ValueError(f"sampler: {num_examples} examples are fewer than one global batch of "
+                             f"{self.global_batch}; lower the batch size or add data")
+        self.num_examples, self.batch_size, self.rank = num_examples, batch_size, rank
+        self.world_size, self.accumulation, self.seed = world_size, accumulation, int(seed)
+        self.epoch = 0
+        self.position = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches every rank yields per epoch."""
+        return (self.num_examples // self.global_batch) * self.accumulation
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.position = 0
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The global order of ``epoch`` (independent of rank and world size)."""
+        g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
+        return torch.randperm(self.num_examples, generator=g)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self.epoch_order(self.epoch)
+        while self.position < self.batches_per_epoch:
+            step, micro = divmod(self.position, self.accumulation)
+            start = step * self.global_batch + (micro * self.world_size + self.rank) * self.batch_size
+            self.position += 1
+            yield order[start: start + self.batch_size].clone()
+
+    def state_dict(self) -> dict:
+        return {"kind": "global", "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "world_size": self.world_size, "rank": self.rank, "num_examples": self.num_examples,
+                "batch_size": self.batch_size, "accumulation": self.accumulation,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume([state] * int(state["world_size"]))
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue from every rank's saved state; exact for any world size with the same global batch."""
+        _check_states(states, self.seed, self.num_examples)
+        st = states[0]
+        if st.get("kind") != "global":
+            raise ValueError("the checkpoint's sampler is not deterministic (training.deterministic was off)")
+        if int(st["global_batch"]) != self.global_batch:
+            raise ValueError(f"the checkpoint's global batch is {st['global_batch']}, this run's {self.global_batch}: "
+                             f"resume with the same training.train_batch_size")
+        position = int(st["position"])
+        if position % int(st["accumulation"]):
+            raise ValueError(f"sampler state at micro-batch {position} is inside an optimizer step")
+        steps = position // int(st["accumulation"])
+        self.epoch, self.position = int(st["epoch"]), steps * self.accumulation
+
+
+def build_sampler(num_examples: int, micro: int, rank: int, world: int, seed: int, accumulation: int,
+                  deterministic: bool):
+    """The training sampler of a run: owned-id shards (default) or the world-size-invariant order."""
+    if deterministic:
+        return GlobalOrderSampler(num_examples, micro, rank, world, seed, accumulation)
+    return OwnedShardSampler(num_examples, micro, rank, world, seed)

@@ -103,6 +103,8 @@ class ShardedMemoryBank:
         self.rank, self.world_size = _dist_layout(group)
         self._owned = torch.arange(self.rank, self.num_examples, self.world_size, dtype=torch.long)
         self.rows = self._init_rows()
+        # Momentum updates received per local row (a positive seen in an applied step).
+        self.updates = torch.zeros(len(self._owned), dtype=torch.long)
 
     # ------------------------------------------------------------------ layout
     def _init_rows(self) -> torch.Tensor:
@@ -131,6 +133,7 @@ class ShardedMemoryBank:
     def to(self, device) -> "ShardedMemoryBank":
         """Move the local rows to ``device`` (in place); returns self."""
         self.rows = self.rows.to(device)
+        self.updates = self.updates.to(device)
         return self
 
     def owned_ids(self) -> torch.Tensor:
@@ -186,6 +189,7 @@ class ShardedMemoryBank:
             return
         feats = feats.detach().to(device=self.device, dtype=torch.float32)
         local = local.to(self.device)
+        self.updates.index_add_(0, local, torch.ones_like(local))
         beta = self.momentum
         _, counts = torch.unique(local, return_counts=True)
         if int(counts.max()) == 1:
@@ -203,6 +207,39 @@ class ShardedMemoryBank:
             idx = local[sel]
             rows = beta * self.rows[idx] + (1.0 - beta) * feats[sel]
             self.rows[idx] = F.normalize(rows, dim=1)
+
+    @torch.no_grad()
+    def update_routed(self, ids, feats: torch.Tensor) -> None:
+        """:meth:`update` for positives of ANY rank: each row is updated on its owner. COLLECTIVE.
+
+        Used when a rank trains on ids it does not own (``training.deterministic``). Every
+        rank passes its own positives (counts may differ); all-gathers of the sizes,
+        the ids and the ``[B_total, dim]`` features, then every rank applies
+        the updates of the ids it owns, in rank order.
+        """
+        ids = _as_ids(ids)
+        self._check_range(ids, "update_routed")
+        if feats.dim() != 2 or feats.shape != (ids.numel(), self.dim):
+            raise ValueError(f"memory bank update_routed: feats must be [{ids.numel()}, {self.dim}], "
+                             f"got {tuple(feats.shape)}")
+        if self.world_size == 1:
+            self.update(ids, feats)
+            return
+        w = self.world_size
+        size = torch.tensor([ids.numel()], dtype=torch.long, device=self.device)
+        sizes = torch.empty(w, dtype=torch.long, device=self.device)
+        _all_gather_single(sizes, size, group=self.group)
+        most = int(sizes.max())
+        id_send = torch.full((most,), -1, dtype=torch.long, device=self.device)  # padding: id -1
+        id_send[: ids.numel()] = ids.to(self.device)
+        feat_send = torch.zeros(most, self.dim, dtype=torch.float32, device=self.device)
+        feat_send[: ids.numel()] = feats.detach().to(self.device, torch.float32)
+        all_ids = torch.empty(w * most, dtype=torch.long, device=self.device)
+        all_feats = torch.empty(w * most, self.dim, dtype=torch.float32, device=self.device)
+        _all_gather_single(all_ids, id_send, group=self.group)
+        _all_gather_single(all_feats, feat_send, group=self.group)
+        keep = (all_ids >= 0) & (all_ids % w == self.rank)
+        self.update(all_ids[keep].cpu(), all_feats[keep])
 
     @torch.no_grad()
     def read(self, ids) -> torch.Tensor:
@@ -256,7 +293,8 @@ class ShardedMemoryBank:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """This rank's shard: ``{num_examples, dim, momentum, world_size, rank,
-        ids [n_local] LongTensor, rows [n_local, dim] fp32}`` (CPU copies).
+        ids [n_local] LongTensor, rows [n_local, dim] fp32, updates [n_local] int64}``
+        (CPU copies; ``updates`` counts the momentum updates each row received).
 
         Save the shards of all ranks; :meth:`load_state_dict` takes the list.
         """
@@ -268,6 +306,7 @@ class ShardedMemoryBank:
             "rank": self.rank,
             "ids": self._owned.clone(),
             "rows": self.rows.detach().to("cpu", copy=True),
+            "updates": self.updates.to("cpu", copy=True),
         }
 
     @torch.no_grad()
@@ -289,7 +328,7 @@ class ShardedMemoryBank:
         shards: List[dict] = [state] if single else list(state)
         if not shards:
             raise BankStateError("memory bank checkpoint: empty list of shards")
-        all_ids, all_rows = [], []
+        all_ids, all_rows, all_updates = [], [], []
         for k, sh in enumerate(shards):
             missing = {"num_examples", "dim", "ids", "rows"} - set(sh)
             if missing:
@@ -312,8 +351,12 @@ class ShardedMemoryBank:
                 )
             all_ids.append(ids)
             all_rows.append(rows.to("cpu", torch.float32))
+            upd = sh.get("updates")  # absent in checkpoints written before the counter existed
+            all_updates.append(torch.zeros(ids.numel(), dtype=torch.long) if upd is None
+                               else torch.as_tensor(upd, dtype=torch.long).reshape(-1))
         ids = torch.cat(all_ids)
         rows = torch.cat(all_rows)
+        updates = torch.cat(all_updates)
         self._check_range(ids, "checkpoint")
 
         if single and torch.equal(torch.sort(ids).values, self._owned):
@@ -321,6 +364,7 @@ class ShardedMemoryBank:
             pos = torch.empty(self.num_examples, dtype=torch.long)
             pos[ids] = torch.arange(ids.numel())
             self.rows = rows[pos[self._owned]].to(self.device)
+            self.updates = updates[pos[self._owned]].to(self.device)
             return
         counts = torch.bincount(ids, minlength=self.num_examples)
         if not bool((counts == 1).all()):
@@ -338,6 +382,7 @@ class ShardedMemoryBank:
         pos = torch.empty(self.num_examples, dtype=torch.long)
         pos[ids] = torch.arange(ids.numel())
         self.rows = rows[pos[self._owned]].to(self.device)
+        self.updates = updates[pos[self._owned]].to(self.device)
 
     def __repr__(self) -> str:
         return (

@@ -102,6 +102,20 @@ class LabelNegativeSampler:
         labels = self._check_batch_labels(batch_labels)
         return self.sample(step)[labels]
 
+    def class_negatives(self, bank, step: int) -> torch.Tensor:
+        """Negative features ``[C, K, m]`` (fp32, bank device) of every class for ``step``. COLLECTIVE.
+
+        One ``bank.gather`` of ``C·K`` rows; index the result with the positives' labels.
+        Every rank of the bank's group must call it for the same ``step``.
+        """
+        if bank.num_examples != self.num_examples:
+            raise ValueError(
+                f"label negatives: the bank has {bank.num_examples} rows but the labels "
+                f"cover {self.num_examples} examples"
+            )
+        neg_ids = self.sample(step)  # [C, K], same on every rank
+        return bank.gather(neg_ids.reshape(-1)).reshape(self.num_classes, self.num_negatives, -1)
+
     def negatives_for_batch(self, bank, step: int, batch_labels: torch.Tensor) -> torch.Tensor:
         """Negative features ``[B, K, m]`` (fp32, bank device) for this rank's positives.
 
@@ -109,14 +123,8 @@ class LabelNegativeSampler:
         call it for the same ``step``; the local ``batch_labels [B]`` may differ
         per rank (and B may be 0).
         """
-        if bank.num_examples != self.num_examples:
-            raise ValueError(
-                f"label negatives: the bank has {bank.num_examples} rows but the labels "
-                f"cover {self.num_examples} examples"
-            )
         labels = self._check_batch_labels(batch_labels)
-        neg_ids = self.sample(step)  # [C, K], same on every rank
-        feats = bank.gather(neg_ids.reshape(-1)).reshape(self.num_classes, self.num_negatives, -1)
+        feats = self.class_negatives(bank, step)
         return feats[labels.to(feats.device)]
 
     def _check_batch_labels(self, batch_labels: torch.Tensor) -> torch.Tensor:

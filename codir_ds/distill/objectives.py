@@ -110,17 +110,27 @@ class PretrainObjective(_Weights):
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
                  h_t: Optional[torch.Tensor] = None, h_s: Optional[torch.Tensor] = None,
                  candidates: Optional[torch.Tensor] = None,
-                 exclude: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-        """``logits`` ``[M, V]`` and ``labels`` ``[M]`` at masked positions; returns ``(total, terms)``."""
+                 exclude: Optional[torch.Tensor] = None,
+                 token_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """``logits`` ``[M, V]`` and ``labels`` ``[M]`` at masked positions; returns ``(total, terms)``.
+
+        The MLM and KD terms are means over the ``M`` masked rows, multiplied by
+        ``token_scale`` when given (``M x accumulation x world / masked rows of the global
+        batch``: the trainer's averaging then gives the mean over every masked token).
+        """
         logits32 = logits.float()
         if labels.numel():
             mlm = F.cross_entropy(logits32, labels)
         else:  # no masked token in this micro-batch: contribute nothing, keep the graph connected
             mlm = logits32.sum() * 0.0
+        if token_scale is not None:
+            mlm = mlm * token_scale
         total = mlm
         terms = {"loss/mlm": mlm.detach()}
         if self.uses_teacher_logits:
             kd = self.logit_kd(logits32, teacher_logits)
+            if token_scale is not None:
+                kd = kd * token_scale
             total = total + self.alpha_kd * kd
             terms["loss/kd"] = kd.detach()
         if self.uses_crd:

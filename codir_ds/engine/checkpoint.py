@@ -9,7 +9,9 @@ Layout under ``<run>/checkpoints/``::
     latest                      tag of the newest COMPLETE checkpoint (replaced atomically)
 
 DeepSpeed writes its client state from rank 0 only, so per-rank state (bank shards,
-sampler positions, RNG) goes to per-rank files. A checkpoint is visible to resume
+sampler positions, RNG) goes to per-rank files. Resuming on another number of ranks
+converts the DeepSpeed state once to ``step_XXXXXXXX_universal/`` (DeepSpeed's
+universal checkpoint) and re-shards the bank and sampler from all rank files. A checkpoint is visible to resume
 only after ``COMPLETE`` and ``latest`` are written, so a crash mid-save leaves the
 previous checkpoint as the one that loads.
 """
@@ -89,9 +91,11 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, rank
 
 
 def complete_tags(ckpt_root: Path) -> list[str]:
+    """Tags of the checkpoints that finished saving (universal conversions excluded), oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+    return sorted(p.name for p in ckpt_root.iterdir()
+                  if p.is_dir() and (p / COMPLETE).is_file() and not p.name.endswith(UNIVERSAL_SUFFIX))
 
 
 def prune(ckpt_root: Path, keep: int) -> None:
@@ -99,9 +103,14 @@ def prune(ckpt_root: Path, keep: int) -> None:
     tags = complete_tags(ckpt_root)
     newest = tags[-1] if tags else None
     for old in tags[:-keep] if keep > 0 else []:
+        (ckpt_root / old / COMPLETE).unlink(missing_ok=True)  # never a half-deleted "complete" checkpoint
         shutil.rmtree(ckpt_root / old, ignore_errors=True)
+    tags = set(complete_tags(ckpt_root))
     for p in ckpt_root.iterdir():
-        if p.is_dir() and p.name.startswith("step_") and not (p / COMPLETE).is_file() and newest and p.name < newest:
+        if not (p.is_dir() and p.name.startswith("step_") and newest and p.name < newest):
+            continue
+        base = p.name.split(UNIVERSAL_SUFFIX)[0]
+        if p.name not in tags and base not in tags:  # incomplete saves and conversions of pruned tags
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -116,8 +125,52 @@ def latest_tag(ckpt_root: Path) -> Optional[str]:
     return tags[-1] if tags else None
 
 
+def saved_world_size(tag_dir: Path) -> int:
+    """Number of ranks that wrote checkpoint ``tag_dir`` (one per-rank state file each)."""
+    return len(list(tag_dir.glob("codir_rank_*.pt")))
+
+
+def is_zero_checkpoint(tag_dir: Path) -> bool:
+    """True when the optimizer state is partitioned over ranks (ZeRO stage >= 1)."""
+    return any(tag_dir.glob("*optim_states.pt"))
+
+
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def convert_to_universal(ckpt_root: Path, tag: str) -> str:
+    """DeepSpeed's universal-checkpoint conversion of ``tag``; returns the universal tag.
+
+    Runs ``python -m deepspeed.checkpoint.ds_to_universal`` into ``<tag>_universal.tmp``
+    and publishes it with one rename, so a crash never leaves a half-converted folder
+    under the final name. An earlier finished conversion is reused.
+    """
+    import subprocess
+    import sys
+    out_tag = tag + UNIVERSAL_SUFFIX
+    final = ckpt_root / out_tag
+    if (final / COMPLETE).is_file():
+        return out_tag
+    tmp = ckpt_root / (out_tag + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_root / tag),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CodirError(f"converting checkpoint '{ckpt_root / tag}' to DeepSpeed's universal format for a new "
+                         f"number of ranks failed ({last}): resume with the original number of ranks")
+    (ckpt_root / "latest_universal").unlink(missing_ok=True)  # written by the converter; codir-ds uses its own
+    _atomic_write_text(tmp / COMPLETE, "ok\n")
+    os.replace(tmp, final)
+    return out_tag
+
+
 def load_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
-    """Every rank's state file of a checkpoint (all are needed to re-shard the bank)."""
+    """Every rank's state file of a checkpoint (all are needed to re-shard the bank and sampler)."""
     files = sorted(tag_dir.glob("codir_rank_*.pt"))
     if not files:
         raise CodirError(f"checkpoint '{tag_dir}' has no codir_rank_*.pt files: it is incomplete or not a codir-ds "
@@ -133,9 +186,6 @@ def load_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
     if len(states) != saved_world:
         raise CodirError(f"checkpoint '{tag_dir}' has {len(states)} rank files but was written by {saved_world} "
                          f"ranks: it is incomplete; delete it to resume from the previous checkpoint")
-    if saved_world != world_size:
-        raise CodirError(f"checkpoint '{tag_dir}' was written by {saved_world} ranks but this run has {world_size}: "
-                         f"relaunch with {saved_world} ranks")
     return states
 
 

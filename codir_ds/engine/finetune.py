@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from codir_ds.config import FINETUNE_OBJECTIVES, ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator
-from codir_ds.data.sampler import OwnedShardSampler
+from codir_ds.data.sampler import build_sampler
 from codir_ds.data.tasks import TaskData, load_task
 from codir_ds.distill.heads import DistillationModule
 from codir_ds.distill.memory_bank import ShardedMemoryBank
@@ -28,9 +28,9 @@ from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
-from codir_ds.engine.session import (after_step, apply_bank_updates, dist_env, export_engine_student,
-                                     init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
-                                     save_run_checkpoint, set_seed, stop_early)
+from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
+                                     export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
+                                     resume_latest, resume_plan, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_teacher,
@@ -58,6 +58,7 @@ class Prepared:
     teacher_dir: Optional[Path]
     run_dir: Path
     mode: str
+    universal: bool  # resuming a ZeRO checkpoint written by another number of ranks
 
 
 def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool, overwrite: bool) -> Prepared:
@@ -68,6 +69,7 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
                          f"{', '.join(FINETUNE_OBJECTIVES)} here, or launchers/pretrain.py for pre-training")
     run_dir = Path(output_dir)
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
+    universal = mode == "resume" and resume_plan(run_dir / "checkpoints", world) == "universal"
     ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
     task = load_task(cfg.data)
     micro = ds["train_micro_batch_size_per_gpu"]
@@ -81,7 +83,7 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
         check_same_vocab(tokenizer, teacher_dir, "model.teacher")
     if objective.uses_crd and cfg.method.num_negatives < 1:
         raise CodirError("method.num_negatives must be >= 1 for codir")
-    return Prepared(cfg, ds, dtype, warning, task, tokenizer, teacher_dir, run_dir, mode)
+    return Prepared(cfg, ds, dtype, warning, task, tokenizer, teacher_dir, run_dir, mode, universal)
 
 
 def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
@@ -118,12 +120,14 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     device = torch.device(get_accelerator().current_device_name())
     open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
-    sampler = OwnedShardSampler(len(task.train), p.ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed)
     accum = p.ds["gradient_accumulation_steps"]
+    sampler = build_sampler(len(task.train), p.ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed, accum,
+                            tcfg.deterministic)
     steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    opt, sched = optimizer_and_schedule(module, tcfg, total_steps)
-    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
+    opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                                      config=engine_config(p.ds, p.universal))
 
     runner = None
     if teacher is not None:
@@ -136,10 +140,10 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         labels_for_negatives = contrast_labels(task, mcfg.regression_bins)
         neg_sampler = LabelNegativeSampler(labels_for_negatives, mcfg.num_negatives, seed=tcfg.seed)
 
-    state = {"micro_step": 0, "best": None, "history": []}
+    state = {"micro_step": 0, "best": None, "history": [], "consecutive_skips": 0}
     ckpt_root = p.run_dir / "checkpoints"
     if p.mode == "resume":
-        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank))
+        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank, tcfg.seed))
     else:
         set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks
 
@@ -182,6 +186,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     start_step = engine.global_steps
     step = engine.global_steps
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # bank updates wait for the optimizer step
+    class_negatives = None  # [C, K, m] bank rows, fetched once per optimizer step
     stopped_early = False
     engine.train()
     while step < total_steps:
@@ -192,8 +197,10 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                          token_type_ids=batch.get("token_type_ids"),
                          teacher_features=t_out.features if t_out is not None else None)
             negatives = None
-            if objective.uses_crd:  # collective: every rank fetches the same negative ids
-                negatives = neg_sampler.negatives_for_batch(bank, state["micro_step"], labels_for_negatives[ids])
+            if objective.uses_crd:
+                if class_negatives is None:  # collective, first micro step of an optimizer step
+                    class_negatives = neg_sampler.class_negatives(bank, step)
+                negatives = class_negatives[labels_for_negatives[ids].to(class_negatives.device)]
             total, terms = objective(out["logits"], batch["labels"], task.is_regression,
                                      teacher_logits=t_out.logits if t_out is not None else None,
                                      h_t=out.get("h_t"), h_s=out.get("h_s"), negatives=negatives)
@@ -206,8 +213,10 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             monitor.accumulate(terms, len(ids) * world)
             if not boundary:
                 continue
-            apply_bank_updates(bank, engine, pending, device)
+            apply_bank_updates(bank, engine, pending, device, routed=tcfg.deterministic)
+            class_negatives = None
             step += 1
+            check_skipped(engine, state, tcfg.max_consecutive_skips, step)
             if after_step(step, total_steps, engine, cfg, p.dtype, monitor, run_eval, save):
                 stopped_early = True
                 break

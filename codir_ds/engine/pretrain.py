@@ -27,16 +27,16 @@ import torch.distributed as dist
 from codir_ds.config import PRETRAIN_OBJECTIVES, ExperimentConfig
 from codir_ds.data.corpus import PackedCorpus, load_corpus
 from codir_ds.data.mlm import MLMCollator
-from codir_ds.data.sampler import OwnedShardSampler
+from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.heads import PretrainModule
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.objectives import build_pretrain_objective
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
-from codir_ds.engine.session import (after_step, apply_bank_updates, dist_env, export_engine_student,
-                                     init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
-                                     save_run_checkpoint, set_seed, stop_early)
+from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
+                                     export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
+                                     resume_latest, resume_plan, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
@@ -55,6 +55,7 @@ class PreparedPretrain:
     teacher_dir: Optional[Path]
     run_dir: Path
     mode: str
+    universal: bool  # resuming a ZeRO checkpoint written by another number of ranks
 
 
 def _position_limit(config) -> int:
@@ -74,6 +75,7 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
     objective = build_pretrain_objective(cfg.method)
     run_dir = Path(output_dir)
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
+    universal = mode == "resume" and resume_plan(run_dir / "checkpoints", world) == "universal"
     ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
     teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
     if objective.uses_teacher and teacher_dir is None:
@@ -92,7 +94,7 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
     if len(corpus.train_ids) // world < micro:
         raise CodirError(f"the corpus has {len(corpus.train_ids)} training blocks, fewer than one global micro-batch "
                          f"({micro} x {world} ranks): add text, lower corpus.block_size or the batch size")
-    return PreparedPretrain(ds, dtype, warning, corpus, tokenizer, teacher_dir, run_dir, mode)
+    return PreparedPretrain(ds, dtype, warning, corpus, tokenizer, teacher_dir, run_dir, mode, universal)
 
 
 def build_pretrain_module(student, teacher, mcfg, objective) -> tuple[PretrainModule, Optional[list[int]]]:
@@ -106,7 +108,7 @@ def build_pretrain_module(student, teacher, mcfg, objective) -> tuple[PretrainMo
     return module, t_layers
 
 
-def micro_batches(sampler: OwnedShardSampler) -> Iterator[tuple[int, torch.Tensor]]:
+def micro_batches(sampler) -> Iterator[tuple[int, torch.Tensor]]:
     """``(epoch, ids)`` forever, from the sampler's current position (resume-aware)."""
     while True:
         for ids in sampler:
@@ -133,6 +135,7 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
         ids = torch.cat(out).cpu()
     else:
         ids = local_ids
+    ids = torch.sort(ids).values  # the same set gives the same subset whatever the rank layout
     if ids.numel() > num_negatives + 1:
         g = torch.Generator().manual_seed(derive_seed(seed, step, 7))
         ids = ids[torch.randperm(ids.numel(), generator=g)[: num_negatives + 1]]
@@ -215,11 +218,12 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     num_train = len(corpus.train_ids)  # training block ids are 0..num_train-1
     micro = p.ds["train_micro_batch_size_per_gpu"]
     accum = p.ds["gradient_accumulation_steps"]
-    sampler = OwnedShardSampler(num_train, micro, rank, world, tcfg.seed)
+    sampler = build_sampler(num_train, micro, rank, world, tcfg.seed, accum, tcfg.deterministic)
     steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    opt, sched = optimizer_and_schedule(module, tcfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=p.ds)
+    opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                           config=engine_config(p.ds, p.universal))
 
     runner = None
     if teacher is not None:
@@ -228,10 +232,10 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     bank = (ShardedMemoryBank(num_train, mcfg.projection_dim, mcfg.bank_momentum, seed=tcfg.seed).to(device)
             if objective.uses_crd else None)
 
-    state = {"history": []}
+    state = {"history": [], "consecutive_skips": 0}
     ckpt_root = p.run_dir / "checkpoints"
     if p.mode == "resume":
-        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank))
+        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank, tcfg.seed))
     else:
         set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks
 
@@ -276,12 +280,20 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                                        step, world, device)
             candidates = bank.gather(cand_ids)
             cand_ids = cand_ids.to(device)
+        # Dynamic masking on the host, for the whole step: the MLM/KD terms are means over the
+        # masked tokens of the GLOBAL batch (one all-reduce of the count, no host sync), so the
+        # gradient does not depend on how tokens fall into micro-batches and ranks.
+        hosts = [collator([corpus[i] for i in ids.tolist()], ids, epoch) for epoch, ids in group]
+        row_sets = [masked_rows(h["labels"]) for h in hosts]  # host-side: nonzero() on a GPU would sync
+        step_masked = torch.tensor(float(sum(len(r) for r in row_sets)), device=device)
+        if world > 1:
+            dist.all_reduce(step_masked)
+        per_token = accum * world / step_masked.clamp(min=1.0)
         pending = []
-        for epoch, ids in group:
-            host = collator([corpus[i] for i in ids.tolist()], ids, epoch)
-            rows = masked_rows(host["labels"])  # on the host: nonzero() on a GPU would sync every micro step
+        for host, rows, (epoch, ids) in zip(hosts, row_sets, group):
             labels = host["labels"].reshape(-1)[rows].to(device)
             tokens += int(host["attention_mask"].sum())
+            token_scale = per_token * len(rows)
             rows = rows.to(device)
             batch = {k: v.to(device) for k, v in host.items()}
             t_out = runner(batch["input_ids"], batch["attention_mask"], rows) if runner is not None else None
@@ -290,14 +302,16 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             exclude = self_mask(batch["ids"], cand_ids) if bank is not None else None
             total, terms = objective(out["logits"], labels,
                                      teacher_logits=t_out.logits if t_out is not None else None,
-                                     h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates, exclude=exclude)
+                                     h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates, exclude=exclude,
+                                     token_scale=token_scale)
             engine.backward(total)
             engine.step()
             if bank is not None:
                 pending.append((ids, out["h_s"].detach()))
             monitor.accumulate(terms, len(ids) * world)
-        apply_bank_updates(bank, engine, pending, device)
+        apply_bank_updates(bank, engine, pending, device, routed=tcfg.deterministic)
         step += 1
+        check_skipped(engine, state, tcfg.max_consecutive_skips, step)
         if after_step(step, total_steps, engine, cfg, p.dtype, monitor, run_eval, save):
             stopped_early = True
             break

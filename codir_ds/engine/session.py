@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from codir_ds.config import ExperimentConfig, save_config
+from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.engine import checkpoint as ckpt
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import export_student
@@ -51,15 +52,47 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int):
-    """AdamW (no decay on biases/norms) and linear warm-up then linear decay to 0."""
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not finite, and says so in ``overflow``.
+
+    DeepSpeed's ZeRO, fp16 and bf16 optimizers already skip such steps; a plain fp32
+    engine (ZeRO stage 0) calls the client optimizer directly and would write NaN into
+    the weights. DeepSpeed reads ``overflow`` to count the step as skipped and to hold
+    the LR schedule. Costs one host sync per optimizer step, so it is used only there.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def needs_nonfinite_guard(ds: dict) -> bool:
+    """True when DeepSpeed would apply a step with non-finite gradients (fp32 without ZeRO)."""
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    return (stage == 0 and not ds.get("fp16", {}).get("enabled", False)
+            and not ds.get("bf16", {}).get("enabled", False))
+
+
+def optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int, ds: Optional[dict] = None):
+    """AdamW (no decay on biases/norms) and linear warm-up then linear decay to 0.
+
+    ``ds``: the DeepSpeed config; where DeepSpeed itself would not skip non-finite steps
+    the optimizer is :class:`GuardedAdamW`.
+    """
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = torch.cuda.is_available()
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, fused=fused)
+    cls = GuardedAdamW if ds is not None and needs_nonfinite_guard(ds) else torch.optim.AdamW
+    opt = cls(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, fused=fused)
     warmup = int(tcfg.warmup_ratio * total_steps)
 
     def linear(step: int) -> float:
@@ -86,20 +119,73 @@ def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank
     dist.barrier()
 
 
-def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank) -> dict:
-    """Load the newest complete checkpoint into the engine, sampler, RNG and bank; returns the client state."""
+def resume_plan(ckpt_root: Path, world: int) -> Optional[str]:
+    """Before ``deepspeed.initialize`` on --resume: how the DeepSpeed state must be loaded.
+
+    Returns ``"universal"`` when the newest checkpoint was written by another number of
+    ranks with ZeRO-partitioned optimizer state (the engine must then be created with
+    ``checkpoint.load_universal``), else None.
+    """
+    tag = ckpt.latest_tag(ckpt_root)
+    if tag is None:
+        raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
+    saved = ckpt.saved_world_size(ckpt_root / tag)
+    if saved and saved != world and ckpt.is_zero_checkpoint(ckpt_root / tag):
+        return "universal"
+    return None
+
+
+def engine_config(ds: dict, universal: bool) -> dict:
+    """The DeepSpeed config given to ``deepspeed.initialize`` (``load_universal`` when resuming re-sharded)."""
+    if not universal:
+        return ds
+    return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+
+
+def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank, seed: int) -> dict:
+    """Load the newest complete checkpoint into the engine, sampler, RNG and bank; returns the client state.
+
+    Collective. On the number of ranks that wrote it, everything is restored exactly. On
+    another number, rank 0 first converts the DeepSpeed state to a universal checkpoint
+    (:func:`resume_plan` made the engine ready for it), the bank is re-sharded from every
+    rank's shard, the sampler continues the epoch with the examples not yet seen in it,
+    and dropout RNGs are re-seeded from ``(seed, rank, step)``.
+    """
     tag = ckpt.latest_tag(ckpt_root)
     if tag is None:
         raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
     rank_states = ckpt.load_rank_states(ckpt_root / tag, world)
-    client = ckpt.load_checkpoint(engine, ckpt_root, tag)
-    mine = rank_states[rank]
-    sampler.load_state_dict(mine["sampler"])
-    ckpt.set_rng_state(mine["rng"])
-    if bank is not None:
-        bank.load_state_dict([s["bank"] for s in rank_states])
+    saved_world = len(rank_states)
+    load_tag = tag
+    if saved_world != world and ckpt.is_zero_checkpoint(ckpt_root / tag):
+        failure = None
+        if rank == 0:
+            print(f"resuming a {saved_world}-rank checkpoint on {world} ranks: converting {tag} to DeepSpeed's "
+                  f"universal format", flush=True)
+            try:
+                ckpt.convert_to_universal(ckpt_root, tag)
+            except CodirError as e:
+                failure = str(e)
+        flag = [failure]
+        dist.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            raise CodirError(flag[0])
+        load_tag = tag + ckpt.UNIVERSAL_SUFFIX
+    client = ckpt.load_checkpoint(engine, ckpt_root, load_tag)
+    try:
+        sampler.resume([s["sampler"] for s in rank_states])
+        if bank is not None:
+            bank.load_state_dict([s["bank"] for s in rank_states])
+    except ValueError as e:
+        raise CodirError(f"checkpoint '{ckpt_root / tag}' does not fit this run ({e}): resume with the run's "
+                         f"own config and data") from None
+    if saved_world == world:
+        ckpt.set_rng_state(rank_states[rank]["rng"])
+    else:
+        set_seed(derive_seed(seed, rank, engine.global_steps))
     if rank == 0:
-        print(f"resumed from {ckpt_root / tag} at step {engine.global_steps}", flush=True)
+        note = f" (written by {saved_world} ranks, re-sharded to {world})" if saved_world != world else ""
+        print(f"resumed from {ckpt_root / tag} at step {engine.global_steps}{note}", flush=True)
     return client.get("codir", {})
 
 
@@ -111,15 +197,38 @@ def save_run_checkpoint(engine, ckpt_root: Path, step: int, state: dict, rank: i
     ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank, keep)
 
 
-def apply_bank_updates(bank, engine, pending: list, device) -> None:
+def apply_bank_updates(bank, engine, pending: list, device, routed: bool = False) -> None:
     """After an optimizer step: the positives' momentum updates (Eq. 5), held back since their micro steps.
 
-    A step the engine skipped (fp16 overflow) leaves the bank untouched too. Empties ``pending``.
+    A step the engine skipped (fp16 overflow, non-finite gradients) leaves the bank untouched
+    too. ``routed`` (``training.deterministic``: ranks train on ids they do not own) sends
+    each update to the owner rank; this is collective. Empties ``pending``.
     """
     if bank is not None and engine.was_step_applied():
-        for ids, feats in pending:
-            bank.update(ids.to(device), feats)
+        if routed:
+            bank.update_routed(torch.cat([ids for ids, _ in pending]), torch.cat([f for _, f in pending]))
+        else:
+            for ids, feats in pending:
+                bank.update(ids.to(device), feats)
     pending.clear()
+
+
+def check_skipped(engine, state: dict, limit: int, step: int) -> None:
+    """The non-finite policy, after every optimizer step (identical on all ranks).
+
+    DeepSpeed skips a step whose gradients are not finite (fp16 loss-scale overflow or a
+    NaN/inf loss in any precision; see ``optimizer_and_schedule`` for plain fp32): weights,
+    optimizer state, LR schedule and bank stay as they were. Skipped steps are counted
+    (``train/skipped_steps``); ``limit`` of them in a row stop the run with an error.
+    """
+    if engine.was_step_applied():
+        state["consecutive_skips"] = 0
+        return
+    state["consecutive_skips"] = state.get("consecutive_skips", 0) + 1
+    if state["consecutive_skips"] >= limit:
+        raise CodirError(f"{limit} optimizer steps in a row (up to step {step}) were skipped for non-finite loss or "
+                         f"gradients: lower training.lr or check the data, then --resume from the last checkpoint "
+                         f"(or raise training.max_consecutive_skips)")
 
 
 def after_step(step: int, total_steps: int, engine, cfg: ExperimentConfig, dtype: torch.dtype, monitor,
@@ -136,6 +245,7 @@ def after_step(step: int, total_steps: int, engine, cfg: ExperimentConfig, dtype
         scale = getattr(engine.optimizer, "cur_scale", None)
         if dtype == torch.float16 and scale is not None:
             extra["train/loss_scale"] = float(scale)
+        extra["train/skipped_steps"] = float(engine.skipped_steps)
         monitor.flush(step, extra)
     if step >= total_steps:
         return False
