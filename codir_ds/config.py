@@ -138,6 +138,13 @@ class TrainingConfig:
     # Stop (after saving a checkpoint) once this many optimizer steps are done, as if the
     # job were preempted; `--resume` continues it. 0 = run to the end. For time-limited jobs.
     stop_at_step: int = 0
+    # World-size-invariant sampling: one global shuffle per epoch cut into global batches,
+    # each split over ranks and micro steps; bank updates are routed to the owner rank. The
+    # run then depends on the seed and global batch only, not on ranks or accumulation.
+    deterministic: bool = False
+    # Non-finite policy: an optimizer step with non-finite gradients (NaN/inf loss, fp16
+    # overflow) is skipped and counted; this many skipped steps in a row stop the run.
+    max_consecutive_skips: int = 50
 
 
 @dataclass
@@ -162,6 +169,11 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+
+def _fix(key: str) -> str:
+    """The fix clause of a bad-value message."""
+    return f"fix it in the YAML or with --set {key}=..."
+
 
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
@@ -192,20 +204,20 @@ def _coerce(value: Any, tp, key: str) -> Any:
             except CodirError as e:
                 errors.append(str(e))
         allowed = " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
-        raise CodirError(f"config key '{key}' must be {allowed}, got {value!r}")
+        raise CodirError(f"config key '{key}' must be {allowed}, got {value!r}: {_fix(key)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise CodirError(f"config key '{key}' must be a list of {_type_name(item_tp)}, got {value!r}")
+            raise CodirError(f"config key '{key}' must be a list of {_type_name(item_tp)}, got {value!r}: {_fix(key)}")
         return [_coerce(v, item_tp, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise CodirError(f"config key '{key}' must be true or false, got {value!r}")
+        raise CodirError(f"config key '{key}' must be true or false, got {value!r}: {_fix(key)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise CodirError(f"config key '{key}' must be an integer, got {value!r}")
+        raise CodirError(f"config key '{key}' must be an integer, got {value!r}: {_fix(key)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -214,11 +226,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise CodirError(f"config key '{key}' must be a number, got {value!r}")
+        raise CodirError(f"config key '{key}' must be a number, got {value!r}: {_fix(key)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise CodirError(f"config key '{key}' must be a string, got {value!r}")
+        raise CodirError(f"config key '{key}' must be a string, got {value!r}: {_fix(key)}")
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
@@ -236,7 +248,8 @@ def _build(cls, data: dict, prefix: str):
             if value is None:  # a section whose keys are all commented out
                 value = {}
             if not isinstance(value, dict):
-                raise CodirError(f"config key '{full}' must be a mapping of {tp.__name__} keys, got {value!r}")
+                raise CodirError(f"config key '{full}' must be a mapping of {tp.__name__} keys, got {value!r}: "
+                                 f"write it as a section with indented keys")
             kwargs[key] = _build(tp, value, full + ".")
         else:
             kwargs[key] = _coerce(value, tp, full)
@@ -264,7 +277,8 @@ def _merge(tree: dict, path: list[str], value: Any) -> None:
         if nxt is None:
             nxt = node[part] = {}
         if not isinstance(nxt, dict):
-            raise CodirError(f"--set {'.'.join(path)}: '{part}' is not a section")
+            raise CodirError(f"--set {'.'.join(path)}: '{part}' is not a section: set a key inside a section, e.g. "
+                             f"--set training.lr=1e-4")
         node = nxt
     node[path[-1]] = value
 
@@ -282,7 +296,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             first = str(e).splitlines()[0] if str(e) else "parse error"
             raise CodirError(f"config file '{path}' is not valid YAML ({first}): fix the syntax") from None
         if not isinstance(tree, dict):
-            raise CodirError(f"config file '{path}' must hold a mapping of sections (model, data, method, training, logging)")
+            raise CodirError(f"config file '{path}' must hold a mapping of sections (model, data, method, training, "
+                             f"logging): see configs/ for examples")
     for item in overrides or []:
         keys, value = _parse_override(item)
         _merge(tree, keys, value)
@@ -293,20 +308,23 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def _choice(key: str, value: Any, allowed) -> None:
     if value not in allowed:
-        raise CodirError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        raise CodirError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}: "
+                         f"{_fix(key)}")
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise CodirError(f"config key '{key}' must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise CodirError(f"config key '{key}' must be a finite number {'>= 0' if allow_zero else '> 0'}, "
+                         f"got {value!r}: {_fix(key)}")
 
 
 def _layers(key: str, value) -> None:
     if isinstance(value, str):
         if value != "all":
-            raise CodirError(f"config key '{key}' must be 'all' or a list of layer indices, got {value!r}")
+            raise CodirError(f"config key '{key}' must be 'all' or a list of layer indices, got {value!r}: {_fix(key)}")
     elif not value or any(v < 0 for v in value):
-        raise CodirError(f"config key '{key}' must be 'all' or a non-empty list of layer indices >= 0, got {value!r}")
+        raise CodirError(f"config key '{key}' must be 'all' or a non-empty list of layer indices >= 0, got {value!r}: "
+                         f"{_fix(key)}")
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -323,14 +341,16 @@ def validate(cfg: ExperimentConfig) -> None:
     for key in ("alpha_kd", "alpha_crd"):
         _positive(f"method.{key}", getattr(m, key), allow_zero=True)
     if not 0.0 <= m.bank_momentum < 1.0:
-        raise CodirError(f"config key 'method.bank_momentum' must be in [0, 1), got {m.bank_momentum}")
+        raise CodirError(f"config key 'method.bank_momentum' must be in [0, 1), got {m.bank_momentum}: "
+                         f"{_fix('method.bank_momentum')}")
     if not 0.0 < d.validation_fraction < 1.0:
-        raise CodirError(f"config key 'data.validation_fraction' must be in (0, 1), got {d.validation_fraction}")
+        raise CodirError(f"config key 'data.validation_fraction' must be in (0, 1), got {d.validation_fraction}: "
+                         f"{_fix('data.validation_fraction')}")
     _positive("data.max_length", d.max_length)
     if d.train_file and d.task != "files":
         raise CodirError(f"data.train_file is set but data.task is {d.task!r}: set data.task=files to train on your files")
     if d.task == "files" and not d.train_file:
-        raise CodirError("data.task=files needs data.train_file (CSV, TSV or JSONL)")
+        raise CodirError("data.task=files needs data.train_file: set data.train_file to a CSV, TSV or JSONL file")
     _positive("training.lr", t.lr)
     _positive("training.epochs", t.epochs, allow_zero=True)
     _positive("training.eval_batch_size", t.eval_batch_size)
@@ -338,23 +358,31 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("training.eval_every", t.eval_every, allow_zero=True)
     _positive("training.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive("training.stop_at_step", t.stop_at_step, allow_zero=True)
+    for key in ("train_batch_size", "micro_batch_size"):
+        if getattr(t, key) is not None:
+            _positive(f"training.{key}", getattr(t, key))
+    _positive("training.max_consecutive_skips", t.max_consecutive_skips)
     if t.max_steps <= 0 and t.epochs <= 0:
         raise CodirError("training.epochs and training.max_steps are both 0: set one of them > 0")
     if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
-        raise CodirError(f"config key 'training.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
+        raise CodirError(f"config key 'training.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}: "
+                         f"{_fix('training.adam_betas')}")
     if not 0.0 <= t.warmup_ratio < 1.0:
-        raise CodirError(f"config key 'training.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+        raise CodirError(f"config key 'training.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}: "
+                         f"{_fix('training.warmup_ratio')}")
     c = cfg.corpus
     if not c.sources:
         raise CodirError("corpus.sources is empty: list the packaged moviedialog corpus or your text files")
     if not 8 <= c.block_size <= 512:
-        raise CodirError(f"config key 'corpus.block_size' must be in 8..512, got {c.block_size}")
+        raise CodirError(f"config key 'corpus.block_size' must be in 8..512, got {c.block_size}: "
+                         f"{_fix('corpus.block_size')}")
     _positive("corpus.validation_blocks", c.validation_blocks, allow_zero=True)
     _positive("corpus.num_proc", c.num_proc, allow_zero=True)
     if c.max_documents is not None:
         _positive("corpus.max_documents", c.max_documents)
     if not 0.0 < m.mlm_probability < 1.0:
-        raise CodirError(f"config key 'method.mlm_probability' must be in (0, 1), got {m.mlm_probability}")
+        raise CodirError(f"config key 'method.mlm_probability' must be in (0, 1), got {m.mlm_probability}: "
+                         f"{_fix('method.mlm_probability')}")
     mc = cfg.model
     if mc.init_from and mc.student_init:
         raise CodirError("model.init_from and model.student_init are both set: use init_from to continue a "
@@ -364,7 +392,8 @@ def validate(cfg: ExperimentConfig) -> None:
             _positive(f"model.{key}", getattr(mc, key))
         if mc.student_hidden % mc.student_heads:
             raise CodirError(
-                f"model.student_hidden ({mc.student_hidden}) must be divisible by model.student_heads ({mc.student_heads})")
+                f"model.student_hidden ({mc.student_hidden}) must be divisible by model.student_heads "
+                f"({mc.student_heads}): change one of them")
     if m.name in ("kd", "codir") and not mc.teacher:
         raise CodirError(f"method.name={m.name} needs a teacher: set model.teacher to a directory or 'all-MiniLM-L6-v2'")
     if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:

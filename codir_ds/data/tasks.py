@@ -27,8 +27,11 @@ give random, reproducible subsets.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import json
 import math
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -429,6 +432,10 @@ def _read_table(path_value: Any, key: str) -> tuple[dict[str, list], int]:
         )
     if path.stat().st_size == 0:
         raise CodirError(f"data.{key} {str(path)!r} is empty: put a header row and examples in it")
+    if not os.access(path, os.R_OK):
+        raise CodirError(f"data.{key} {str(path)!r} is not readable (permission denied): fix its permissions "
+                         f"(chmod a+r) or copy it somewhere readable")
+    _check_utf8_text(path, key)
 
     # Imported here: `datasets` is slow to import and only this path needs it.
     import datasets
@@ -443,25 +450,85 @@ def _read_table(path_value: Any, key: str) -> tuple[dict[str, list], int]:
     if fmt in ("csv", "tsv"):
         # Keep texts such as "NA" or "null" as text: pandas would otherwise turn them into missing values.
         kwargs["keep_default_na"] = False
+    kind = {"tsv": "TSV", "csv": "CSV"}.get(fmt) or ("JSON" if path.suffix.lower() == ".json" else "JSONL")
     try:
         ds = datasets.load_dataset(data_files=str(path), split="train", **kwargs)
+        if len(ds) == 0:
+            raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples below the header")
+        return ds.to_dict(), len(ds)
+    except CodirError:
+        raise
     except Exception as e:  # pandas/pyarrow parser errors of all kinds: report them as one line
         if "corresponds to no data" in str(e):  # a header and nothing else: `datasets` made no split
             raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples below the header") from None
-        kind = "TSV" if fmt == "tsv" else fmt.upper()
+        where = _bad_json_line(path) if fmt == "json" else None
+        detail = where or _root_message(e)
         raise CodirError(
-            f"could not read data.{key} {str(path)!r} as {kind} ({_root_message(e)}): fix the file's {kind} format"
+            f"could not read data.{key} {str(path)!r} as {kind} ({detail}): fix the file's {kind} format"
         ) from None
-    if len(ds) == 0:
-        raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples below the header")
-    return ds.to_dict(), len(ds)
+
+
+def _check_utf8_text(path: Path, key: str) -> None:
+    """Refuse binary files and text that is not UTF-8, naming the line (the parsers' errors do not)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    line = 1
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+                if b"\x00" in chunk:
+                    line += chunk[: chunk.index(b"\x00")].count(b"\n")
+                    raise CodirError(
+                        f"data.{key} {str(path)!r} is not a text file (NUL byte on line {line}; binary, or UTF-16 "
+                        "text?): save it as UTF-8 CSV, TSV or JSONL"
+                    )
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    line += chunk[: max(e.start - pending, 0)].count(b"\n")
+                    raise CodirError(
+                        f"data.{key} {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line} "
+                        f"cannot be decoded): re-save it as UTF-8"
+                    ) from None
+                if not chunk:
+                    return
+                line += chunk.count(b"\n")
+    except OSError as e:
+        raise CodirError(
+            f"cannot read data.{key} {str(path)!r} ({e.strerror}): check the path and its permissions"
+        ) from None
+
+
+def _bad_json_line(path: Path) -> Optional[str]:
+    """For a JSON Lines file that failed to load: which line is not a JSON object (None if none is found)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        json.loads(text)  # one JSON document (not JSON Lines): leave the parser's message
+        return None
+    except (OSError, UnicodeDecodeError):
+        return None
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number} is not valid JSON: {e.msg} at column {e.colno}"
+        if not isinstance(value, dict):
+            return f"line {number} is a JSON {type(value).__name__}, not an object with the columns as keys"
+    return None
 
 
 def _column(table: dict[str, list], name: str, setting: str, key: str, path: Any) -> list:
     if name not in table:
+        fix = (f"set data.{setting} to one of these" if key == "train_file"
+               else f"give it the columns of data.train_file (data.{setting} is {name!r})")
         raise CodirError(
-            f"data.{key} {str(path)!r} has no column {name!r} (columns: {', '.join(map(str, table))}): "
-            f"set data.{setting} to one of these"
+            f"data.{key} {str(path)!r} has no column {name!r} (columns: {', '.join(map(str, table))}): {fix}"
         )
     return table[name]
 

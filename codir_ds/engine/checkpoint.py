@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from codir_ds.engine.faults import maybe_fault
 from codir_ds.errors import CodirError
 
 LATEST = "latest"
@@ -81,6 +82,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, rank
     _barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     _atomic_torch_save(rank_state, rank_file(tag_dir, rank))
+    maybe_fault("save", step, rank)
     _barrier()
     if rank == 0:
         _atomic_write_text(tag_dir / COMPLETE, "ok\n")
@@ -169,6 +171,12 @@ def convert_to_universal(ckpt_root: Path, tag: str) -> str:
     return out_tag
 
 
+def _fix(tag_dir: Path) -> str:
+    from codir_ds.engine.rundir import damaged_checkpoint_fix
+    base = tag_dir.name.split(UNIVERSAL_SUFFIX)[0]
+    return damaged_checkpoint_fix(tag_dir.parent, base)
+
+
 def load_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
     """Every rank's state file of a checkpoint (all are needed to re-shard the bank and sampler)."""
     files = sorted(tag_dir.glob("codir_rank_*.pt"))
@@ -181,11 +189,11 @@ def load_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
             states.append(torch.load(f, map_location="cpu", weights_only=False))
         except Exception as e:  # truncated or corrupted pickle/zip
             raise CodirError(f"checkpoint file '{f}' cannot be read ({type(e).__name__}): it is truncated or "
-                             f"corrupted; delete '{tag_dir}' to resume from the previous checkpoint") from None
+                             f"corrupted; {_fix(tag_dir)}") from None
     saved_world = states[0].get("world_size")
     if len(states) != saved_world:
         raise CodirError(f"checkpoint '{tag_dir}' has {len(states)} rank files but was written by {saved_world} "
-                         f"ranks: it is incomplete; delete it to resume from the previous checkpoint")
+                         f"ranks: it is incomplete; {_fix(tag_dir)}")
     return states
 
 
@@ -195,10 +203,10 @@ def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
         path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        detail = detail if len(detail) <= 160 else detail[:160].rsplit(" ", 1)[0] + " ..."
         raise CodirError(f"DeepSpeed checkpoint '{ckpt_root / tag}' cannot be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else ''}): delete it to resume from the previous "
-                         f"checkpoint") from None
+                         f"{detail}): {_fix(ckpt_root / tag)}") from None
     if path is None:
-        raise CodirError(f"DeepSpeed checkpoint '{ckpt_root / tag}' cannot be loaded: delete it to resume from the "
-                         f"previous checkpoint")
+        raise CodirError(f"DeepSpeed checkpoint '{ckpt_root / tag}' cannot be loaded: {_fix(ckpt_root / tag)}")
     return client_state or {}

@@ -26,6 +26,7 @@ from codir_ds.distill.negatives import LabelNegativeSampler
 from codir_ds.distill.objectives import build_objective
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.evaluation import evaluate
+from codir_ds.engine.faults import check_fault_spec
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
 from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
@@ -67,6 +68,7 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
     if cfg.method.name not in FINETUNE_OBJECTIVES:
         raise CodirError(f"method.name={cfg.method.name} is not a finetuning objective: use one of "
                          f"{', '.join(FINETUNE_OBJECTIVES)} here, or launchers/pretrain.py for pre-training")
+    check_fault_spec()
     run_dir = Path(output_dir)
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
     universal = mode == "resume" and resume_plan(run_dir / "checkpoints", world) == "universal"
@@ -81,8 +83,6 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
     objective = build_objective(cfg.method)
     if objective.uses_teacher:
         check_same_vocab(tokenizer, teacher_dir, "model.teacher")
-    if objective.uses_crd and cfg.method.num_negatives < 1:
-        raise CodirError("method.num_negatives must be >= 1 for codir")
     return Prepared(cfg, ds, dtype, warning, task, tokenizer, teacher_dir, run_dir, mode, universal)
 
 

@@ -2,7 +2,8 @@
 
 Loss terms arrive as detached tensors every micro step and are summed on device;
 they are turned into Python numbers only at logging intervals, so the hot path has
-no host-device synchronisation.
+no host-device synchronisation. Logged losses are means over the micro steps of
+every rank (an all-reduce at the logging interval), not rank 0's alone.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 
 class Monitor:
@@ -40,9 +42,20 @@ class Monitor:
         self._samples += samples
 
     def flush(self, step: int, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
-        """Average the window, write scalars, update the bar; returns what was logged."""
+        """Average the window over every rank's micro steps, write scalars, update the bar.
+
+        Collective when distributed (one all-reduce of the window's sums): every rank
+        calls it at the same steps. Returns what was logged.
+        """
         now = time.perf_counter()
-        scalars = {k: (v / max(self._count, 1)).item() for k, v in self._sums.items()}
+        keys = sorted(self._sums)
+        count = float(max(self._count, 1))
+        if keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = torch.stack([self._sums[k].float() for k in keys])
+            dist.all_reduce(sums)
+            count *= dist.get_world_size()
+            self._sums = dict(zip(keys, sums))
+        scalars = {k: (self._sums[k] / count).item() for k in keys}
         scalars["perf/samples_per_s"] = self._samples / max(now - self._t0, 1e-9)
         scalars.update(extra or {})
         self._sums, self._count, self._samples, self._t0 = {}, 0, 0, now

@@ -32,6 +32,7 @@ from codir_ds.distill.heads import PretrainModule
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.objectives import build_pretrain_objective
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
+from codir_ds.engine.faults import check_fault_spec
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
 from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
@@ -40,7 +41,7 @@ from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipp
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
-                                     resolve_layers, tokenizer_dir)
+                                     resolve_layers, tokenizer_dir, verify_weights)
 from codir_ds.models.mlm import load_mlm_teacher, masked_rows
 
 
@@ -73,6 +74,7 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
         raise CodirError(f"method.name={cfg.method.name} is not a pre-training objective: use one of "
                          f"{', '.join(PRETRAIN_OBJECTIVES)} here, or launchers/finetune.py for finetuning")
     objective = build_pretrain_objective(cfg.method)
+    check_fault_spec()
     run_dir = Path(output_dir)
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
     universal = mode == "resume" and resume_plan(run_dir / "checkpoints", world) == "universal"
@@ -80,6 +82,8 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
     teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
     if objective.uses_teacher and teacher_dir is None:
         raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher")
+    if objective.uses_teacher:  # before the corpus is tokenized, which can take long
+        verify_weights(teacher_dir, cfg.model.teacher_sha256, "model.teacher")
     tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
     if teacher_dir is not None:
         check_same_vocab(tokenizer, teacher_dir, "model.teacher")
@@ -87,8 +91,6 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
         if cfg.corpus.block_size > limit:
             raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the teacher's {limit} positions: "
                              f"lower corpus.block_size")
-    if objective.uses_crd and cfg.method.num_negatives < 1:
-        raise CodirError("method.num_negatives must be >= 1 for codir")
     corpus = load_corpus(cfg.corpus, tokenizer, verbose=rank == 0)
     micro = ds["train_micro_batch_size_per_gpu"]
     if len(corpus.train_ids) // world < micro:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from codir_ds.config import ExperimentConfig, save_config
 from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.engine import checkpoint as ckpt
+from codir_ds.engine.faults import maybe_fault
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import export_student
 
@@ -33,6 +34,12 @@ def dist_env() -> tuple[int, int, int]:
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
     import deepspeed
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if "RANK" not in os.environ and tasks > 1 and "SLURM_PROCID" in os.environ:
+        # `srun python launchers/...` (or `deepspeed --launcher slurm`) gives no RANK/WORLD_SIZE:
+        # every task would train alone as rank 0 of 1 into the same run directory.
+        raise CodirError(f"started by srun as {tasks} tasks without RANK/WORLD_SIZE: start one torchrun (or "
+                         f"deepspeed --no_ssh) per node, as launchers/slurm_multinode.sbatch does")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.setdefault("RANK", "0")
@@ -116,7 +123,22 @@ def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank
         if mode != "resume":
             save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
-    dist.barrier()
+    # Every rank must see the same run directory: checkpoints are written by all ranks and
+    # published by rank 0, so a node-local --output_dir would lose shards silently.
+    token = [os.urandom(8).hex() if rank == 0 else None]  # not the seeded RNGs
+    if rank == 0:
+        (run_dir / ".codir_run_token").write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    marker = run_dir / ".codir_run_token"
+    seen = marker.read_text() if marker.is_file() else None
+    from deepspeed.accelerator import get_accelerator
+    ok = torch.tensor([1 if seen == token[0] else 0], device=get_accelerator().current_device_name())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok):
+        if seen != token[0]:
+            print(f"error: rank {dist.get_rank()} does not see '{marker}'", flush=True)
+        raise CodirError(f"--output_dir '{run_dir}' is not on a filesystem shared by every node: put it on shared "
+                         f"storage (every rank writes its checkpoint files there)")
 
 
 def resume_plan(ckpt_root: Path, world: int) -> Optional[str]:
@@ -239,6 +261,7 @@ def after_step(step: int, total_steps: int, engine, cfg: ExperimentConfig, dtype
     The final evaluation and checkpoint, at ``total_steps``, are the caller's.
     """
     tcfg = cfg.training
+    maybe_fault("step", step, engine.global_rank)
     monitor.advance()
     if step % cfg.logging.log_every == 0 or step == total_steps:
         extra = {"train/lr": engine.get_lr()[0]}

@@ -31,8 +31,9 @@ def model_dir(spec: str, what: str) -> Path:
     """Resolve ``spec`` (directory or packaged name) and check it looks like an HF model dir."""
     path = resolve_model_dir(spec)
     if not path.is_dir():
-        raise CodirError(f"{what} directory '{spec}' does not exist: point {what} at a local Hugging Face model "
-                         f"directory or use the packaged 'all-MiniLM-L6-v2'")
+        problem = "is a file, not a directory" if path.exists() else "does not exist"
+        raise CodirError(f"{what} directory '{spec}' {problem}: point {what} at a local Hugging Face model "
+                         f"directory (written by save_pretrained) or use the packaged 'all-MiniLM-L6-v2'")
     if not (path / "config.json").is_file():
         raise CodirError(f"{what} directory '{path}' has no config.json: it must be a Hugging Face model "
                          f"directory written by save_pretrained")
@@ -80,9 +81,16 @@ def verify_weights(path: Path, configured: Optional[str], what: str) -> Optional
                          f"re-export the model with save_pretrained(safe_serialization=True)")
     digest = sha256_file(weights)
     if digest != expected:
-        raise CodirError(f"{what} weights '{weights}' fail the checksum (sha256 {digest[:12]}…, expected "
-                         f"{expected[:12]}…): the file is corrupted or a different model; reinstall or re-export it, "
-                         f"or set model.teacher_sha256 to the new digest if the change is intended")
+        if configured:
+            raise CodirError(f"{what} weights '{weights}' fail the checksum: their sha256 is {digest}, "
+                             f"{what}_sha256 expects {expected}: point {what} at the intended model, or set "
+                             f"{what}_sha256 to {digest} if this is it")
+        source = "the packaged asset's known digest" if known_sha256(path) else f"{EXPORT_MANIFEST}"
+        hint = (f", or set {what}_sha256 to {digest} if the change is intended"
+                if what in ("model.teacher", "--teacher") else "")
+        raise CodirError(f"{what} weights '{weights}' fail the checksum (sha256 {digest}, expected {expected} from "
+                         f"{source}): the file is corrupted or was changed after export; reinstall or re-export "
+                         f"it{hint}")
     return digest
 
 
@@ -178,7 +186,7 @@ def keep_layers(model: torch.nn.Module, keep: Sequence[int], path: Path) -> None
     bad = [i for i in keep if not 0 <= i < len(layers)]
     if bad or not keep:
         raise CodirError(f"model.student_init_layers {keep} must be non-empty indices in 0..{len(layers) - 1} "
-                         f"of '{path}'")
+                         f"of '{path}': fix model.student_init_layers")
     new = torch.nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(new):  # attention modules know their index (KV caches)
         for mod in layer.modules():
@@ -255,7 +263,7 @@ def resolve_layers(spec, model: torch.nn.Module, key: str) -> list[int]:
     bad = [i for i in spec if not 0 <= i <= n]
     if bad:
         raise CodirError(f"{key} {list(spec)} has indices outside 0..{n} for a {n}-layer model "
-                         f"(1-based Transformer layers; 0 is the embedding output)")
+                         f"(1-based Transformer layers; 0 is the embedding output): fix {key}")
     return list(spec)
 
 

@@ -1,0 +1,564 @@
+"""Bad input ends with one line that names the problem and the fix, before training starts.
+
+Every case goes through the entry point a user hits (``run_finetune`` / ``run_pretrain``
+in-process, a few through the launchers) and checks three things:
+
+- the error is a ``CodirError`` whose message is one line naming the key/file and a fix
+  (the launchers print it as ``error: <line>`` and exit with status 2);
+- it comes before any expensive or writing work: ``deepspeed.initialize``, the process
+  group and the run-directory setup are replaced by tripwires (``guarded``), except for
+  the one damaged-checkpoint case that can only show at DeepSpeed's load;
+- a run directory that was already there is byte-identical afterwards, even with
+  ``--overwrite`` (most cases pass it, so nothing but the bad input stands in the way).
+
+Items: (a) config keys, (b) teacher directory, (c) teacher checksum, (d) vocabularies,
+(e) data files, (f) label column, (g) unseen validation labels, (h) batch arithmetic,
+(i) output directory, (j) damaged checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import conftest
+from conftest import REPO, TINY_TRAINING_YAML, TINY_YAML, free_port, python_launch
+from codir_ds.config import load_config, save_config
+from codir_ds.errors import CodirError
+
+DS = str(REPO / "ds_configs" / "zero2.json")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def snapshot(root: Path, mtimes: bool = False) -> dict:
+    """Every path under ``root`` with its content hash (and mtime): equal snapshots = untouched."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_file():
+            out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns if mtimes else None)
+        else:
+            out[rel] = "<dir>"
+    return out
+
+
+def one_line(info, *fragments) -> str:
+    """The CodirError's message: one line, holding every fragment (the key/file and the fix)."""
+    msg = str(info.value)
+    assert isinstance(info.value, CodirError)
+    assert msg and "\n" not in msg and "\r" not in msg, msg
+    assert ": " in msg, msg  # "<problem>: <fix>"
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in: {msg}"
+    return msg
+
+
+def launcher_error(proc, *fragments) -> str:
+    """A launcher refused: exit status 2, exactly one ``error:`` line (the last), no traceback."""
+    assert proc.returncode == 2, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+                                  f"STDERR:\n{proc.stderr[-3000:]}")
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    for frag in fragments:
+        assert frag in errors[0], f"{frag!r} not in: {errors[0]}"
+    return errors[0]
+
+
+def finetune(config: Path, out: Path, *overrides: str, ds: str = DS, resume: bool = False, overwrite: bool = True):
+    """What launchers/finetune.py does: load the config (with --set overrides), then run."""
+    from codir_ds.engine.finetune import run_finetune
+    return run_finetune(load_config(str(config), list(overrides)), ds, str(out), resume=resume, overwrite=overwrite)
+
+
+def pretrain(config: Path, out: Path, *overrides: str, overwrite: bool = True):
+    from codir_ds.engine.pretrain import run_pretrain
+    return run_pretrain(load_config(str(config), list(overrides)), DS, str(out), overwrite=overwrite)
+
+
+def refused(call, *fragments) -> str:
+    with pytest.raises(CodirError) as info:
+        call()
+    return one_line(info, *fragments)
+
+
+@pytest.fixture()
+def guarded(monkeypatch, single_process_env):
+    """Tripwires on everything that must not be reached when the input is bad."""
+    import deepspeed
+    import codir_ds.engine.finetune as finetune_mod
+    import codir_ds.engine.pretrain as pretrain_mod
+
+    def tripwire(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{name} was reached: bad input must be refused before it")
+        return fail
+
+    monkeypatch.setattr(deepspeed, "initialize", tripwire("deepspeed.initialize"))
+    for mod in (finetune_mod, pretrain_mod):
+        monkeypatch.setattr(mod, "init_distributed", tripwire("init_distributed"))
+        monkeypatch.setattr(mod, "open_run_dir", tripwire("open_run_dir"))
+
+
+@pytest.fixture()
+def old_run(tmp_path, tiny_config):
+    """A run directory of an earlier, different run; yields it and checks it is untouched at the end."""
+    run = tmp_path / "old_run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    save_config(load_config(str(tiny_config), ["training.lr=5e-4"]), run / "config.yaml")
+    (run / "results.json").write_text('{"final": {"accuracy": 0.5}}\n')
+    (run / "ds_config.json").write_text('{"train_batch_size": 8}\n')
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    (run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 weights")
+    (run / "notes.txt").write_text("the user's own file\n")
+    before = snapshot(run, mtimes=True)
+    yield run
+    assert snapshot(run, mtimes=True) == before, "the existing run directory was modified"
+
+
+def write(path: Path, data) -> Path:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+GOOD_CSV = "text,label\n" + "".join(f"a {'good' if i % 2 else 'bad'} film number {i},{'pos' if i % 2 else 'neg'}\n"
+                                    for i in range(24))
+
+
+def files_args(train: Path, val: Path | None = None, **extra: str) -> list[str]:
+    args = ["data.task=files", f"data.train_file={train}"]
+    if val is not None:
+        args.append(f"data.validation_file={val}")
+    return args + [f"data.{k}={v}" for k, v in extra.items()]
+
+
+# --------------------------------------------------------------------------- (a) config keys
+
+def test_a_unknown_or_mistyped_config_keys(tmp_path, tiny_config, old_run, guarded):
+    refused(lambda: finetune(tiny_config, old_run, "method.num_negative=8"),
+            "unknown config key 'method.num_negative'", "did you mean 'method.num_negatives'")
+    refused(lambda: finetune(tiny_config, old_run, "trainig.lr=1e-4"), "unknown config key 'trainig'", "'training'")
+    refused(lambda: finetune(tiny_config, old_run, "training.max_steps=six"),
+            "config key 'training.max_steps' must be an integer", "'six'", "--set training.max_steps=")
+    typo = write(tmp_path / "typo.yaml", tiny_config.read_text().replace("  projection_dim:", "  projection_dims:"))
+    refused(lambda: finetune(typo, old_run), "unknown config key 'method.projection_dims'",
+            "did you mean 'method.projection_dim'")
+
+
+def test_a_deepspeed_json_typos_are_refused_before_the_engine(tmp_path, tiny_config, old_run, guarded):
+    good = json.loads(Path(DS).read_text())
+    cases = [({"train_micro_batch_size_per_gu": 2}, "'train_micro_batch_size_per_gu'",
+              "did you mean 'train_micro_batch_size_per_gpu'"),
+             ({"zero_optimization": {**good["zero_optimization"], "stag": 2}}, "unknown key 'zero_optimization.stag'",
+              "fix it"),
+             ({"zero_optimization": {"stage": "two"}}, "'zero_optimization.stage'", "fix it")]
+    for extra, *fragments in cases:
+        ds = write(tmp_path / "ds.json", json.dumps({**good, **extra}))
+        refused(lambda: finetune(tiny_config, old_run, ds=str(ds)), str(ds), *fragments)
+
+
+def test_a_launcher_prints_one_error_line_and_exits_2(tiny_config, old_run):
+    proc = python_launch("launchers/finetune.py", ["--deepspeed_config", DS, "--config", str(tiny_config),
+                                                   "--output_dir", str(old_run), "--overwrite",
+                                                   "--set", "training.learning_rate=1e-4"])
+    launcher_error(proc, "error: unknown config key 'training.learning_rate'", "'training.lr'")
+
+
+# --------------------------------------------------------------------------- (b) teacher directory
+
+def test_b_missing_teacher_directory(tmp_path, tiny_config, tiny_teacher, old_run, guarded):
+    missing = tmp_path / "no_such_teacher"
+    refused(lambda: finetune(tiny_config, old_run, f"model.teacher={missing}"),
+            "model.teacher", str(missing), "does not exist", "point model.teacher at")
+    a_file = write(tmp_path / "teacher.bin", b"weights")
+    refused(lambda: finetune(tiny_config, old_run, f"model.teacher={a_file}"), str(a_file), "not a directory")
+    empty = tmp_path / "empty_teacher"
+    empty.mkdir()
+    refused(lambda: finetune(tiny_config, old_run, f"model.teacher={empty}"), str(empty), "no config.json",
+            "save_pretrained")
+
+
+def test_b_missing_teacher_directory_pretrain(tmp_path, pre_yaml, old_run, guarded):
+    refused(lambda: pretrain(pre_yaml, old_run, f"model.teacher={tmp_path / 'gone'}"),
+            "model.teacher", "gone", "does not exist")
+
+
+# --------------------------------------------------------------------------- (c) teacher checksum
+
+def test_c_teacher_checksum_mismatch(tmp_path, tiny_config, tiny_teacher, old_run, guarded):
+    msg = refused(lambda: finetune(tiny_config, old_run, "model.teacher_sha256=" + "ab" * 32),
+                  "model.teacher", "fail the checksum", "model.teacher_sha256", "ab" * 32)
+    actual = hashlib.sha256((tiny_teacher / "model.safetensors").read_bytes()).hexdigest()
+    assert actual in msg  # the fix can be applied as written
+    # A flipped byte in the weights fails the digest recorded at export.
+    bad = tmp_path / "bad_teacher"
+    shutil.copytree(tiny_teacher, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    refused(lambda: finetune(tiny_config, old_run, f"model.teacher={bad}"),
+            str(bad / "model.safetensors"), "fail the checksum", "codir_export.json", "re-export")
+
+
+def test_c_teacher_checksum_mismatch_pretrain(pre_yaml, old_run, guarded):
+    refused(lambda: pretrain(pre_yaml, old_run, "model.teacher_sha256=" + "ab" * 32),
+            "fail the checksum", "model.teacher_sha256")
+
+
+# --------------------------------------------------------------------------- (d) vocabularies
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory) -> Path:
+    """A tokenizer directory with a vocabulary other than MiniLM's (the tiny teachers')."""
+    from transformers import BertTokenizer
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film"]
+    vocab = tmp_path_factory.mktemp("tok") / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n")
+    out = vocab.parent / "tokenizer"
+    BertTokenizer(vocab_file=str(vocab)).save_pretrained(str(out))
+    return out
+
+
+def test_d_teacher_student_vocabulary_mismatch(tiny_config, tiny_teacher, other_tokenizer, old_run, guarded):
+    refused(lambda: finetune(tiny_config, old_run, f"model.tokenizer={other_tokenizer}"),
+            "model.teacher", str(tiny_teacher), "different tokenizer vocabulary", "(30522 tokens)",
+            "set model.tokenizer")
+    # The student initialised from a model of another vocabulary (no teacher: method ce).
+    refused(lambda: finetune(tiny_config, old_run, f"model.tokenizer={other_tokenizer}", "method.name=ce",
+                             "model.teacher=null", f"model.student_init={tiny_teacher}"),
+            "model.student_init", "different tokenizer vocabulary", "share one vocabulary")
+
+
+def test_d_vocabulary_mismatch_pretrain(pre_yaml, other_tokenizer, old_run, guarded):
+    refused(lambda: pretrain(pre_yaml, old_run, f"model.tokenizer={other_tokenizer}"),
+            "model.teacher", "different tokenizer vocabulary")
+
+
+# --------------------------------------------------------------------------- (e) data files
+
+BAD_FILES = {
+    # name: (content, fragments of the message)
+    "empty.csv": (b"", ("is empty", "put a header row")),
+    "header_only.csv": (b"text,label\n", ("no data rows", "add examples")),
+    "garbage.csv": (bytes(range(256)) * 8, ("not a text file", "NUL byte on line 1", "save it as UTF-8")),
+    "latin1.jsonl": ('{"text": "caf\xe9", "label": "pos"}\n'.encode("latin-1"),
+                     ("not UTF-8 text", "line 1", "re-save it as UTF-8")),
+    "latin1.csv": (("text,label\na film,pos\nun caf\xe9,neg\n" * 4).encode("latin-1"),
+                   ("not UTF-8 text", "line 3", "re-save it as UTF-8")),
+    "utf16.csv": ("text,label\na,pos\nb,neg\n".encode("utf-16"), ("not a text file", "UTF-16")),
+    "fields.csv": (b"text,label\na film,pos\nb,neg,extra,more\nc,pos\n",
+                   ("could not read", "as CSV", "line 3", "fix the file's CSV format")),
+    "quote.csv": (b'text,label\n"an unterminated quote,pos\nb,neg\n', ("as CSV", "fix the file's CSV format")),
+    "bad.jsonl": (b'{"text": "a", "label": "pos"}\n{"text": "b", "label": \n',
+                  ("as JSONL", "line 2 is not valid JSON", "fix the file's JSONL format")),
+    "lists.jsonl": (b'["a", "pos"]\n["b", "neg"]\n', ("line 1 is a JSON list", "fix the file's JSONL format")),
+    "train.xlsx": (b"PK\x03\x04 not a table", ("unsupported extension '.xlsx'", ".csv, .tsv or .jsonl")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+@pytest.mark.parametrize("key", ["train_file", "validation_file"])
+def test_e_unreadable_data_file(tmp_path, tiny_config, old_run, guarded, name, key):
+    content, fragments = BAD_FILES[name]
+    good = write(tmp_path / "good.csv", GOOD_CSV)
+    bad = write(tmp_path / name, content)
+    train, val = (bad, good) if key == "train_file" else (good, bad)
+    refused(lambda: finetune(tiny_config, old_run, *files_args(train, val)), f"data.{key}", str(bad), *fragments)
+
+
+def test_e_missing_data_files(tmp_path, tiny_config, old_run, guarded):
+    good = write(tmp_path / "good.csv", GOOD_CSV)
+    gone = tmp_path / "gone.csv"
+    refused(lambda: finetune(tiny_config, old_run, *files_args(gone)),
+            "data.train_file", str(gone), "does not exist", "set data.train_file")
+    refused(lambda: finetune(tiny_config, old_run, *files_args(good, gone)),
+            "data.validation_file", str(gone), "does not exist", "set data.validation_file")
+    refused(lambda: finetune(tiny_config, old_run, *files_args(tmp_path)), "data.train_file", "is not a file")
+    refused(lambda: finetune(tiny_config, old_run, "data.task=files"), "data.task=files needs data.train_file")
+    refused(lambda: finetune(tiny_config, old_run, f"data.train_file={good}"),
+            "data.train_file is set but data.task is 'movie_snippets'", "set data.task=files")
+
+
+def test_e_unreadable_permissions(tmp_path, tiny_config, old_run, guarded, monkeypatch):
+    locked = write(tmp_path / "locked.csv", GOOD_CSV)
+    real_access = os.access
+    # root reads anything, so the denial is simulated where chmod cannot show it
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    refused(lambda: finetune(tiny_config, old_run, *files_args(locked)),
+            "data.train_file", str(locked), "not readable", "fix its permissions")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read a chmod 000 file")
+def test_e_chmod_000(tmp_path, tiny_config, old_run, guarded):
+    locked = write(tmp_path / "locked.csv", GOOD_CSV)
+    locked.chmod(0)
+    try:
+        refused(lambda: finetune(tiny_config, old_run, *files_args(locked)), str(locked), "not readable")
+    finally:
+        locked.chmod(0o644)
+
+
+def test_e_bad_corpus_files_pretrain(tmp_path, pre_yaml, old_run, guarded):
+    gone = tmp_path / "gone.txt"
+    refused(lambda: pretrain(pre_yaml, old_run, f"corpus.sources=[{gone}]"),
+            "corpus source", str(gone), "does not exist", "fix corpus.sources")
+    empty = write(tmp_path / "empty.txt", b"")
+    refused(lambda: pretrain(pre_yaml, old_run, f"corpus.sources=[{empty}]"), str(empty), "is empty",
+            "remove it from corpus.sources")
+    latin1 = write(tmp_path / "latin1.txt", ("un caf\xe9 noir\n" * 50).encode("latin-1"))
+    refused(lambda: pretrain(pre_yaml, old_run, f"corpus.sources=[{latin1}]", f"corpus.cache_dir={tmp_path / 'c'}"),
+            str(latin1), "save it as UTF-8")
+    bad = write(tmp_path / "bad.jsonl", b'{"text": "a"}\n{"text": \n')
+    refused(lambda: pretrain(pre_yaml, old_run, f"corpus.sources=[{bad}]", f"corpus.cache_dir={tmp_path / 'c'}"),
+            str(bad), "JSON")
+
+
+# --------------------------------------------------------------------------- (f) label column
+
+def test_f_missing_label_column(tmp_path, tiny_config, old_run, guarded):
+    no_label = write(tmp_path / "train.csv", GOOD_CSV.replace("text,label", "text,sentiment", 1))
+    refused(lambda: finetune(tiny_config, old_run, *files_args(no_label)),
+            "data.train_file", str(no_label), "no column 'label'", "columns: text, sentiment",
+            "set data.label_column")
+    good = write(tmp_path / "good.csv", GOOD_CSV)
+    refused(lambda: finetune(tiny_config, old_run, *files_args(good, no_label)),
+            "data.validation_file", "no column 'label'", "give it the columns of data.train_file")
+    refused(lambda: finetune(tiny_config, old_run, *files_args(good, label_column="y")),
+            "no column 'y'", "set data.label_column")
+    blank = write(tmp_path / "blank.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": null}\n')
+    refused(lambda: finetune(tiny_config, old_run, *files_args(blank)), "row 2", "no label in column 'label'",
+            "fill it in")
+
+
+# --------------------------------------------------------------------------- (g) unseen validation labels
+
+def test_g_validation_labels_unseen_in_training(tmp_path, tiny_config, old_run, guarded):
+    good = write(tmp_path / "train.csv", GOOD_CSV)
+    val = write(tmp_path / "dev.csv", "text,label\nfine,pos\nso so,mixed\nawful,angry\nmeh,mixed\n")
+    refused(lambda: finetune(tiny_config, old_run, *files_args(good, val)),
+            "data.validation_file", str(val), "labels not in data.train_file", "'angry', 'mixed'",
+            "add examples of these labels to the training file")
+
+
+def test_g_glue_validation_label_outside_the_task(tmp_path, tiny_config, old_run, guarded):
+    """Built-in tasks fix their classes: a dev label outside them is refused with its line."""
+    sst = tmp_path / "glue" / "SST-2"
+    sst.mkdir(parents=True)
+    write(sst / "train.tsv", "sentence\tlabel\n" + "".join(f"film {i}\t{i % 2}\n" for i in range(24)))
+    write(sst / "dev.tsv", "sentence\tlabel\ngood\t1\nvery good\t2\n")
+    refused(lambda: finetune(tiny_config, old_run, "data.task=sst2", f"data.glue_dir={tmp_path / 'glue'}"),
+            "line 3", str(sst / "dev.tsv"), "label '2'", "expected one of 0, 1", "fix that line")
+
+
+# --------------------------------------------------------------------------- (h) batch arithmetic
+
+def test_h_batch_sizes_from_the_yaml(tiny_config, old_run, guarded, monkeypatch):
+    refused(lambda: finetune(tiny_config, old_run, "training.train_batch_size=10", "training.micro_batch_size=4"),
+            "train_batch_size 10 (training.train_batch_size)", "micro batch 4 (training.micro_batch_size)",
+            "world size 1", "choose a multiple of 4")
+    refused(lambda: finetune(tiny_config, old_run, "training.micro_batch_size=0"),
+            "training.micro_batch_size", "> 0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what `deepspeed --num_gpus 2` sets; refused before any process group
+    refused(lambda: finetune(tiny_config, old_run, "training.train_batch_size=6", "training.micro_batch_size=2"),
+            "train_batch_size 6", "x world size 2", "choose a multiple of 4")
+    refused(lambda: finetune(tiny_config, old_run, "training.train_batch_size=7", "training.micro_batch_size=null"),
+            "train_batch_size 7 (training.train_batch_size)", "world size 2", "to a multiple of 2")
+
+
+def test_h_batch_sizes_from_the_deepspeed_json(tmp_path, tiny_config, old_run, guarded):
+    no_yaml_batch = ["training.train_batch_size=null", "training.micro_batch_size=null"]
+    ds = write(tmp_path / "ds.json", json.dumps({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}))
+    refused(lambda: finetune(tiny_config, old_run, *no_yaml_batch, ds=str(ds)),
+            "train_batch_size 10 (train_batch_size in the DeepSpeed JSON)",
+            "micro batch 4 (train_micro_batch_size_per_gpu in the DeepSpeed JSON)", "choose a multiple of 4")
+    ds = write(tmp_path / "ds.json", json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+                                                 "gradient_accumulation_steps": 3}))
+    refused(lambda: finetune(tiny_config, old_run, *no_yaml_batch, ds=str(ds)),
+            "train_batch_size 8 != micro 2 x accumulation 3 x world size 1 = 6", "fix one of them")
+    ds = write(tmp_path / "ds.json", json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": "2"}))
+    refused(lambda: finetune(tiny_config, old_run, *no_yaml_batch, ds=str(ds)),
+            "train_micro_batch_size_per_gpu in the DeepSpeed JSON must be a positive integer", "'2'")
+    # More ranks x micro batch than training examples.
+    refused(lambda: finetune(tiny_config, old_run, "data.max_train_examples=4", "training.train_batch_size=8",
+                             "training.micro_batch_size=8"),
+            "4 examples", "fewer than one global micro-batch", "lower the batch size or add data")
+
+
+# --------------------------------------------------------------------------- (i) output directory
+
+def test_i_output_directory_holding_another_run(tmp_path, tiny_config, old_run, guarded):
+    refused(lambda: finetune(tiny_config, old_run, overwrite=False),
+            str(old_run), "already holds a run", "--resume", "--overwrite", "another --output_dir")
+    refused(lambda: finetune(tiny_config, old_run, overwrite=False, resume=True),
+            "--resume", "differs from the saved run's in training.lr", "same config")
+    refused(lambda: finetune(tiny_config, old_run, overwrite=True, resume=True), "contradict", "pass one")
+    same = tmp_path / "same_config"
+    shutil.copytree(old_run, same)
+    save_config(load_config(str(tiny_config)), same / "config.yaml")
+    refused(lambda: finetune(tiny_config, same, overwrite=False, resume=True),
+            "has finished (results.json exists)", "--overwrite")
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine\n")
+    refused(lambda: finetune(tiny_config, stray, overwrite=False), "is not empty and holds no codir-ds run",
+            "choose a new or empty --output_dir")
+    refused(lambda: finetune(tiny_config, stray, overwrite=False, resume=True), "holds no run (no config.yaml)",
+            "drop --resume")
+    assert (stray / "notes.txt").read_text() == "mine\n" and len(list(stray.iterdir())) == 1
+    a_file = write(tmp_path / "out.txt", "x")
+    refused(lambda: finetune(tiny_config, a_file, overwrite=True), "is a file", "choose a directory")
+
+
+def test_i_pretrain_refuses_an_output_directory_holding_another_run(pre_yaml, old_run, guarded):
+    refused(lambda: pretrain(pre_yaml, old_run, overwrite=False), "already holds a run", "--overwrite")
+
+
+# --------------------------------------------------------------------------- (j) damaged checkpoints
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_teacher):
+    """A real 1-rank run stopped at step 4 (checkpoints at steps 2 and 4), as a preempted job leaves it."""
+    from codir_ds.engine.finetune import run_finetune
+    root = tmp_path_factory.mktemp("stopped")
+    config = write(root / "tiny.yaml", TINY_YAML.format(teacher=tiny_teacher))
+    overrides = ["training.checkpoint_every=2", "training.stop_at_step=4"]
+    if conftest._SINGLE_PROCESS_PORT is None:  # the process group the single_process_env fixture shares
+        conftest._SINGLE_PROCESS_PORT = str(free_port())
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=conftest._SINGLE_PROCESS_PORT).items():
+            mp.setenv(k, v)
+        out = run_finetune(load_config(str(config), overrides), DS, str(root / "run"))
+    assert out == {"stopped_at_step": 4}
+    ckpts = root / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004" and (ckpts / "step_00000002").is_dir()
+    return config, overrides, root / "run"
+
+
+def _copy(stopped_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run[2], run)
+    return run
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _resume(stopped_run, run: Path):
+    config, overrides, _ = stopped_run
+    return lambda: finetune(config, run, *overrides, resume=True, overwrite=False)
+
+
+@pytest.mark.parametrize("victim, damage, fragments", [
+    ("codir_rank_00000.pt", "truncate", ("truncated or corrupted",)),
+    ("mp_rank_00_model_states.pt", "truncate", ("truncated or corrupted",)),
+    ("mp_rank_00_model_states.pt", "flip", ("CRC mismatch",)),
+    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "truncate", ("truncated or corrupted",)),
+    ("codir_rank_00000.pt", "empty", ("empty (0 bytes)",)),
+])
+def test_j_damaged_checkpoint_is_refused_before_the_engine(stopped_run, tmp_path, guarded, victim, damage, fragments):
+    run = _copy(stopped_run, tmp_path)
+    tag = run / "checkpoints" / "step_00000004"
+    target = tag / victim
+    assert target.is_file(), sorted(p.name for p in tag.iterdir())
+    if damage == "truncate":
+        _truncate(target)
+    elif damage == "empty":
+        target.write_bytes(b"")
+    else:  # one flipped byte in the middle: still a loadable archive, torch.load would not notice
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    before = snapshot(run, mtimes=True)
+    refused(_resume(stopped_run, run), "--resume", str(target), *fragments,
+            f"delete '{tag}' to resume from the previous checkpoint 'step_00000002'")
+    assert snapshot(run, mtimes=True) == before
+
+
+def test_j_last_checkpoint_damaged_with_no_earlier_one(stopped_run, tmp_path, guarded):
+    run = _copy(stopped_run, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    _truncate(run / "checkpoints" / "step_00000004" / "codir_rank_00000.pt")
+    before = snapshot(run, mtimes=True)
+    refused(_resume(stopped_run, run), "codir_rank_00000.pt", "no earlier checkpoint is left", "--overwrite")
+    assert snapshot(run, mtimes=True) == before
+
+
+def test_j_resume_without_a_complete_checkpoint(stopped_run, tmp_path, guarded):
+    run = _copy(stopped_run, tmp_path)
+    for tag in ("step_00000002", "step_00000004"):
+        (run / "checkpoints" / tag / "COMPLETE").unlink()  # as a crash mid-save leaves them
+    before = snapshot(run, mtimes=True)
+    refused(_resume(stopped_run, run), "--resume: no complete checkpoint", "--overwrite")
+    assert snapshot(run, mtimes=True) == before
+
+
+def test_j_checkpoint_that_fails_at_deepspeed_load_leaves_the_run_intact(stopped_run, tmp_path, single_process_env):
+    """An intact archive with the wrong content passes the cheap checks and fails in engine.load_checkpoint."""
+    run = _copy(stopped_run, tmp_path)
+    tag = run / "checkpoints" / "step_00000004"
+    torch.save({"not": "optimizer state"}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    before = snapshot(run)
+    refused(_resume(stopped_run, run), "DeepSpeed checkpoint", str(tag), "delete it")
+    assert snapshot(run) == before  # same files, same bytes: nothing deleted, rewritten or added
+
+
+def test_j_intact_checkpoint_passes_the_checks_and_resumes(stopped_run, tmp_path, single_process_env):
+    """The control: the same checks accept DeepSpeed's and codir-ds's real files."""
+    from codir_ds.engine.rundir import check_resume_checkpoint
+    run = _copy(stopped_run, tmp_path)
+    assert check_resume_checkpoint(run / "checkpoints") == "step_00000004"
+    results = _resume(stopped_run, run)()
+    assert results["steps"] == 6 and (run / "results.json").is_file()
+
+
+def test_j_launcher_on_a_truncated_checkpoint(stopped_run, tmp_path):
+    run = _copy(stopped_run, tmp_path)
+    _truncate(run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", keep=0.9)
+    before = snapshot(run, mtimes=True)
+    config, overrides, _ = stopped_run
+    args = ["--deepspeed_config", DS, "--config", str(config), "--output_dir", str(run), "--resume"]
+    for o in overrides:
+        args += ["--set", o]
+    launcher_error(python_launch("launchers/finetune.py", args), "error: --resume", "mp_rank_00_model_states.pt",
+                   "delete")
+    assert snapshot(run, mtimes=True) == before
+
+
+# --------------------------------------------------------------------------- pretrain config
+
+PRE_YAML = """
+name: tiny_pre
+model:
+  teacher: {teacher}
+  student_layers: 1
+  student_hidden: 32
+  student_heads: 2
+  student_intermediate: 64
+corpus:
+  sources: [{corpus}]
+  block_size: 32
+  validation_blocks: 16
+  cache_dir: {cache}
+method:
+  name: codir
+  alpha_kd: 0.1
+  num_negatives: 5
+  projection_dim: 16
+""" + TINY_TRAINING_YAML
+
+
+@pytest.fixture(scope="module")
+def pre_yaml(tmp_path_factory, tiny_mlm_teacher, corpus_file) -> Path:
+    root = tmp_path_factory.mktemp("pre")
+    return write(root / "pre.yaml", PRE_YAML.format(teacher=tiny_mlm_teacher, corpus=corpus_file,
+                                                    cache=root / "cache"))

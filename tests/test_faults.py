@@ -1,0 +1,110 @@
+"""Fault tolerance: a rank SIGKILLed mid-training or mid-save, then ``--resume``.
+
+Both runs end with exactly the weights, bank and per-step losses of an uninterrupted run
+(fp32, ``training.deterministic``, 2 CPU ranks, ZeRO-2): no step lost, none repeated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY_YAML, deepspeed_launch
+
+DS = str(REPO / "ds_configs" / "zero2.json")
+COMMON = ["--set", "training.deterministic=true", "--set", "training.max_steps=8", "--set",
+          "training.checkpoint_every=2", "--set", "training.keep_checkpoints=2", "--set", "logging.log_every=1"]
+
+
+def _launch(cfg: Path, run: Path, *extra: str, fault: str = ""):
+    env_before = os.environ.get("CODIR_DS_FAULT")
+    if fault:
+        os.environ["CODIR_DS_FAULT"] = fault
+    try:
+        return deepspeed_launch("launchers/finetune.py", 2, ["--deepspeed_config", DS, "--config", str(cfg),
+                                                             "--output_dir", str(run), *COMMON, *extra], timeout=300)
+    finally:
+        if env_before is None:
+            os.environ.pop("CODIR_DS_FAULT", None)
+        else:
+            os.environ["CODIR_DS_FAULT"] = env_before
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+
+
+def _state(run: Path):
+    """Exported weights, bank rows/update counts by id, and per-step total losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    shards = [torch.load(f, weights_only=False)["bank"] for f in sorted((run / "checkpoints" / tag).glob("codir_rank_*.pt"))]
+    ids = torch.cat([s["ids"] for s in shards])
+    order = ids.argsort()
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    losses = {e.step: e.value for e in ea.Scalars("loss/total")}
+    return (load_file(run / "export" / "model.safetensors"), torch.cat([s["rows"] for s in shards])[order],
+            torch.cat([s["updates"] for s in shards])[order], losses)
+
+
+def _assert_identical(a: Path, b: Path):
+    wa, rows_a, upd_a, loss_a = _state(a)
+    wb, rows_b, upd_b, loss_b = _state(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert torch.equal(rows_a, rows_b) and torch.equal(upd_a, upd_b)
+    assert loss_a == loss_b and sorted(loss_a) == list(range(1, 9))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_teacher):
+    root = tmp_path_factory.mktemp("faults")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY_YAML.format(teacher=tiny_teacher))
+    reference = root / "uninterrupted"
+    _ok(_launch(cfg, reference))
+    return cfg, reference
+
+
+def test_sigkill_one_rank_mid_training_then_resume_equals_uninterrupted(setup, tmp_path):
+    cfg, reference = setup
+    run = tmp_path / "killed"
+    proc = _launch(cfg, run, fault="step:5:1")  # rank 1 dies after step 5; the last checkpoint is step 4
+    assert proc.returncode != 0
+    assert "killing rank 1 at step 5" in proc.stdout + proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (run / "results.json").exists()
+    proc = _launch(cfg, run, "--resume")
+    _ok(proc)
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    _assert_identical(reference, run)
+    # keep_checkpoints=2: only the two newest survive
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step_00000006", "step_00000008"]
+
+
+def test_crash_during_checkpoint_save_leaves_previous_checkpoint_loadable(setup, tmp_path):
+    cfg, reference = setup
+    run = tmp_path / "killed_saving"
+    proc = _launch(cfg, run, fault="save:6:0")  # rank 0 dies after writing its files of checkpoint 6
+    assert proc.returncode != 0
+    half = run / "checkpoints" / "step_00000006"
+    assert half.is_dir() and any(half.iterdir()) and not (half / "COMPLETE").exists()  # written, never published
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    proc = _launch(cfg, run, "--resume")
+    _ok(proc)
+    assert "at step 4" in proc.stdout
+    _assert_identical(reference, run)
+    assert json.loads((run / "results.json").read_text())["steps"] == 8
+
+
+def test_bad_fault_spec_is_a_one_line_error(setup, tmp_path):
+    cfg, _ = setup
+    proc = _launch(cfg, tmp_path / "x", fault="stepp:5")
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "CODIR_DS_FAULT" in lines[0]
+    assert not (tmp_path / "x").exists()
