@@ -36,6 +36,7 @@ def single_process_env(monkeypatch):
                      MASTER_PORT=_SINGLE_PROCESS_PORT).items():
         monkeypatch.setenv(k, v)
     yield
+    remove_shm_buffers(_SINGLE_PROCESS_PORT)  # created once; peers never reopen it
 
 
 def _export_tiny_bert(tmp_path_factory, name: str, seed: int, masked_lm: bool) -> Path:
@@ -125,12 +126,22 @@ def tiny_config(tmp_path, tiny_teacher) -> Path:
     return path
 
 
+def remove_shm_buffers(port) -> None:
+    """DeepSpeed's CPU comm op leaves a 66 MB /dev/shm buffer per rank; a killed rank cannot remove its own."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
+
+
 def deepspeed_launch(script: str, ranks: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N script args`` on CPU ranks (gloo), one thread each."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), str(REPO / script), *args]
-    return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+           "--master_port", str(port), str(REPO / script), *args]
+    try:
+        return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
 
 
 def python_launch(script: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:

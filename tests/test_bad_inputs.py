@@ -508,7 +508,7 @@ def test_j_checkpoint_that_fails_at_deepspeed_load_leaves_the_run_intact(stopped
     tag = run / "checkpoints" / "step_00000004"
     torch.save({"not": "optimizer state"}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     before = snapshot(run)
-    refused(_resume(stopped_run, run), "DeepSpeed checkpoint", str(tag), "delete it")
+    refused(_resume(stopped_run, run), "DeepSpeed checkpoint", str(tag), f"delete '{tag}'", "step_00000002")
     assert snapshot(run) == before  # same files, same bytes: nothing deleted, rewritten or added
 
 

@@ -108,3 +108,17 @@ def test_bad_fault_spec_is_a_one_line_error(setup, tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "CODIR_DS_FAULT" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_rank_removes_deepspeed_shm_buffer_at_exit(monkeypatch):
+    """DeepSpeed's CPU comm op never unlinks its 66 MB /dev/shm buffer; codir-ds does at exit."""
+    from codir_ds.engine.session import remove_shm_buffer, shm_buffer_path
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "3")
+    path = shm_buffer_path()
+    assert path.name == f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_3"
+    path.write_bytes(b"x")
+    remove_shm_buffer()
+    assert not path.exists()
+    remove_shm_buffer()  # already gone: no error

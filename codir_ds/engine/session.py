@@ -6,10 +6,12 @@ collective export of the student.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,11 +48,32 @@ def init_distributed() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(verbose=False)
+    atexit.register(remove_shm_buffer)
     # Bind this process to its accelerator before anything is placed on it (the engine
     # would do it only inside deepspeed.initialize; the teacher and bank come first).
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def shm_buffer_path(rank: Optional[int] = None) -> Path:
+    """DeepSpeed's CPU shared-memory all-reduce buffer of this process (~66 MB in /dev/shm)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def remove_shm_buffer() -> None:
+    """Unlink this rank's shared-memory buffer at exit.
+
+    DeepSpeed 0.19's CPU comm op creates it at init and never unlinks it: every CPU run
+    would leave 66 MB per rank in /dev/shm (RAM) until reboot. Peers map it only during
+    init, so removing the name at exit is safe.
+    """
+    try:
+        shm_buffer_path().unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def set_seed(seed: int) -> None:
@@ -126,17 +149,20 @@ def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank
     # Every rank must see the same run directory: checkpoints are written by all ranks and
     # published by rank 0, so a node-local --output_dir would lose shards silently.
     token = [os.urandom(8).hex() if rank == 0 else None]  # not the seeded RNGs
-    if rank == 0:
-        (run_dir / ".codir_run_token").write_text(token[0])
     dist.broadcast_object_list(token, src=0)
-    marker = run_dir / ".codir_run_token"
-    seen = marker.read_text() if marker.is_file() else None
+    marker = run_dir / f".codir_shared_check_{token[0]}"
+    if rank == 0:
+        marker.write_text(token[0])
+    dist.barrier()
+    deadline = time.monotonic() + 15.0  # network filesystems may show a new file late
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.25)
     from deepspeed.accelerator import get_accelerator
-    ok = torch.tensor([1 if seen == token[0] else 0], device=get_accelerator().current_device_name())
+    ok = torch.tensor([1 if marker.is_file() else 0], device=get_accelerator().current_device_name())
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        marker.unlink(missing_ok=True)
     if not int(ok):
-        if seen != token[0]:
-            print(f"error: rank {dist.get_rank()} does not see '{marker}'", flush=True)
         raise CodirError(f"--output_dir '{run_dir}' is not on a filesystem shared by every node: put it on shared "
                          f"storage (every rank writes its checkpoint files there)")
 
