@@ -22,10 +22,13 @@ from codir_ds.errors import CodirError
 
 ConfigError = CodirError
 
-OBJECTIVES = ("ce", "mlm", "kd", "codir")
+OBJECTIVES = ("ce", "mlm", "kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild", "ctcd")
 # Which objectives each stage accepts: finetuning has labels, pre-training has a corpus.
-FINETUNE_OBJECTIVES = ("ce", "kd", "codir")
-PRETRAIN_OBJECTIVES = ("mlm", "kd", "codir")
+# PKD and CR-ILD are finetuning methods in their papers; the others have both stages.
+FINETUNE_OBJECTIVES = ("ce", "kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild", "ctcd")
+PRETRAIN_OBJECTIVES = ("mlm", "kd", "codir", "tinybert", "distilbert", "ctcd")
+# Methods whose loss reads the teacher (ctcd only in its one-way variant).
+TEACHER_OBJECTIVES = ("kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild")
 POOLINGS = ("mean", "cls")
 PRECISION_FALLBACKS = ("bf16", "fp32")
 
@@ -72,6 +75,11 @@ class DataConfig:
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     max_length: int = 128
+    # CR-ILD: supplementary inputs for the ILD stage (labels unused): a packaged task name
+    # (movie_snippets, trec6, ...), or a .txt (one text per line) / .jsonl / .csv / .tsv file
+    # whose text_column (and text_pair_column when set) is read. null = the task's own inputs only.
+    supplementary: Optional[str] = None
+    supplementary_max_examples: Optional[int] = None
 
 
 @dataclass
@@ -114,10 +122,35 @@ class MethodConfig:
     # Pre-training: fraction of (non-special) tokens selected for masked-LM prediction;
     # selected tokens become [MASK] 80%, a random token 10%, unchanged 10%.
     mlm_probability: float = 0.15
-
-
-@dataclass
-class TrainingConfig:
+    # ---- intermediate-layer distillation (pkd, tinybert, distilbert, cr_ild; METHODS.md 4-5)
+    # Which teacher layer feeds which student layer: "default" (the method's own: pkd uniform
+    # over the intermediate layers, tinybert uniform plus embeddings, distilbert and cr_ild
+    # last only), "uniform" (student layer i <- teacher layer i * Lt / Ls), "last" (last <-
+    # last), or a list of [student_layer, teacher_layer] pairs (1-based, 0 = embeddings).
+    layer_map: Union[str, list[list[int]]] = "default"
+    alpha_hidden: float = 1.0     # hidden-state term: pkd normalised [CLS] MSE, tinybert/cr_ild MSE,
+                                  # distilbert cosine loss
+    alpha_attention: float = 1.0  # attention-map MSE (tinybert, cr_ild)
+    # ---- CR-ILD (METHODS.md 2): ILD stage on the first ild_fraction of the steps, then
+    # prediction-layer KD (+ CE) with alpha_kd / kd_temperature.
+    ild_fraction: float = 0.5
+    alpha_consistency: float = 1.0  # final weight of the mixup consistency term
+    consistency_ramp: float = 1.0   # fraction of the ILD stage over which that weight rises 0 -> final
+    mixup_alpha: float = 1.0        # lambda ~ Beta(a, a), then lambda = max(lambda, 1 - lambda)
+    consistency_ema: float = 0.0    # 0: clean targets from the student itself (no grad); in (0, 1):
+                                    # from an EMA copy of the student with this decay
+    # ---- CTCD (METHODS.md 3): a larger and a smaller trainable model trained together.
+    # The larger model: a directory (e.g. all-MiniLM-L6-v2) or null for a random model of
+    # ctcd_large_layers x ctcd_large_hidden / ctcd_large_heads. The smaller model is the student.
+    ctcd_large_init: Optional[str] = None
+    ctcd_large_layers: int = 4
+    ctcd_large_hidden: int = 256
+    ctcd_large_heads: int = 4
+    alpha_small_to_large: float = 0.5   # weight of KD(small -> large) in the larger model's loss
+    alpha_large_to_small: float = 0.5   # weight of KD(large -> small) in the smaller model's loss
+    # One-way variant: the frozen model.teacher distils into both models (alpha_kd each),
+    # and the two models do not distil into each other.
+    ctcd_one_way: bool = False
     seed: int = 42
     epochs: float = 3.0
     max_steps: int = -1             # > 0 overrides epochs
@@ -394,8 +427,36 @@ def validate(cfg: ExperimentConfig) -> None:
             raise CodirError(
                 f"model.student_hidden ({mc.student_hidden}) must be divisible by model.student_heads "
                 f"({mc.student_heads}): change one of them")
-    if m.name in ("kd", "codir") and not mc.teacher:
-        raise CodirError(f"method.name={m.name} needs a teacher: set model.teacher to a directory or 'all-MiniLM-L6-v2'")
+    for key in ("alpha_hidden", "alpha_attention", "alpha_consistency", "alpha_small_to_large",
+                "alpha_large_to_small"):
+        _positive(f"method.{key}", getattr(m, key), allow_zero=True)
+    _positive("method.mixup_alpha", m.mixup_alpha)
+    if isinstance(m.layer_map, str):
+        _choice("method.layer_map", m.layer_map, ("default", "uniform", "last"))
+    elif not m.layer_map or any(len(pair) != 2 or min(pair) < 0 for pair in m.layer_map):
+        raise CodirError(f"config key 'method.layer_map' must be default, uniform, last or a list of [student_layer, "
+                         f"teacher_layer] pairs of indices >= 0, got {m.layer_map!r}: {_fix('method.layer_map')}")
+    for key, ok, allowed in (("ild_fraction", 0.0 <= m.ild_fraction <= 1.0, "[0, 1]"),
+                             ("consistency_ramp", 0.0 < m.consistency_ramp <= 1.0, "(0, 1]"),
+                             ("consistency_ema", 0.0 <= m.consistency_ema < 1.0, "[0, 1)")):
+        if not ok:
+            raise CodirError(f"config key 'method.{key}' must be in {allowed}, got {getattr(m, key)}: "
+                             f"{_fix('method.' + key)}")
+    if m.name == "ctcd" and not m.ctcd_large_init:
+        for key in ("ctcd_large_layers", "ctcd_large_hidden", "ctcd_large_heads"):
+            _positive(f"method.{key}", getattr(m, key))
+        if m.ctcd_large_hidden % m.ctcd_large_heads:
+            raise CodirError(f"method.ctcd_large_hidden ({m.ctcd_large_hidden}) must be divisible by "
+                             f"method.ctcd_large_heads ({m.ctcd_large_heads}): change one of them")
+    if d.supplementary_max_examples is not None:
+        _positive("data.supplementary_max_examples", d.supplementary_max_examples)
+    if d.supplementary and m.name != "cr_ild":
+        raise CodirError(f"data.supplementary is set but method.name is {m.name}: only cr_ild reads supplementary "
+                         f"data; unset data.supplementary or use method.name=cr_ild")
+    needs_teacher = m.name in TEACHER_OBJECTIVES or (m.name == "ctcd" and m.ctcd_one_way)
+    if needs_teacher and not mc.teacher:
+        raise CodirError(f"method.name={m.name}{' with method.ctcd_one_way' if m.name == 'ctcd' else ''} needs a "
+                         f"teacher: set model.teacher to a directory or 'all-MiniLM-L6-v2'")
     if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:
         raise CodirError("no tokenizer: set model.tokenizer, model.teacher, model.student_init or model.init_from "
                          "to a model directory")

@@ -97,6 +97,9 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if cfg.method.name == "ctcd":  # two trainable models, two engines: its own loop
+        from codir_ds.engine.cotrain import run_cotrain
+        return run_cotrain(cfg, ds_config_path, output_dir, "finetune", resume, overwrite, probe)
     p = prepare(cfg, ds_config_path, output_dir, resume, overwrite)
     rank, _, world = dist_env()
     tcfg, mcfg = cfg.training, cfg.method
