@@ -151,6 +151,10 @@ class MethodConfig:
     # One-way variant: the frozen model.teacher distils into both models (alpha_kd each),
     # and the two models do not distil into each other.
     ctcd_one_way: bool = False
+
+
+@dataclass
+class TrainingConfig:
     seed: int = 42
     epochs: float = 3.0
     max_steps: int = -1             # > 0 overrides epochs
