@@ -658,3 +658,56 @@ def _load_files(cfg: Any, fraction: Any, seed: Any):
         val_rows = list(zip(val_data[0], val_data[1], val_y))
     metrics = REGRESSION_METRICS if is_regression else CLASSIFICATION_METRICS
     return "files", is_regression, label_names, train_rows, val_rows, metrics
+
+
+# --------------------------------------------------------------------------- supplementary inputs (CR-ILD)
+
+def load_supplementary(data_cfg: Any, task: TaskData) -> list[Example]:
+    """CR-ILD's supplementary inputs (``data.supplementary``): unlabelled examples for the ILD stage.
+
+    A packaged task name (its training inputs), a ``.txt`` file (one text per line) or a
+    ``.csv`` / ``.tsv`` / ``.jsonl`` file whose ``data.text_column`` (and
+    ``data.text_pair_column``) is read. Labels are not used: examples carry label 0 (the
+    task's label type) and ids from ``-1`` downwards, so no memory-bank row is ever theirs.
+    Their text/text-pair shape must match the task's.
+    """
+    spec = _get(data_cfg, "supplementary")
+    if spec is None:
+        return []
+    limit = _check_max(data_cfg, "supplementary_max_examples")
+    name = str(spec).strip().lower()
+    if _TASK_ALIASES.get(name, name) in PACKAGED_TASKS:
+        other = load_task({"task": name, "split_seed": _get(data_cfg, "split_seed", 13),
+                           "validation_fraction": _get(data_cfg, "validation_fraction", 0.1)})
+        rows = [(ex.text, ex.text_pair) for ex in other.train]
+    else:
+        path = Path(str(spec)).expanduser()
+        if path.suffix.lower() == ".txt":
+            if not path.is_file():
+                raise CodirError(f"data.supplementary {str(path)!r} does not exist: set it to a packaged task name "
+                                 f"({', '.join(PACKAGED_TASKS)}) or an existing .txt/.csv/.tsv/.jsonl file")
+            _check_utf8_text(path, "supplementary")
+            rows = [(line.strip(), None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            if not path.exists() and path.suffix.lower() not in _FORMATS:
+                raise CodirError(f"data.supplementary {str(spec)!r} is neither a packaged task "
+                                 f"({', '.join(PACKAGED_TASKS)}) nor a .txt/.csv/.tsv/.jsonl file: fix data.supplementary")
+            table, _ = _read_table(path, "supplementary")
+            text_col = _get(data_cfg, "text_column", "text")
+            texts = _texts(_column(table, text_col, "text_column", "supplementary", path), text_col,
+                           "supplementary", path)
+            pair_col = _get(data_cfg, "text_pair_column")
+            pairs = (_texts(_column(table, pair_col, "text_pair_column", "supplementary", path), pair_col,
+                            "supplementary", path) if pair_col else [None] * len(texts))
+            rows = list(zip(texts, pairs))
+    if not rows:
+        raise CodirError(f"data.supplementary {str(spec)!r} holds no texts: point it at inputs or unset it")
+    task_pairs = bool(task.train) and task.train[0].text_pair is not None
+    if (rows[0][1] is not None) != task_pairs:
+        raise CodirError(f"data.supplementary {str(spec)!r} has {'text pairs' if rows[0][1] is not None else 'single texts'} "
+                         f"but task {task.name} has {'text pairs' if task_pairs else 'single texts'}: use inputs of the "
+                         f"same shape (data.text_pair_column)")
+    if limit is not None:
+        rows = rows[:limit]
+    dummy = 0.0 if task.is_regression else 0
+    return [Example(id=-1 - i, text=t, text_pair=p, label=dummy) for i, (t, p) in enumerate(rows)]

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from codir_ds.distill.ild import layer_pairs, mix_targets, mixup_embeddings
 from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
 
@@ -27,15 +28,88 @@ class ProjectionHead(nn.Module):
         return self.linear(x.to(self.linear.weight.dtype))
 
 
-class DistillationModule(nn.Module):
-    """Student classifier with optional CRD heads.
+class ILDSpec:
+    """What the intermediate-layer methods read from the student (pkd, tinybert, distilbert, cr_ild).
 
-    ``forward`` returns a dict with ``logits`` ``[B, C]`` and, when the heads exist
-    and ``teacher_features`` ``[B, Lt*d_t]`` is given, ``h_s`` and ``h_t`` ``[B, m]``.
+    ``pairs``: ``[(student_layer, teacher_layer)]`` (0 = embeddings); ``kind``: ``"cls"`` (pkd:
+    the [CLS] row of each mapped layer) or ``"hidden"`` (whole sequences); ``attention``:
+    also the attention maps of mapped Transformer layers (tinybert, cr_ild); ``consistency``:
+    cr_ild's mixup consistency on the last layer.
+    """
+
+    def __init__(self, pairs, kind: str, attention: bool, consistency: bool = False):
+        self.pairs = [tuple(p) for p in pairs]
+        self.kind = kind
+        self.attention = attention
+        self.consistency = consistency
+
+    @property
+    def student_layers(self) -> list[int]:
+        return [s for s, _ in self.pairs]
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return [t for _, t in self.pairs]
+
+    @property
+    def attention_pairs(self) -> list[tuple[int, int]]:
+        """Pairs whose maps are compared: Transformer layers only (the embeddings have no attention)."""
+        return [(s, t) for s, t in self.pairs if s > 0 and t > 0] if self.attention else []
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Attention maps are only returned by the eager implementation (SDPA computes none)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"
+
+
+def ild_features(hidden_states, attentions, mask: torch.Tensor, spec: ILDSpec, layers_from: str,
+                 projections: Optional[nn.ModuleList] = None) -> dict:
+    """The mapped features of one side (``layers_from`` "student" or "teacher") as the objective wants them."""
+    idx = spec.student_layers if layers_from == "student" else spec.teacher_layers
+    prefix = "s_" if layers_from == "student" else "t_"
+    out = {"mask": mask}
+    if spec.kind == "cls":
+        feats = [hidden_states[i][:, 0] for i in idx]
+        key = prefix + "cls"
+    else:
+        feats = [hidden_states[i] for i in idx]
+        key = prefix + "hidden"
+    if projections is not None:
+        feats = [proj(f.to(proj.weight.dtype)) for proj, f in zip(projections, feats)]
+    out[key] = feats
+    if spec.attention:
+        a_idx = [s if layers_from == "student" else t for s, t in spec.attention_pairs]
+        out[prefix + "attn"] = [attentions[i - 1] for i in a_idx]
+    return out
+
+
+def build_ild_spec(objective, mcfg, student, teacher) -> Optional[ILDSpec]:
+    """The layer pairs and features pkd / tinybert / distilbert / cr_ild distil (None for other methods)."""
+    if not objective.uses_ild:
+        return None
+    pairs = layer_pairs(mcfg.layer_map, objective.name, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    return ILDSpec(pairs, "cls" if objective.name == "pkd" else "hidden", attention=objective.uses_attention,
+                   consistency=objective.name == "cr_ild" and mcfg.alpha_consistency > 0)
+
+
+class DistillationModule(nn.Module):
+    """Student classifier with the objective's learnable heads.
+
+    ``forward`` returns a dict with ``logits`` ``[B, C]``; with CRD heads and
+    ``teacher_features`` ``[B, Lt*d_t]`` also ``h_s`` and ``h_t`` ``[B, m]``; with ``ild=True``
+    an ``ild`` dict of the student's mapped features (:func:`ild_features`), projected to the
+    teacher's width by one learned linear map per layer pair when the widths differ. With
+    ``mix=(lam, partner)`` the student runs on mixed word embeddings (CR-ILD) and, for the
+    consistency term, also on the clean inputs without gradient (itself, or ``clean_model``:
+    an EMA copy), whose mixed last-layer states and attention are the targets.
     """
 
     def __init__(self, student: nn.Module, student_layers: Sequence[int], pooling: str,
-                 teacher_dim: Optional[int] = None, projection_dim: Optional[int] = None):
+                 teacher_dim: Optional[int] = None, projection_dim: Optional[int] = None,
+                 ild_spec: Optional[ILDSpec] = None, teacher_width: Optional[int] = None):
         super().__init__()
         self.student = student
         self.student_layers = list(student_layers)
@@ -46,17 +120,50 @@ class DistillationModule(nn.Module):
             self.proj_t = ProjectionHead(teacher_dim, projection_dim)
         else:
             self.proj_s = self.proj_t = None
+        self.ild_spec = ild_spec
+        self.ild_proj = None
+        if ild_spec is not None:
+            d_s = student.config.hidden_size
+            if teacher_width is not None and teacher_width != d_s:
+                self.ild_proj = nn.ModuleList(nn.Linear(d_s, teacher_width) for _ in ild_spec.pairs)
+            if ild_spec.attention:
+                use_eager_attention(student)
+
+    def _ild(self, out, mask) -> dict:
+        return ild_features(out.hidden_states, out.attentions, mask, self.ild_spec, "student", self.ild_proj)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None,
-                teacher_features: Optional[torch.Tensor] = None) -> dict:
+                teacher_features: Optional[torch.Tensor] = None, ild: bool = False,
+                mix: Optional[tuple] = None, clean_model: Optional[nn.Module] = None) -> dict:
         want_features = self.proj_s is not None and teacher_features is not None
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           output_hidden_states=want_features)
+        attn = ild and self.ild_spec.attention
+        kwargs = dict(token_type_ids=token_type_ids, output_hidden_states=want_features or ild,
+                      output_attentions=attn)
+        mask = attention_mask
+        if mix is not None:
+            lam, partner = mix
+            embeds, mask = mixup_embeddings(self.student.get_input_embeddings()(input_ids), attention_mask,
+                                            lam, partner)
+            out = self.student(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        else:
+            out = self.student(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         result = {"logits": out.logits}
         if want_features:
             pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
             result["h_s"] = self.proj_s(pooled)
             result["h_t"] = self.proj_t(teacher_features)
+        if ild:
+            result["ild"] = self._ild(out, mask)
+            if mix is not None and self.ild_spec.consistency:
+                with torch.no_grad():
+                    clean = (clean_model or self.student)(
+                        input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        output_hidden_states=True, output_attentions=attn)
+                result["ild"]["cons_hidden"] = out.hidden_states[-1]
+                result["ild"]["cons_hidden_target"] = mix_targets(clean.hidden_states[-1], lam, partner)
+                if attn:
+                    result["ild"]["cons_attn"] = out.attentions[-1]
+                    result["ild"]["cons_attn_target"] = mix_targets(clean.attentions[-1], lam, partner)
         return result
 
 
@@ -65,18 +172,22 @@ class PretrainModule(DistillationModule):
 
     ``forward`` returns ``logits`` ``[M, V]`` at the flat masked positions ``rows`` only
     (see :func:`codir_ds.models.mlm.masked_rows`) and, with CRD heads and
-    ``teacher_features``, ``h_s`` / ``h_t`` ``[B, m]`` pooled from the same masked input.
+    ``teacher_features``, ``h_s`` / ``h_t`` ``[B, m]`` pooled from the same masked input;
+    with ``ild=True`` the mapped hidden states / attention of the masked input (tinybert,
+    distilbert pre-training).
     """
 
     def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
-                teacher_features: Optional[torch.Tensor] = None) -> dict:
+                teacher_features: Optional[torch.Tensor] = None, ild: bool = False) -> dict:
         body, head = mlm_parts(self.student)
         want_features = self.proj_s is not None and teacher_features is not None
         out = body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                   output_hidden_states=want_features)
+                   output_hidden_states=want_features or ild, output_attentions=ild and self.ild_spec.attention)
         result = {"logits": head(gather_rows(out.last_hidden_state, rows))}
         if want_features:
             pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
             result["h_s"] = self.proj_s(pooled)
             result["h_t"] = self.proj_t(teacher_features)
+        if ild:
+            result["ild"] = self._ild(out, attention_mask)
         return result

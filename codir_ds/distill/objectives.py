@@ -5,6 +5,11 @@ Eq. 1 of the CoDIR paper: ``L = L_task + a1 * L_KD + a2 * L_CRD``.
 - ``ce``:    L_task only (plain finetuning).
 - ``kd``:    L_task + a1 * [rho^2] * KL(softmax(z_t/rho) || softmax(z_s/rho)).
 - ``codir``: ``kd`` + a2 * InfoNCE(teacher positive vs. K bank negatives).
+- ``pkd``:        ``kd`` + a_hidden * PKD's normalised [CLS] MSE over the layer map.
+- ``tinybert``:   ``kd`` + a_hidden * hidden-state MSE + a_attention * attention MSE over the layer map.
+- ``distilbert``: ``kd`` + a_hidden * cosine loss on the last hidden states.
+- ``cr_ild``:     ILD stage: a_hidden * last-layer hidden MSE + a_attention * attention MSE on
+  mixed inputs + w(step) * consistency MSE (hidden and attention); KD stage: ``kd``.
 
 Regression tasks (one output): L_task is MSE to the target, and the KD term is
 the MSE between student and teacher predictions (a softmax over one output is
@@ -21,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from codir_ds.distill.ild import ILD_METHODS, attention_mse, cosine_loss, hidden_mse, pkd_loss
 from codir_ds.distill.losses import crd_loss, crd_loss_shared, crd_scores, kd_loss
 
 
@@ -35,6 +41,49 @@ class _Weights:
     kd_temperature: float = 1.0
     kd_t2_scale: bool = True
     crd_temperature: float = 0.07
+    alpha_hidden: float = 0.0
+    alpha_attention: float = 0.0
+
+    @property
+    def uses_ild(self) -> bool:
+        return self.name in ILD_METHODS
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.name in ("tinybert", "cr_ild") and self.alpha_attention > 0
+
+    def ild_terms(self, ild: dict, terms: dict) -> torch.Tensor:
+        """The intermediate-layer terms of pkd / tinybert / distilbert / cr_ild, weighted and summed.
+
+        ``ild`` holds the student's and teacher's mapped features: ``s_cls``/``t_cls`` (pkd),
+        ``s_hidden``/``t_hidden`` lists of ``[B, L, d_t]`` and ``mask`` (tinybert, distilbert,
+        cr_ild), ``s_attn``/``t_attn`` lists (tinybert, cr_ild); for cr_ild's consistency term
+        also ``cons_hidden``/``cons_hidden_target``, ``cons_attn``/``cons_attn_target`` and
+        ``cons_weight``.
+        """
+        if self.name == "pkd":
+            loss = pkd_loss(ild["s_cls"], ild["t_cls"])
+            terms["loss/pkd"] = loss.detach()
+            return self.alpha_hidden * loss
+        if self.name == "distilbert":
+            loss = cosine_loss(ild["s_hidden"][-1], ild["t_hidden"][-1], ild["mask"])
+            terms["loss/cosine"] = loss.detach()
+            return self.alpha_hidden * loss
+        hid = hidden_mse(ild["s_hidden"], ild["t_hidden"], ild["mask"])
+        total = self.alpha_hidden * hid
+        terms["loss/hidden_mse"] = hid.detach()
+        if self.uses_attention:
+            att = attention_mse(ild["s_attn"], ild["t_attn"], ild["mask"])
+            total = total + self.alpha_attention * att
+            terms["loss/attention_mse"] = att.detach()
+        if "cons_hidden" in ild:
+            cons = hidden_mse([ild["cons_hidden"]], [ild["cons_hidden_target"]], ild["mask"])
+            if "cons_attn" in ild:
+                cons = cons + attention_mse([ild["cons_attn"]], [ild["cons_attn_target"]], ild["mask"])
+            total = total + ild["cons_weight"] * cons
+            terms["loss/consistency"] = cons.detach()
+            terms["train/consistency_weight"] = torch.tensor(float(ild["cons_weight"]))
+        return total
 
     def logit_kd(self, logits32: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """KL(softmax(z_t/rho) || softmax(z_s/rho)), times rho^2 when ``kd_t2_scale``."""
@@ -49,6 +98,9 @@ class _Weights:
             return cls(name, uses_teacher=False, uses_crd=False)
         common = dict(alpha_kd=method_cfg.alpha_kd, kd_temperature=method_cfg.kd_temperature,
                       kd_t2_scale=method_cfg.kd_t2_scale, crd_temperature=method_cfg.crd_temperature)
+        if name in ILD_METHODS:
+            return cls(name, uses_teacher=True, uses_crd=False, alpha_hidden=method_cfg.alpha_hidden,
+                       alpha_attention=method_cfg.alpha_attention, **common)
         if name == "kd":
             return cls(name, uses_teacher=True, uses_crd=False, **common)
         if name == "codir":
@@ -63,8 +115,18 @@ class Objective(_Weights):
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
                  teacher_logits: Optional[torch.Tensor] = None,
                  h_t: Optional[torch.Tensor] = None, h_s: Optional[torch.Tensor] = None,
-                 negatives: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-        """Return ``(total, terms)``; ``terms`` holds detached fp32 scalars for logging."""
+                 negatives: Optional[torch.Tensor] = None, ild: Optional[dict] = None,
+                 stage: str = "kd") -> tuple[torch.Tensor, dict]:
+        """Return ``(total, terms)``; ``terms`` holds detached fp32 scalars for logging.
+
+        ``stage`` is cr_ild's current stage: ``"ild"`` (intermediate-layer terms only, on mixed
+        inputs; no task or KD term) or ``"kd"`` (task + KD); other methods ignore it.
+        """
+        if self.name == "cr_ild" and stage == "ild":
+            terms: dict = {}
+            total = self.ild_terms(ild, terms)
+            terms["loss/total"] = total.detach()
+            return total, terms
         logits32 = logits.float()
         if is_regression:
             task = F.mse_loss(logits32.squeeze(-1), labels.float())
@@ -87,6 +149,8 @@ class Objective(_Weights):
                 pos, neg = crd_scores(h_t, h_s, negatives, self.crd_temperature)
             terms["bank/pos_sim"] = pos.mean()
             terms["bank/neg_sim"] = neg.mean()
+        if self.uses_ild and self.name != "cr_ild":
+            total = total + self.ild_terms(ild, terms)
         terms["loss/total"] = total.detach()
         return total, terms
 
@@ -111,7 +175,7 @@ class PretrainObjective(_Weights):
                  h_t: Optional[torch.Tensor] = None, h_s: Optional[torch.Tensor] = None,
                  candidates: Optional[torch.Tensor] = None,
                  exclude: Optional[torch.Tensor] = None,
-                 token_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                 token_scale: Optional[torch.Tensor] = None, ild: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
         """``logits`` ``[M, V]`` and ``labels`` ``[M]`` at masked positions; returns ``(total, terms)``.
 
         The MLM and KD terms are means over the ``M`` masked rows, multiplied by
@@ -139,15 +203,17 @@ class PretrainObjective(_Weights):
             terms["loss/crd"] = crd.detach()
             terms["bank/pos_sim"] = pos.mean()
             terms["bank/neg_sim"] = neg.mean()
+        if self.uses_ild:
+            total = total + self.ild_terms(ild, terms)
         terms["loss/total"] = total.detach()
         return total, terms
 
 
 def build_pretrain_objective(method_cfg) -> PretrainObjective:
-    """The pre-training objective named by ``method.name`` (mlm, kd, codir)."""
+    """The pre-training objective named by ``method.name`` (mlm, kd, codir, tinybert, distilbert)."""
     return PretrainObjective.from_config(method_cfg, "mlm")
 
 
 def build_objective(method_cfg) -> Objective:
-    """The finetuning objective named by ``method.name`` (ce, kd, codir) with its hyper-parameters."""
+    """The finetuning objective named by ``method.name`` (ce, kd, codir, pkd, tinybert, distilbert, cr_ild)."""
     return Objective.from_config(method_cfg, "ce")

@@ -73,14 +73,20 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, rank_state: dict, rank: int,
-                    keep: int) -> Path:
-    """Collective: every rank calls it. Returns the tag folder."""
+                    keep: int, extra_engines: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. Returns the tag folder.
+
+    ``extra_engines`` (``{name: engine}``, CTCD's second model) are saved as DeepSpeed tags
+    ``<tag folder>/<name>/``, so they are published, pruned and resumed with the main engine.
+    """
     tag = tag_for(step)
     tag_dir = ckpt_root / tag
     if rank == 0 and tag_dir.exists():  # a half-written save of this step from a crashed run
         shutil.rmtree(tag_dir)
     _barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+    for name, other in (extra_engines or {}).items():
+        other.save_checkpoint(str(tag_dir), tag=name, save_latest=False)
     _atomic_torch_save(rank_state, rank_file(tag_dir, rank))
     maybe_fault("save", step, rank)
     _barrier()
@@ -140,32 +146,51 @@ def is_zero_checkpoint(tag_dir: Path) -> bool:
 UNIVERSAL_SUFFIX = "_universal"
 
 
-def convert_to_universal(ckpt_root: Path, tag: str) -> str:
+def convert_to_universal(ckpt_root: Path, tag: str, out_root: Optional[Path] = None) -> str:
     """DeepSpeed's universal-checkpoint conversion of ``tag``; returns the universal tag.
 
     Runs ``python -m deepspeed.checkpoint.ds_to_universal`` into ``<tag>_universal.tmp``
     and publishes it with one rename, so a crash never leaves a half-converted folder
-    under the final name. An earlier finished conversion is reused.
+    under the final name. An earlier finished conversion is reused. The result goes to
+    ``out_root`` (default ``ckpt_root``): an extra engine's tag ``<step>/<name>`` is converted
+    into ``<step>_universal/``, never into the published step folder itself.
     """
     import subprocess
     import sys
+    out_root = ckpt_root if out_root is None else out_root
     out_tag = tag + UNIVERSAL_SUFFIX
-    final = ckpt_root / out_tag
+    final = out_root / out_tag
     if (final / COMPLETE).is_file():
         return out_tag
-    tmp = ckpt_root / (out_tag + ".tmp")
+    tmp = out_root / (out_tag + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_root / tag),
+    source = ckpt_root / tag
+    view = None
+    if any(p.is_dir() for p in source.iterdir()):
+        # The converter walks sub-folders and would count an extra engine's files (CTCD's large/)
+        # as this engine's: it reads a folder of links to the top-level files instead.
+        view = out_root / (out_tag + ".input")
+        shutil.rmtree(view, ignore_errors=True)
+        view.mkdir(parents=True)
+        for f in source.iterdir():
+            if f.is_file():
+                (view / f.name).symlink_to(f.resolve())
+        source = view
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
            "--num_merge_workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
         shutil.rmtree(tmp, ignore_errors=True)
         raise CodirError(f"converting checkpoint '{ckpt_root / tag}' to DeepSpeed's universal format for a new "
                          f"number of ranks failed ({last}): resume with the original number of ranks")
-    (ckpt_root / "latest_universal").unlink(missing_ok=True)  # written by the converter; codir-ds uses its own
+    (out_root / "latest_universal").unlink(missing_ok=True)  # written by the converter; codir-ds uses its own
     _atomic_write_text(tmp / COMPLETE, "ok\n")
     os.replace(tmp, final)
     return out_tag
@@ -173,6 +198,8 @@ def convert_to_universal(ckpt_root: Path, tag: str) -> str:
 
 def _fix(tag_dir: Path) -> str:
     from codir_ds.engine.rundir import damaged_checkpoint_fix
+    if tag_dir.parent.name.startswith("step_"):  # an extra engine's tag inside a step folder
+        tag_dir = tag_dir.parent
     base = tag_dir.name.split(UNIVERSAL_SUFFIX)[0]
     return damaged_checkpoint_fix(tag_dir.parent, base)
 

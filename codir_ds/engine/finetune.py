@@ -6,6 +6,7 @@ update, log, evaluate, checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -19,8 +20,10 @@ import torch.distributed as dist
 from codir_ds.config import FINETUNE_OBJECTIVES, ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator
 from codir_ds.data.sampler import build_sampler
-from codir_ds.data.tasks import TaskData, load_task
-from codir_ds.distill.heads import DistillationModule
+from codir_ds.data.tasks import Example, TaskData, load_supplementary, load_task
+from codir_ds.distill.heads import DistillationModule, build_ild_spec
+from codir_ds.distill.ild import consistency_weight, mixup_draw
+from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.negatives import LabelNegativeSampler
 from codir_ds.distill.objectives import build_objective
@@ -60,6 +63,30 @@ class Prepared:
     run_dir: Path
     mode: str
     universal: bool  # resuming a ZeRO checkpoint written by another number of ranks
+    supplementary: list[Example]  # CR-ILD's extra ILD inputs (data.supplementary), ids < 0
+
+
+class EMA:
+    """Exponential moving average of the student's weights (CR-ILD's optional consistency targets).
+
+    Every rank holds the same copy (data-parallel weights are identical after a step); it is
+    updated after each applied optimizer step and saved in the per-rank checkpoint files.
+    """
+
+    def __init__(self, student: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(student).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), student.parameters(), strict=True):
+            e.mul_(self.decay).add_(p.detach().to(e.dtype), alpha=1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
 
 
 def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool, overwrite: bool) -> Prepared:
@@ -83,7 +110,11 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
     objective = build_objective(cfg.method)
     if objective.uses_teacher:
         check_same_vocab(tokenizer, teacher_dir, "model.teacher")
-    return Prepared(cfg, ds, dtype, warning, task, tokenizer, teacher_dir, run_dir, mode, universal)
+    supplementary = load_supplementary(cfg.data, task)
+    if cfg.method.name == "cr_ild" and cfg.method.consistency_ema > 0 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise CodirError("method.consistency_ema keeps a full copy of the student, which ZeRO-3 partitions: use "
+                         "ds_configs/zero2.json or set method.consistency_ema=0")
+    return Prepared(cfg, ds, dtype, warning, task, tokenizer, teacher_dir, run_dir, mode, universal, supplementary)
 
 
 def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
@@ -114,10 +145,14 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                             template_dir=p.teacher_dir)
     s_layers = resolve_layers(mcfg.student_layers, student, "method.student_layers")
     t_layers = resolve_layers(mcfg.teacher_layers, teacher, "method.teacher_layers") if teacher is not None else None
+    ild_spec = build_ild_spec(objective, mcfg, student, teacher)
     module = DistillationModule(
         student, s_layers, mcfg.pooling,
         teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
-        projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+        projection_dim=mcfg.projection_dim if objective.uses_crd else None,
+        ild_spec=ild_spec, teacher_width=hidden_size(teacher) if ild_spec is not None else None)
+    ema = EMA(student, mcfg.consistency_ema) if ild_spec is not None and ild_spec.consistency and \
+        mcfg.consistency_ema > 0 else None
 
     init_distributed()
     device = torch.device(get_accelerator().current_device_name())
@@ -135,7 +170,9 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     runner = None
     if teacher is not None:
         teacher.to(device)
-        runner = TeacherRunner(teacher, t_layers if objective.uses_crd else None, mcfg.pooling)
+        runner = TeacherRunner(teacher, t_layers if objective.uses_crd else None, mcfg.pooling, ild_spec)
+    if ema is not None:
+        ema.model.to(device=device, dtype=p.dtype)
     bank = neg_sampler = None
     labels_for_negatives = None
     if objective.uses_crd:
@@ -145,10 +182,13 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
 
     state = {"micro_step": 0, "best": None, "history": [], "consecutive_skips": 0}
     ckpt_root = p.run_dir / "checkpoints"
+    extras = {"ema": ema} if ema is not None else {}
     if p.mode == "resume":
-        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank, tcfg.seed))
+        state.update(resume_latest(engine, ckpt_root, rank, world, sampler, bank, tcfg.seed, extras))
     else:
         set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks
+    # CR-ILD: the first ild_steps optimizer steps are the ILD stage, the rest prediction-layer KD.
+    ild_steps = round(mcfg.ild_fraction * total_steps) if mcfg.name == "cr_ild" else 0
 
     collator = ClassificationCollator(p.tokenizer, cfg.data.max_length, task.is_regression)
     if rank == 0:
@@ -180,7 +220,8 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         return metrics
 
     def save(step: int) -> None:
-        save_run_checkpoint(engine, ckpt_root, step, state, rank, world, sampler, bank, tcfg.keep_checkpoints)
+        save_run_checkpoint(engine, ckpt_root, step, state, rank, world, sampler, bank, tcfg.keep_checkpoints,
+                            extras)
 
     objects = {"engine": engine, "optimizer": ds_optimizer, "teacher": teacher, "bank": bank, "sampler": sampler}
     if probe is not None:
@@ -194,11 +235,29 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     engine.train()
     while step < total_steps:
         for ids in sampler:
-            batch = {k: v.to(device) for k, v in collator([task.train[i] for i in ids.tolist()]).items()}
-            t_out = runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")) if runner else None
+            stage = "ild" if step < ild_steps else "kd"
+            examples = [task.train[i] for i in ids.tolist()]
+            mix = None
+            if stage == "ild":  # CR-ILD: supplementary inputs join the batch, embeddings are mixed
+                micro_seed = derive_seed(tcfg.seed, rank, state["micro_step"])
+                if p.supplementary:
+                    pick = torch.randint(len(p.supplementary), (len(examples),),
+                                         generator=torch.Generator().manual_seed(micro_seed))
+                    examples = examples + [p.supplementary[i] for i in pick.tolist()]
+                mix = mixup_draw(mcfg.mixup_alpha, len(examples), micro_seed)
+            batch = {k: v.to(device) for k, v in collator(examples).items()}
+            use_ild = ild_spec is not None and (mcfg.name != "cr_ild" or stage == "ild")
+            t_out = (runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                            ild=use_ild, mix=mix) if runner else None)
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          token_type_ids=batch.get("token_type_ids"),
-                         teacher_features=t_out.features if t_out is not None else None)
+                         teacher_features=t_out.features if t_out is not None else None,
+                         ild=use_ild, mix=mix, clean_model=ema.model if ema is not None else None)
+            ild = None
+            if use_ild:
+                ild = {**out["ild"], **{k: v for k, v in t_out.ild.items() if k != "mask"},
+                       "cons_weight": consistency_weight(step, ild_steps, mcfg.consistency_ramp,
+                                                         mcfg.alpha_consistency)}
             negatives = None
             if objective.uses_crd:
                 if class_negatives is None:  # collective, first micro step of an optimizer step
@@ -206,7 +265,8 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                 negatives = class_negatives[labels_for_negatives[ids].to(class_negatives.device)]
             total, terms = objective(out["logits"], batch["labels"], task.is_regression,
                                      teacher_logits=t_out.logits if t_out is not None else None,
-                                     h_t=out.get("h_t"), h_s=out.get("h_s"), negatives=negatives)
+                                     h_t=out.get("h_t"), h_s=out.get("h_s"), negatives=negatives, ild=ild,
+                                     stage=stage)
             engine.backward(total)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -217,6 +277,8 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             if not boundary:
                 continue
             apply_bank_updates(bank, engine, pending, device, routed=tcfg.deterministic)
+            if ema is not None and step < ild_steps and engine.was_step_applied():
+                ema.update(engine.module.student)
             class_negatives = None
             step += 1
             check_skipped(engine, state, tcfg.max_consecutive_skips, step)

@@ -28,7 +28,7 @@ from codir_ds.config import PRETRAIN_OBJECTIVES, ExperimentConfig
 from codir_ds.data.corpus import PackedCorpus, load_corpus
 from codir_ds.data.mlm import MLMCollator
 from codir_ds.data.sampler import build_sampler
-from codir_ds.distill.heads import PretrainModule
+from codir_ds.distill.heads import PretrainModule, build_ild_spec
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.objectives import build_pretrain_objective
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
@@ -103,10 +103,12 @@ def build_pretrain_module(student, teacher, mcfg, objective) -> tuple[PretrainMo
     """The module DeepSpeed trains (student + CRD heads when the objective contrasts) and the teacher layers."""
     s_layers = resolve_layers(mcfg.student_layers, student, "method.student_layers")
     t_layers = resolve_layers(mcfg.teacher_layers, teacher, "method.teacher_layers") if objective.uses_crd else None
+    ild_spec = build_ild_spec(objective, mcfg, student, teacher)
     module = PretrainModule(
         student, s_layers, mcfg.pooling,
         teacher_dim=len(t_layers) * hidden_size(teacher) if objective.uses_crd else None,
-        projection_dim=mcfg.projection_dim if objective.uses_crd else None)
+        projection_dim=mcfg.projection_dim if objective.uses_crd else None,
+        ild_spec=ild_spec, teacher_width=hidden_size(teacher) if ild_spec is not None else None)
     return module, t_layers
 
 
@@ -233,7 +235,8 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     runner = None
     if teacher is not None:
         teacher.to(device)
-        runner = MLMTeacherRunner(teacher, t_layers, mcfg.pooling, logits=objective.uses_teacher_logits)
+        runner = MLMTeacherRunner(teacher, t_layers, mcfg.pooling, logits=objective.uses_teacher_logits,
+                                  ild_spec=module.ild_spec)
     bank = (ShardedMemoryBank(num_train, mcfg.projection_dim, mcfg.bank_momentum, seed=tcfg.seed).to(device)
             if objective.uses_crd else None)
 
@@ -303,12 +306,14 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             batch = {k: v.to(device) for k, v in host.items()}
             t_out = runner(batch["input_ids"], batch["attention_mask"], rows) if runner is not None else None
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
-                         teacher_features=t_out.features if t_out is not None else None)
+                         teacher_features=t_out.features if t_out is not None else None,
+                         ild=module.ild_spec is not None)
+            ild = {**out["ild"], **{k: v for k, v in t_out.ild.items() if k != "mask"}} if "ild" in out else None
             exclude = self_mask(batch["ids"], cand_ids) if bank is not None else None
             total, terms = objective(out["logits"], labels,
                                      teacher_logits=t_out.logits if t_out is not None else None,
                                      h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates, exclude=exclude,
-                                     token_scale=token_scale)
+                                     token_scale=token_scale, ild=ild)
             engine.backward(total)
             engine.step()
             if bank is not None:

@@ -190,14 +190,18 @@ def engine_config(ds: dict, universal: bool) -> dict:
     return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
 
 
-def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank, seed: int) -> dict:
+def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank, seed: int,
+                  extras: Optional[dict] = None, extra_engines: Optional[dict] = None) -> dict:
     """Load the newest complete checkpoint into the engine, sampler, RNG and bank; returns the client state.
 
     Collective. On the number of ranks that wrote it, everything is restored exactly. On
     another number, rank 0 first converts the DeepSpeed state to a universal checkpoint
     (:func:`resume_plan` made the engine ready for it), the bank is re-sharded from every
     rank's shard, the sampler continues the epoch with the examples not yet seen in it,
-    and dropout RNGs are re-seeded from ``(seed, rank, step)``.
+    and dropout RNGs are re-seeded from ``(seed, rank, step)``. ``extras`` (name -> object with
+    ``load_state_dict``, e.g. CR-ILD's EMA student) are restored from the checkpoint's rank files.
+    ``extra_engines`` (name -> DeepSpeed engine, e.g. CTCD's larger model, saved by
+    :func:`save_run_checkpoint`) are loaded, and converted, like the main engine.
     """
     tag = ckpt.latest_tag(ckpt_root)
     if tag is None:
@@ -212,6 +216,8 @@ def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank,
                   f"universal format", flush=True)
             try:
                 ckpt.convert_to_universal(ckpt_root, tag)
+                for name in extra_engines or {}:
+                    ckpt.convert_to_universal(ckpt_root / tag, name, out_root=ckpt_root / (tag + ckpt.UNIVERSAL_SUFFIX))
             except CodirError as e:
                 failure = str(e)
         flag = [failure]
@@ -220,11 +226,21 @@ def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank,
             raise CodirError(flag[0])
         load_tag = tag + ckpt.UNIVERSAL_SUFFIX
     client = ckpt.load_checkpoint(engine, ckpt_root, load_tag)
+    for name, other in (extra_engines or {}).items():
+        if load_tag == tag:
+            ckpt.load_checkpoint(other, ckpt_root / tag, name)
+        else:
+            ckpt.load_checkpoint(other, ckpt_root / load_tag, name + ckpt.UNIVERSAL_SUFFIX)
     try:
         sampler.resume([s["sampler"] for s in rank_states])
         if bank is not None:
             bank.load_state_dict([s["bank"] for s in rank_states])
-    except ValueError as e:
+        own = rank_states[rank if saved_world == world else 0].get("extras") or {}
+        for name, obj in (extras or {}).items():
+            if name not in own:
+                raise ValueError(f"no saved state for {name}")
+            obj.load_state_dict(own[name])
+    except (ValueError, RuntimeError) as e:
         raise CodirError(f"checkpoint '{ckpt_root / tag}' does not fit this run ({e}): resume with the run's "
                          f"own config and data") from None
     if saved_world == world:
@@ -238,11 +254,17 @@ def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank,
 
 
 def save_run_checkpoint(engine, ckpt_root: Path, step: int, state: dict, rank: int, world: int, sampler, bank,
-                        keep: int) -> None:
-    """Collective: DeepSpeed state plus this rank's bank shard, sampler position and RNG."""
+                        keep: int, extras: Optional[dict] = None, extra_engines: Optional[dict] = None) -> None:
+    """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and ``extras``' states.
+
+    ``extra_engines`` (name -> DeepSpeed engine, CTCD's larger model) are written into the same
+    checkpoint folder before it is published.
+    """
     rank_state = {"world_size": world, "rank": rank, "sampler": sampler.state_dict(), "rng": ckpt.rng_state(),
-                  "bank": bank.state_dict() if bank is not None else None}
-    ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank, keep)
+                  "bank": bank.state_dict() if bank is not None else None,
+                  "extras": {name: obj.state_dict() for name, obj in (extras or {}).items()}}
+    ckpt.save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank, keep,
+                         extra_engines=extra_engines)
 
 
 def apply_bank_updates(bank, engine, pending: list, device, routed: bool = False) -> None:

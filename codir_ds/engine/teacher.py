@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from codir_ds.distill.heads import ILDSpec, ild_features, use_eager_attention
+from codir_ds.distill.ild import mixup_embeddings
 from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
 
@@ -14,6 +16,13 @@ from codir_ds.models.pooling import pool_layers
 class TeacherOutput:
     logits: Optional[torch.Tensor]            # [B, C] (finetuning) or [M, V] at masked positions (pre-training)
     features: Optional[torch.Tensor] = None   # [B, Lt*d_t] pooled layers (CRD only)
+    ild: Optional[dict] = None                # mapped layers' features (pkd, tinybert, distilbert, cr_ild)
+
+
+def _clone_ild(ild: Optional[dict]) -> Optional[dict]:
+    if ild is None:
+        return None
+    return {k: ([t.clone() for t in v] if isinstance(v, list) else v) for k, v in ild.items()}
 
 
 class TeacherRunner:
@@ -23,19 +32,33 @@ class TeacherRunner:
     for backward, and phi_t (trained) consumes the features.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str):
+    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str,
+                 ild_spec: Optional[ILDSpec] = None):
         assert not any(p.requires_grad for p in model.parameters()), "teacher must be frozen"
         self.model = model
         self.layers = list(layers) if layers else None
         self.pooling = pooling
+        self.ild_spec = ild_spec
+        if ild_spec is not None and ild_spec.attention:
+            use_eager_attention(model)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None) -> TeacherOutput:
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, ild: bool = False,
+                 mix: Optional[tuple] = None) -> TeacherOutput:
+        """``ild``: also the mapped layers' features; ``mix=(lam, partner)``: on mixed word embeddings."""
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                             output_hidden_states=self.layers is not None)
+            kwargs = dict(token_type_ids=token_type_ids, output_hidden_states=self.layers is not None or ild,
+                          output_attentions=ild and self.ild_spec.attention)
+            mask = attention_mask
+            if mix is not None:
+                embeds, mask = mixup_embeddings(self.model.get_input_embeddings()(input_ids), attention_mask, *mix)
+                out = self.model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             features = (pool_layers(out.hidden_states, attention_mask, self.layers, self.pooling)
                         if self.layers is not None else None)
-        return TeacherOutput(logits=out.logits.clone(), features=None if features is None else features.clone())
+            feats = ild_features(out.hidden_states, out.attentions, mask, self.ild_spec, "teacher") if ild else None
+        return TeacherOutput(logits=out.logits.clone(), features=None if features is None else features.clone(),
+                             ild=_clone_ild(feats))
 
 
 class MLMTeacherRunner:
@@ -45,19 +68,27 @@ class MLMTeacherRunner:
     (``logits=False``: CoDIR-Pre with alpha_kd = 0 needs hidden states only).
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str, logits: bool):
+    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str, logits: bool,
+                 ild_spec: Optional[ILDSpec] = None):
         assert not any(p.requires_grad for p in model.parameters()), "teacher must be frozen"
         self.model = model
         self.body, self.head = mlm_parts(model) if logits else (model, None)
         self.layers = list(layers) if layers else None
         self.pooling = pooling
+        self.ild_spec = ild_spec
+        if ild_spec is not None and ild_spec.attention:
+            use_eager_attention(model)
 
     def __call__(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None) -> TeacherOutput:
+        ild = self.ild_spec is not None
         with torch.inference_mode():
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            output_hidden_states=self.layers is not None)
+                            output_hidden_states=self.layers is not None or ild,
+                            output_attentions=ild and self.ild_spec.attention)
             logits = self.head(gather_rows(out.last_hidden_state, rows)) if self.head is not None else None
             features = (pool_layers(out.hidden_states, attention_mask, self.layers, self.pooling)
                         if self.layers is not None else None)
+            feats = ild_features(out.hidden_states, out.attentions, attention_mask, self.ild_spec, "teacher") \
+                if ild else None
         return TeacherOutput(logits=None if logits is None else logits.clone(),
-                             features=None if features is None else features.clone())
+                             features=None if features is None else features.clone(), ild=_clone_ild(feats))
