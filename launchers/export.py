@@ -2,6 +2,7 @@
 
     python launchers/export.py --run_dir runs/codir                         # newest checkpoint
     python launchers/export.py --run_dir runs/codir --tag step_00000120 --output_dir students/step120
+    python launchers/export.py --run_dir runs/ctcd --large                 # a CTCD run's larger model
 
 The result loads with ``AutoModelForSequenceClassification.from_pretrained`` and
 with ``launchers/evaluate.py --model``. Prints the output directory on stdout.
@@ -22,11 +23,14 @@ def main() -> int:
     ap.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000120 (default: the newest complete one)")
     ap.add_argument("--output_dir", default=None, help="where to write the model (default: RUN_DIR/export_<tag>)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    ap.add_argument("--large", action="store_true",
+                    help="method.name=ctcd runs: export the larger model (default: the smaller one, the student)")
     args = ap.parse_args()
     quiet_environment()
     from codir_ds.engine.export_checkpoint import export_from_checkpoint
 
-    out = export_from_checkpoint(args.run_dir, tag=args.tag, output_dir=args.output_dir, overwrite=args.overwrite)
+    out = export_from_checkpoint(args.run_dir, tag=args.tag, output_dir=args.output_dir, overwrite=args.overwrite,
+                                 large=args.large)
     print(out, flush=True)
     return 0
 

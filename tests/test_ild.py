@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
 from codir_ds.config import load_config
-from codir_ds.distill.heads import DistillationModule, ILDSpec, build_ild_spec
+from codir_ds.distill.heads import DistillationModule, build_ild_spec
 from codir_ds.distill.ild import (attention_mse, consistency_weight, cosine_loss, hidden_mse, layer_pairs,
                                   mix_targets, mixup_draw, mixup_embeddings, pkd_loss)
 from codir_ds.distill.objectives import build_objective, build_pretrain_objective

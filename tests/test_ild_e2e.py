@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_YAML, deepspeed_launch
+from conftest import REPO, deepspeed_launch
 
 DS = str(REPO / "ds_configs" / "zero2.json")
-# Attention maps need a student with as many heads as... nothing: head counts may differ; keep it tiny.
 FAST = ["training.max_steps=4", "training.checkpoint_every=2"]
 
 

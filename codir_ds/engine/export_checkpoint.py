@@ -117,7 +117,8 @@ def _build_from_architecture(arch_dir: Path, state: dict[str, torch.Tensor]) -> 
 
 
 def export_from_checkpoint(run_dir: Union[str, Path], tag: Optional[str] = None,
-                           output_dir: Union[str, Path, None] = None, overwrite: bool = False) -> Path:
+                           output_dir: Union[str, Path, None] = None, overwrite: bool = False,
+                           large: bool = False) -> Path:
     """Write checkpoint ``tag`` of finetuning run ``run_dir`` as a Hugging Face directory; return it.
 
     ``tag`` defaults to the newest complete checkpoint, ``output_dir`` to
@@ -126,6 +127,9 @@ def export_from_checkpoint(run_dir: Union[str, Path], tag: Optional[str] = None,
     method recorded in the new manifest, next to ``tag``, ``step`` and the
     checkpoint path. The directory appears atomically (written beside it, then
     renamed), so an interrupted export never leaves a half-written model.
+
+    ``large``: a CTCD run's larger model instead (DeepSpeed tag ``<tag>/large``, architecture
+    from ``<run_dir>/export_large``, default output ``<run_dir>/export_<tag>_large``).
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -133,15 +137,19 @@ def export_from_checkpoint(run_dir: Union[str, Path], tag: Optional[str] = None,
                          f"launchers/finetune.py)")
     ckpt_root = run / "checkpoints"
     tag = _resolve_tag(ckpt_root, tag)
-    arch_dir = run / "export"
+    arch_dir = run / ("export_large" if large else "export")
+    state_root, state_tag = (ckpt_root / tag, "large") if large else (ckpt_root, tag)
+    if large and not (state_root / state_tag).is_dir():
+        raise CodirError(f"checkpoint '{ckpt_root / tag}' holds no larger model (no large/ folder): --large exports "
+                         f"the larger model of a method.name=ctcd run; drop --large for the student")
     if not (arch_dir / "config.json").is_file():
         raise CodirError(f"'{arch_dir}' has no config.json to take the student's architecture from: the run has not "
                          f"evaluated yet (it exports at its first evaluation); finish or --resume the run first")
-    out = Path(output_dir) if output_dir is not None else run / f"export_{tag}"
+    out = Path(output_dir) if output_dir is not None else run / f"export_{tag}{'_large' if large else ''}"
     _check_output_dir(out, run, overwrite)
 
     # Everything that reads arch_dir happens before writing, so --output_dir <run>/export --overwrite is safe.
-    model = _build_from_architecture(arch_dir, read_student_state(ckpt_root, tag))
+    model = _build_from_architecture(arch_dir, read_student_state(state_root, state_tag))
     tokenizer = load_tokenizer(arch_dir)
     extra = {**_run_manifest(arch_dir), "tag": tag, "step": _step_of(tag),
              "checkpoint": str((ckpt_root / tag).resolve())}

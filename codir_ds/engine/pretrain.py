@@ -59,7 +59,7 @@ class PreparedPretrain:
     universal: bool  # resuming a ZeRO checkpoint written by another number of ranks
 
 
-def _position_limit(config) -> int:
+def position_limit(config) -> int:
     """Longest sequence a model's position embeddings allow (RoBERTa-style models reserve 2)."""
     offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer") else 0
     return int(getattr(config, "max_position_embeddings", 512)) - offset
@@ -87,7 +87,7 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
     tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
     if teacher_dir is not None:
         check_same_vocab(tokenizer, teacher_dir, "model.teacher")
-        limit = _position_limit(AutoConfig.from_pretrained(str(teacher_dir)))
+        limit = position_limit(AutoConfig.from_pretrained(str(teacher_dir)))
         if cfg.corpus.block_size > limit:
             raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the teacher's {limit} positions: "
                              f"lower corpus.block_size")
@@ -213,9 +213,9 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
 
     set_seed(tcfg.seed)  # identical student / head initialisation on every rank
     student = build_student(cfg.model, 0, False, p.tokenizer, template_dir=p.teacher_dir, masked_lm=True)
-    if cfg.corpus.block_size > _position_limit(student.config):
+    if cfg.corpus.block_size > position_limit(student.config):
         raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
-                         f"{_position_limit(student.config)} positions: lower corpus.block_size")
+                         f"{position_limit(student.config)} positions: lower corpus.block_size")
     module, t_layers = build_pretrain_module(student, teacher, mcfg, objective)
 
     init_distributed()
