@@ -126,3 +126,24 @@ def test_kd_loss_gradient_only_to_student_and_empty_rows():
     empty = torch.zeros(0, 4, requires_grad=True)
     out = kd_loss(empty, torch.zeros(0, 4), 2.0)
     assert out.item() == 0.0 and out.requires_grad
+
+
+def test_crd_loss_classes_equals_per_anchor_copy():
+    """Class-shared negatives (no [B, K, m] copy) give crd_loss's value and gradients."""
+    from codir_ds.distill.losses import crd_loss, crd_loss_classes
+    torch.manual_seed(3)
+    h_t = torch.randn(5, 8, requires_grad=True)
+    h_s = torch.randn(5, 8, requires_grad=True)
+    class_neg = torch.randn(3, 7, 8)
+    classes = torch.tensor([0, 2, 2, 1, 0])
+    ref = crd_loss(h_t, h_s, class_neg[classes], 0.07)
+    g_ref = torch.autograd.grad(ref, (h_t, h_s))
+    got, pos, mean_neg = crd_loss_classes(h_t, h_s, class_neg, classes, 0.07)
+    g_got = torch.autograd.grad(got, (h_t, h_s))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(g_ref, g_got):
+        assert torch.allclose(a, b, atol=1e-6)
+    t = torch.nn.functional.normalize(h_t.detach(), dim=-1)
+    n = torch.nn.functional.normalize(class_neg, dim=-1)
+    assert torch.allclose(mean_neg, torch.einsum("bm,bkm->bk", t, n[classes]).mean(1), atol=1e-6)
+    assert pos.shape == (5,)

@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crd_loss", "crd_loss_shared", "crd_scores", "kd_loss"]
+__all__ = ["crd_loss", "crd_loss_classes", "crd_loss_shared", "crd_scores", "kd_loss"]
 
 
 def _no_autocast(device: torch.device):
@@ -151,6 +151,37 @@ def crd_loss_shared(h_t: torch.Tensor, h_s: torch.Tensor, candidates: torch.Tens
             keep = (~exclude).float()
             mean_neg = (neg.detach() * keep).sum(1) / keep.sum(1).clamp_min(1.0)
         return loss, pos.detach(), mean_neg
+
+
+def crd_loss_classes(h_t: torch.Tensor, h_s: torch.Tensor, class_negatives: torch.Tensor, classes: torch.Tensor,
+                     tau: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CRD (Eq. 4) when every anchor of class c shares that class's K negatives (finetuning).
+
+    Equal to :func:`crd_loss` with ``negatives = class_negatives[classes]``, without building that
+    ``[B, K, m]`` copy: scores ``[B, C, K]`` come from one product of the anchors with the
+    ``[C, K, m]`` class sets, and each anchor keeps its own class's row. With few classes (C is
+    the number of classes or regression bins) this is cheaper than the copy, and it has no
+    host-device sync.
+
+    Returns ``(loss, pos_sim [B], mean_neg_sim [B])`` like :func:`crd_loss_shared`.
+    """
+    if not tau > 0:
+        raise ValueError(f"crd: temperature tau must be > 0, got {tau}")
+    if h_t.dim() != 2 or h_s.shape != h_t.shape or class_negatives.dim() != 3 or \
+            class_negatives.shape[2] != h_t.shape[1] or classes.shape != (h_t.shape[0],):
+        raise ValueError(f"crd: h_t, h_s must be [B, m], class_negatives [C, K, m] and classes [B]; got "
+                         f"{tuple(h_t.shape)}, {tuple(h_s.shape)}, {tuple(class_negatives.shape)}, {tuple(classes.shape)}")
+    with _no_autocast(h_t.device):
+        t = F.normalize(h_t.float(), dim=-1)
+        s = F.normalize(h_s.float(), dim=-1)
+        n = F.normalize(class_negatives.to(device=t.device, dtype=torch.float32), dim=-1)
+        pos = (t * s).sum(dim=-1)                                              # [B]
+        every = torch.einsum("bm,ckm->bck", t, n)                              # [B, C, K]
+        neg = every.gather(1, classes.to(t.device).view(-1, 1, 1).expand(-1, 1, every.shape[2])).squeeze(1)
+        logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / float(tau)       # [B, K+1]
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        loss = F.cross_entropy(logits, target, reduction="mean")
+        return loss, pos.detach(), neg.detach().mean(1)
 
 
 def kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> torch.Tensor:

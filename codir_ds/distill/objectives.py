@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from codir_ds.distill.ild import ILD_METHODS, attention_mse, cosine_loss, hidden_mse, pkd_loss
-from codir_ds.distill.losses import crd_loss, crd_loss_shared, crd_scores, kd_loss
+from codir_ds.distill.losses import crd_loss, crd_loss_classes, crd_loss_shared, crd_scores, kd_loss
 
 
 @dataclass
@@ -116,8 +116,13 @@ class Objective(_Weights):
                  teacher_logits: Optional[torch.Tensor] = None,
                  h_t: Optional[torch.Tensor] = None, h_s: Optional[torch.Tensor] = None,
                  negatives: Optional[torch.Tensor] = None, ild: Optional[dict] = None,
-                 stage: str = "kd") -> tuple[torch.Tensor, dict]:
+                 stage: str = "kd", class_negatives: Optional[torch.Tensor] = None,
+                 classes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Return ``(total, terms)``; ``terms`` holds detached fp32 scalars for logging.
+
+        CRD negatives are either ``negatives`` ``[B, K, m]`` per anchor or, as the trainer passes
+        them, ``class_negatives`` ``[C, K, m]`` shared by the anchors of each class with the
+        anchors' ``classes`` ``[B]`` (no per-anchor copy).
 
         ``stage`` is cr_ild's current stage: ``"ild"`` (intermediate-layer terms only, on mixed
         inputs; no task or KD term) or ``"kd"`` (task + KD); other methods ignore it.
@@ -142,11 +147,14 @@ class Objective(_Weights):
             total = total + self.alpha_kd * kd
             terms["loss/kd"] = kd.detach()
         if self.uses_crd:
-            crd = crd_loss(h_t, h_s, negatives, self.crd_temperature)
+            if class_negatives is not None:
+                crd, pos, neg = crd_loss_classes(h_t, h_s, class_negatives, classes, self.crd_temperature)
+            else:
+                crd = crd_loss(h_t, h_s, negatives, self.crd_temperature)
+                with torch.no_grad():
+                    pos, neg = crd_scores(h_t, h_s, negatives, self.crd_temperature)
             total = total + self.alpha_crd * crd
             terms["loss/crd"] = crd.detach()
-            with torch.no_grad():
-                pos, neg = crd_scores(h_t, h_s, negatives, self.crd_temperature)
             terms["bank/pos_sim"] = pos.mean()
             terms["bank/neg_sim"] = neg.mean()
         if self.uses_ild and self.name != "cr_ild":

@@ -258,15 +258,15 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                 ild = {**out["ild"], **{k: v for k, v in t_out.ild.items() if k != "mask"},
                        "cons_weight": consistency_weight(step, ild_steps, mcfg.consistency_ramp,
                                                          mcfg.alpha_consistency)}
-            negatives = None
+            classes = None
             if objective.uses_crd:
                 if class_negatives is None:  # collective, first micro step of an optimizer step
                     class_negatives = neg_sampler.class_negatives(bank, step)
-                negatives = class_negatives[labels_for_negatives[ids].to(class_negatives.device)]
+                classes = labels_for_negatives[ids]
             total, terms = objective(out["logits"], batch["labels"], task.is_regression,
                                      teacher_logits=t_out.logits if t_out is not None else None,
-                                     h_t=out.get("h_t"), h_s=out.get("h_s"), negatives=negatives, ild=ild,
-                                     stage=stage)
+                                     h_t=out.get("h_t"), h_s=out.get("h_s"), ild=ild, stage=stage,
+                                     class_negatives=class_negatives, classes=classes)
             engine.backward(total)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
