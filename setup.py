@@ -22,6 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "bench": ["matplotlib>=3.7"],  # bench/compare.py's bar charts
         # NVIDIA apex is not on PyPI: install it from source yourself if you want its fused kernels.
     },
 )
