@@ -81,16 +81,17 @@ PRESETS = {
     # One H200, 1 rank, fp16 (ds_configs/zero2.json): whole training sets, no truncation (the longest
     # movie_snippets sentence has 68 tokens). Steps of these small models are bound by Python and
     # DeepSpeed (~0.13 s per student step, ~0.26 s per teacher step at batch 32 in the first H200
-    # session, bench/results/h200) and each run starts in ~35 s: students use batch 64 and --jobs 8.
+    # session, bench/results/h200) and each run starts in ~35 s: teacher and students use batch 64
+    # and one epoch (so that both tasks' grids fit one 15-minute device lease), run with --jobs 6.
     "gpu": {
         "common": ["data.max_train_examples=null", "data.max_eval_examples=null", "data.max_length=128",
                    "training.eval_batch_size=256"],
         "teacher": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=null",
-                    "training.train_batch_size=32", "training.micro_batch_size=32",
-                    "training.max_steps=-1", "training.epochs=2", "training.lr=5e-5"],
+                    "training.train_batch_size=64", "training.micro_batch_size=64",
+                    "training.max_steps=-1", "training.epochs=1", "training.lr=8e-5"],
         "student": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=[0,3]",
                     "training.train_batch_size=64", "training.micro_batch_size=64",
-                    "training.max_steps=-1", "training.epochs=2", "training.lr=1e-3"],
+                    "training.max_steps=-1", "training.epochs=1", "training.lr=1e-3"],
         "teacher_model": "MiniLM 6L/384",
         "student_model": "2L/384 student from MiniLM layers 0 and 3",
     },
