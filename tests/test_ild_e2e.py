@@ -103,3 +103,23 @@ def test_cr_ild_resume_equals_uninterrupted(tmp_path, tiny_config, single_proces
                       weights_only=False)["extras"]["ema"] for run in ("full", "cut")]
     for k in ema[0]:
         assert torch.equal(ema[0][k], ema[1][k]), k
+
+
+def test_tinybert_resume_with_projections_equals_uninterrupted(tmp_path, tiny_config, single_process_env):
+    """A narrower student (16 vs the teacher's 32): the learned ILD projections are checkpointed and resumed."""
+    from codir_ds.config import load_config
+    from codir_ds.engine.finetune import run_finetune
+    sets = ["method.name=tinybert", "model.student_hidden=16", "model.student_heads=1", "model.dropout=0.0",
+            "training.max_steps=4", "training.checkpoint_every=2"]
+    run_finetune(load_config(str(tiny_config), sets), DS, str(tmp_path / "full"))
+    run_finetune(load_config(str(tiny_config), sets + ["training.stop_at_step=2"]), DS, str(tmp_path / "cut"))
+    run_finetune(load_config(str(tiny_config), sets), DS, str(tmp_path / "cut"), resume=True)
+    a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "export" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The projections live in the DeepSpeed module state (not in the export) and were resumed too.
+    states = [torch.load(next((tmp_path / run / "checkpoints" / "step_00000004").glob("mp_rank_00_model_states.pt")),
+                         weights_only=False)["module"] for run in ("full", "cut")]
+    proj = [k for k in states[0] if k.startswith("ild_proj.")]
+    assert proj and all(torch.equal(states[0][k], states[1][k]) for k in proj)
