@@ -182,6 +182,10 @@ class TrainingConfig:
     # Non-finite policy: an optimizer step with non-finite gradients (NaN/inf loss, fp16
     # overflow) is skipped and counted; this many skipped steps in a row stop the run.
     max_consecutive_skips: int = 50
+    # Finetuning with kd / codir: keep the frozen teacher's logits and pooled features per
+    # example in memory-mapped files under <run>/teacher_cache/, so that later epochs skip the
+    # teacher forward (see README, "Teacher-output cache").
+    teacher_cache: bool = False
 
 
 @dataclass
@@ -457,6 +461,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if d.supplementary and m.name != "cr_ild":
         raise CodirError(f"data.supplementary is set but method.name is {m.name}: only cr_ild reads supplementary "
                          f"data; unset data.supplementary or use method.name=cr_ild")
+    if t.teacher_cache and m.name not in ("kd", "codir"):
+        raise CodirError(f"training.teacher_cache caches per-example teacher logits and pooled features, which "
+                         f"only kd and codir use (method.name is {m.name}): set training.teacher_cache=false")
     needs_teacher = m.name in TEACHER_OBJECTIVES or (m.name == "ctcd" and m.ctcd_one_way)
     if needs_teacher and not mc.teacher:
         raise CodirError(f"method.name={m.name}{' with method.ctcd_one_way' if m.name == 'ctcd' else ''} needs a "

@@ -36,8 +36,10 @@ from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipp
                                      export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
                                      resume_latest, resume_plan, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import TeacherRunner
+from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_teacher,
+from codir_ds.assets import sha256_file
+from codir_ds.models.loading import (WEIGHTS, build_student, check_same_vocab, hidden_size, load_teacher,
                                      load_tokenizer, model_dir, resolve_layers, tokenizer_dir)
 
 
@@ -180,6 +182,15 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         labels_for_negatives = contrast_labels(task, mcfg.regression_bins)
         neg_sampler = LabelNegativeSampler(labels_for_negatives, mcfg.num_negatives, seed=tcfg.seed)
 
+    cache = None
+    if tcfg.teacher_cache:
+        meta = {"teacher": str(p.teacher_dir), "teacher_sha256": sha256_file(p.teacher_dir / WEIGHTS),
+                "task": task.name, "num_examples": len(task.train), "max_length": cfg.data.max_length,
+                "teacher_layers": t_layers if objective.uses_crd else None, "pooling": mcfg.pooling,
+                "dtype": str(p.dtype)}
+        cache = TeacherCache(p.run_dir / CACHE_DIR, rank, len(task.train), task.num_labels,
+                             len(t_layers) * hidden_size(teacher) if objective.uses_crd else None, meta)
+
     state = {"micro_step": 0, "best": None, "history": [], "consecutive_skips": 0}
     ckpt_root = p.run_dir / "checkpoints"
     extras = {"ema": ema} if ema is not None else {}
@@ -220,6 +231,8 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         return metrics
 
     def save(step: int) -> None:
+        if cache is not None:
+            cache.flush()
         save_run_checkpoint(engine, ckpt_root, step, state, rank, world, sampler, bank, tcfg.keep_checkpoints,
                             extras)
 
@@ -247,8 +260,12 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                 mix = mixup_draw(mcfg.mixup_alpha, len(examples), micro_seed)
             batch = {k: v.to(device) for k, v in collator(examples).items()}
             use_ild = ild_spec is not None and (mcfg.name != "cr_ild" or stage == "ild")
-            t_out = (runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                            ild=use_ild, mix=mix) if runner else None)
+            t_out = cache.lookup(ids, device) if cache is not None else None
+            if t_out is None and runner is not None:
+                t_out = runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                               ild=use_ild, mix=mix)
+                if cache is not None:
+                    cache.store(ids, t_out)
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          token_type_ids=batch.get("token_type_ids"),
                          teacher_features=t_out.features if t_out is not None else None,
@@ -310,6 +327,9 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         "samples_per_second": round((step - start_step) * p.ds["train_batch_size"] / max(elapsed, 1e-9), 2),
         "export_dir": str(p.run_dir / "export"),
     }
+    if cache is not None:  # this rank's (rank 0's) counts: micro-batches served from the cache, disk used
+        results["teacher_cache"] = {"hit_batches": cache.hits, "miss_batches": cache.misses,
+                                    "disk_bytes_rank0": cache.disk_bytes()}
     if rank == 0:
         (p.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     monitor.close()

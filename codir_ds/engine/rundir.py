@@ -68,7 +68,7 @@ def check_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> s
 
 def clear_run_dir(out: Path) -> None:
     """For --overwrite: remove what an earlier run wrote (only the files codir-ds writes)."""
-    for name in ("checkpoints", "tensorboard", "export", "export_large", "config.yaml", "results.json", "ds_config.json"):
+    for name in ("checkpoints", "tensorboard", "export", "export_large", "teacher_cache", "config.yaml", "results.json", "ds_config.json"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
