@@ -35,6 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 OBJECTIVE_NAMES = ("mlm", "kd", "codir")
+# The plain reference of kd / codir (bench_reference): Hugging Face models, a straightforward loop.
+REFERENCE_NAMES = ("ref_kd", "ref_codir")
 PROJECTION_DIM = 128   # m: bank row / projection size (CoDIR)
 BANK_MOMENTUM = 0.5    # beta of Eq. 5
 BREAKDOWN_KEYS = ("teacher_forward", "student_forward_backward", "crd_and_bank", "optimizer_step", "other")
@@ -68,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="bf16")
     ap.add_argument("--deepspeed_config", default=os.path.join(REPO, "ds_configs", "zero2.json"),
                     help="DeepSpeed JSON (batch sizes and precision are overridden)")
-    ap.add_argument("--objectives", default=",".join(OBJECTIVE_NAMES), help="comma-separated subset of mlm,kd,codir")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVE_NAMES),
+                    help="comma-separated subset of mlm,kd,codir and the plain references ref_kd,ref_codir "
+                         "(1 process; the report then has their throughput ratios)")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per objective")
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before the timed ones")
     ap.add_argument("--num_examples", type=int, default=100000, help="memory bank rows / sampler ids")
@@ -81,9 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    bad = [o for o in objectives if o not in OBJECTIVE_NAMES]
+    bad = [o for o in objectives if o not in OBJECTIVE_NAMES + REFERENCE_NAMES]
     if bad or not objectives:
-        raise BenchError(f"--objectives {args.objectives!r}: use a comma-separated subset of {','.join(OBJECTIVE_NAMES)}")
+        raise BenchError(f"--objectives {args.objectives!r}: use a comma-separated subset of "
+                         f"{','.join(OBJECTIVE_NAMES + REFERENCE_NAMES)}")
     args.objectives = list(dict.fromkeys(objectives))
     for name in ("teacher_layers", "teacher_hidden", "teacher_heads", "student_layers", "student_hidden",
                  "student_heads", "vocab", "micro_batch", "grad_accum", "steps", "num_examples", "num_negatives"):
@@ -420,6 +425,139 @@ def bench_objective(name: str, args, ctx: dict) -> dict:
     return result
 
 
+def bench_reference(name: str, args, ctx: dict) -> dict:
+    """A plain reference of ``kd`` / ``codir`` pre-training steps, for side-by-side ratios.
+
+    What a straightforward implementation does, with no DeepSpeed: Hugging Face masked-LM models;
+    the teacher under ``torch.no_grad()`` computing logits at every position (``[B, T, V]``), its
+    masked rows selected afterwards; the student with every hidden state; ``torch.optim.AdamW``
+    and ``torch.autocast`` (a GradScaler for fp16); for CRD, a full replica of the bank on the
+    device and, as in the original CRD code, each anchor's ``K`` negatives drawn from the whole
+    dataset and gathered per anchor as a ``[B, K+1, m]`` copy, scored with ``bmm``; the positives'
+    rows updated after the step. Same models, sizes, data, masking and loss weights as
+    :func:`bench_objective`; one process.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from codir_ds.config import MethodConfig
+    from codir_ds.engine.session import set_seed
+    from codir_ds.data.sampler import OwnedShardSampler
+    from codir_ds.engine.pretrain import micro_batches
+
+    if ctx["world"] != 1:
+        raise BenchError(f"--objectives {name} runs in one process: launch the bench without deepspeed ranks")
+    device, dtype, tcfg, collator = ctx["device"], ctx["dtype"], ctx["tcfg"], ctx["collator"]
+    codir = name == "ref_codir"
+    mcfg = MethodConfig(name="codir" if codir else "kd", num_negatives=args.num_negatives,
+                        projection_dim=PROJECTION_DIM, bank_momentum=BANK_MOMENTUM)
+    is_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    teacher = ctx["teacher"]
+    set_seed(tcfg.seed)
+    student = build_mlm_model(args.student_layers, args.student_hidden, args.student_heads, args,
+                              ctx["tokenizer"]).to(device)
+    params = list(student.parameters())
+    if codir:
+        proj_s = torch.nn.Linear(args.student_layers * args.student_hidden, mcfg.projection_dim).to(device)
+        proj_t = torch.nn.Linear(args.teacher_layers * args.teacher_hidden, mcfg.projection_dim).to(device)
+        params += list(proj_s.parameters()) + list(proj_t.parameters())
+        bank = F.normalize(torch.randn(args.num_examples, mcfg.projection_dim,
+                                       generator=torch.Generator().manual_seed(tcfg.seed)), dim=1).to(device)
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    half = dtype in (torch.float16, torch.bfloat16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    accum = ctx["ds"]["gradient_accumulation_steps"]
+    sampler = OwnedShardSampler(args.num_examples, args.micro_batch, 0, 1, tcfg.seed)
+    batches = micro_batches(sampler)
+    tok, ordinary = ctx["tokenizer"], collator.replacements
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    neg_gen = torch.Generator().manual_seed(tcfg.seed + 7)
+    rho, tau = mcfg.kd_temperature, mcfg.crd_temperature
+
+    def block() -> torch.Tensor:
+        body = ordinary[torch.randint(len(ordinary), (args.seq_len - 2,), generator=gen)]
+        return torch.cat([torch.tensor([tok.cls_token_id]), body, torch.tensor([tok.sep_token_id])])
+
+    def pooled(hidden_states, mask):
+        m = mask.unsqueeze(-1).float()
+        return torch.cat([(h.float() * m).sum(1) / m.sum(1) for h in hidden_states[1:]], dim=-1)
+
+    step_times, tokens, last_loss = [], 0, float("nan")
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    student.train()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            tokens = 0
+        sync()
+        t_step = time.perf_counter()
+        for _ in range(accum):
+            epoch, ids = next(batches)
+            host = collator([block() for _ in ids.tolist()], ids, epoch)
+            batch = {k: v.to(device) for k, v in host.items()}
+            tokens += int(host["attention_mask"].sum())
+            masked = batch["labels"] != -100
+            with torch.autocast(device.type, dtype=dtype, enabled=half):
+                with torch.no_grad():
+                    t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    output_hidden_states=codir)
+                s_out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                output_hidden_states=codir)
+            s_logits, t_logits = s_out.logits[masked].float(), t_out.logits[masked].float()
+            loss = F.cross_entropy(s_logits, batch["labels"][masked])
+            kd = F.kl_div(F.log_softmax(s_logits / rho, -1), F.softmax(t_logits / rho, -1), reduction="batchmean")
+            loss = loss + mcfg.alpha_kd * kd * rho ** 2
+            if codir:
+                h_s = F.normalize(proj_s(pooled(s_out.hidden_states, batch["attention_mask"])), dim=1)
+                h_t = F.normalize(proj_t(pooled(t_out.hidden_states, batch["attention_mask"])), dim=1)
+                idx = torch.cat([batch["ids"].unsqueeze(1),
+                                 torch.randint(args.num_examples, (len(ids), args.num_negatives),
+                                               generator=neg_gen).to(device)], dim=1)
+                weights = bank[idx].clone()                       # [B, K+1, m] per-anchor copy
+                weights[:, 0] = h_s                               # the positive: the student's own feature
+                scores = torch.bmm(weights, h_t.unsqueeze(2)).squeeze(2) / tau
+                crd = F.cross_entropy(scores, torch.zeros(len(ids), dtype=torch.long, device=device))
+                loss = loss + mcfg.alpha_crd * crd
+            scaler.scale(loss / accum).backward()
+            if codir:
+                with torch.no_grad():
+                    rows = batch["ids"]
+                    bank[rows] = F.normalize(mcfg.bank_momentum * bank[rows] + (1 - mcfg.bank_momentum) * h_s, dim=1)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - t_step)
+        last_loss = float(loss)
+    elapsed = sum(step_times)
+    n_student = non_embedding_params(student)
+    flops_per_token = 2 * ctx["teacher_params"] + 6 * n_student
+    tokens_per_s = tokens / elapsed
+    peak_mem = (torch.cuda.max_memory_allocated(device) if is_cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    result = {
+        "samples_per_second": len(step_times) * ctx["ds"]["train_batch_size"] / elapsed,
+        "tokens_per_second": tokens_per_s,
+        "step_time_mean_s": statistics.fmean(step_times),
+        "step_time_median_s": statistics.median(step_times),
+        "timed_steps": len(step_times),
+        "final_loss": last_loss,
+        "flops_per_token": flops_per_token,
+        "achieved_tflops": flops_per_token * tokens_per_s / 1e12,
+        "mfu": flops_per_token * tokens_per_s / (ctx["peak_tflops"] * 1e12),
+        "peak_memory_bytes": int(peak_mem),
+        "negatives_copy_bytes_per_micro_step": (args.micro_batch * (args.num_negatives + 1) * PROJECTION_DIM * 4
+                                                if codir else 0),
+    }
+    del student, opt, params
+    gc.collect()
+    if is_cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
 def time_crd_loss(crd_loss_shared, crd_inputs, candidates, tau: float, sync) -> float:
     """Forward + backward of the CRD term alone on one micro step's (detached) inputs, in seconds.
 
@@ -478,7 +616,7 @@ def run(args) -> Optional[dict]:
         peak, peak_source = box
 
     teacher, n_teacher = None, 0
-    if any(o in ("kd", "codir") for o in args.objectives):
+    if any(o != "mlm" for o in args.objectives):
         torch.manual_seed(tcfg.seed + 1)
         teacher = build_mlm_model(args.teacher_layers, args.teacher_hidden, args.teacher_heads, args, tokenizer)
         teacher.requires_grad_(False)
@@ -493,7 +631,15 @@ def run(args) -> Optional[dict]:
     for name in args.objectives:
         if rank == 0:
             print(f"bench: {name} ({args.warmup} warm-up + {args.steps} timed steps)", file=sys.stderr, flush=True)
-        results[name] = bench_objective(name, args, ctx)
+        results[name] = (bench_reference if name in REFERENCE_NAMES else bench_objective)(name, args, ctx)
+    # Side by side: codir-ds over the plain reference (>1: codir-ds is faster), and codir's cost over kd.
+    ratios = {}
+    for ours in ("kd", "codir"):
+        if ours in results and f"ref_{ours}" in results:
+            ratios[f"{ours}_over_ref_{ours}"] = (results[ours]["samples_per_second"]
+                                                 / results[f"ref_{ours}"]["samples_per_second"])
+    if "kd" in results and "codir" in results:
+        ratios["codir_step_time_over_kd"] = results["codir"]["step_time_mean_s"] / results["kd"]["step_time_mean_s"]
 
     import transformers
     report = {
@@ -522,6 +668,7 @@ def run(args) -> Optional[dict]:
         "peak_tflops": peak,
         "peak_source": peak_source,
         "results": results,
+        "ratios": ratios,
     }
     return report if rank == 0 else None
 

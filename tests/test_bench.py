@@ -98,3 +98,20 @@ def test_fp16_on_cpu_is_refused_in_one_line():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and "fp16" in lines[0] and "bf16" in lines[0] and "fp32" in lines[0]
+
+
+def test_plain_reference_runs_side_by_side_with_ratios():
+    """ref_kd / ref_codir: the straightforward loop (no DeepSpeed, [B, K+1, m] per-anchor negatives)."""
+    proc = _run(TINY + ["--precision", "fp32", "--objectives", "kd,ref_kd,codir,ref_codir", "--num_negatives", "20",
+                        "--num_examples", "64"])
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout)
+    assert set(report["results"]) == {"kd", "ref_kd", "codir", "ref_codir"}
+    for name in ("ref_kd", "ref_codir"):
+        res = report["results"][name]
+        assert all(_number(res[k]) and res[k] > 0 for k in ("samples_per_second", "step_time_mean_s", "mfu"))
+    # Same models, init, data and masking (the optimizers' schedules differ): losses of the same size.
+    assert report["results"]["ref_kd"]["final_loss"] == pytest.approx(report["results"]["kd"]["final_loss"], rel=0.05)
+    assert report["results"]["ref_codir"]["negatives_copy_bytes_per_micro_step"] == 4 * 21 * 128 * 4
+    assert set(report["ratios"]) == {"kd_over_ref_kd", "codir_over_ref_codir", "codir_step_time_over_kd"}
+    assert all(_number(v) and v > 0 for v in report["ratios"].values())
