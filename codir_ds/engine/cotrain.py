@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator
 from codir_ds.data.mlm import MLMCollator
-from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.heads import DistillationModule, PretrainModule
 from codir_ds.distill.losses import kd_loss
 from codir_ds.distill.objectives import build_objective, build_pretrain_objective
@@ -43,7 +41,7 @@ from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.pretrain import position_limit, evaluate_mlm, micro_batches, prepare_pretrain
 from codir_ds.engine.session import (after_step, check_skipped, dist_env, engine_config, export_engine_student,
                                      init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
-                                     save_run_checkpoint, set_seed, stop_early)
+                                     sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, resolve_layers
@@ -215,9 +213,7 @@ def run_cotrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, sta
     num_train = len(task.train) if finetune else len(corpus.train_ids)
     micro = p.ds["train_micro_batch_size_per_gpu"]
     accum = p.ds["gradient_accumulation_steps"]
-    sampler = build_sampler(num_train, micro, rank, world, tcfg.seed, accum, tcfg.deterministic)
-    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    sampler, total_steps = sampler_and_steps(num_train, p.ds, rank, world, tcfg)
     # Two engines, two optimizers and schedules, one DeepSpeed JSON.
     opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch.distributed as dist
 
 from codir_ds.config import FINETUNE_OBJECTIVES, ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator
-from codir_ds.data.sampler import build_sampler
 from codir_ds.data.tasks import Example, TaskData, load_supplementary, load_task
 from codir_ds.distill.heads import DistillationModule, build_ild_spec
 from codir_ds.distill.ild import consistency_weight, mixup_draw
@@ -34,7 +32,8 @@ from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
 from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
                                      export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
-                                     resume_latest, resume_plan, save_run_checkpoint, set_seed, stop_early)
+                                     resume_latest, resume_plan, sampler_and_steps, save_run_checkpoint, set_seed,
+                                     stop_early)
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
@@ -161,10 +160,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     accum = p.ds["gradient_accumulation_steps"]
-    sampler = build_sampler(len(task.train), p.ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed, accum,
-                            tcfg.deterministic)
-    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    sampler, total_steps = sampler_and_steps(len(task.train), p.ds, rank, world, tcfg)
     opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                                       config=engine_config(p.ds, p.universal))

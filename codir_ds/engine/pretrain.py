@@ -27,7 +27,6 @@ import torch.distributed as dist
 from codir_ds.config import PRETRAIN_OBJECTIVES, ExperimentConfig
 from codir_ds.data.corpus import PackedCorpus, load_corpus
 from codir_ds.data.mlm import MLMCollator
-from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.heads import PretrainModule, build_ild_spec
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.objectives import build_pretrain_objective
@@ -37,7 +36,8 @@ from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
 from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
                                      export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
-                                     resume_latest, resume_plan, save_run_checkpoint, set_seed, stop_early)
+                                     resume_latest, resume_plan, sampler_and_steps, save_run_checkpoint, set_seed,
+                                     stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
@@ -225,9 +225,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     num_train = len(corpus.train_ids)  # training block ids are 0..num_train-1
     micro = p.ds["train_micro_batch_size_per_gpu"]
     accum = p.ds["gradient_accumulation_steps"]
-    sampler = build_sampler(num_train, micro, rank, world, tcfg.seed, accum, tcfg.deterministic)
-    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    sampler, total_steps = sampler_and_steps(num_train, p.ds, rank, world, tcfg)
     opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=engine_config(p.ds, p.universal))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from codir_ds.config import ExperimentConfig, save_config
+from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.engine import checkpoint as ckpt
 from codir_ds.engine.faults import maybe_fault
@@ -100,6 +102,19 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.overflow:
             return None
         return super().step(closure)
+
+
+def sampler_and_steps(num_train: int, ds: dict, rank: int, world: int, tcfg):
+    """The training sampler for ``num_train`` ids and the run's number of optimizer steps.
+
+    ``training.max_steps`` when > 0, else ``training.epochs`` times the optimizer steps per epoch.
+    """
+    accum = ds["gradient_accumulation_steps"]
+    sampler = build_sampler(num_train, ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed, accum,
+                            tcfg.deterministic)
+    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
+    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    return sampler, total_steps
 
 
 def needs_nonfinite_guard(ds: dict) -> bool:
