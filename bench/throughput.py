@@ -73,10 +73,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--objectives", default=",".join(OBJECTIVE_NAMES),
                     help="comma-separated subset of mlm,kd,codir and the plain references ref_kd,ref_codir "
                          "(1 process; the report then has their throughput ratios)")
+    ap.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain",
+                    help="pretrain: masked-LM blocks, in-batch negatives; finetune: sequence classification, "
+                         "K negatives per class from the bank")
+    ap.add_argument("--num_classes", type=int, default=2, help="classes of the synthetic finetuning task")
+    ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
+                    help="interleaved: every objective lives in the process and their steps alternate (a slow "
+                         "spell of the machine costs all alike); sequential: one objective after another")
+    ap.add_argument("--global_negatives", type=int, default=0,
+                    help="pretrain codir: fill each step's candidates up to this many ids (capped at "
+                         "num_negatives + 1), as if the global batch were this large (e.g. the paper's 8192)")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per objective")
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before the timed ones")
     ap.add_argument("--num_examples", type=int, default=100000, help="memory bank rows / sampler ids")
-    ap.add_argument("--num_negatives", type=int, default=8191, help="method.num_negatives (codir)")
+    ap.add_argument("--num_negatives", type=int, default=None,
+                    help="method.num_negatives (codir): default 8191 (pretrain), 1000 (finetune)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (else detected)")
     ap.add_argument("--no_breakdown", action="store_true",
                     help="no per-section timing (no CUDA syncs inside a step); breakdown fields are null")
@@ -90,6 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise BenchError(f"--objectives {args.objectives!r}: use a comma-separated subset of "
                          f"{','.join(OBJECTIVE_NAMES + REFERENCE_NAMES)}")
     args.objectives = list(dict.fromkeys(objectives))
+    if args.num_negatives is None:
+        args.num_negatives = 1000 if args.task == "finetune" else 8191
+    if args.task == "finetune" and "mlm" in args.objectives:
+        raise BenchError("--objectives mlm is a pre-training objective: with --task finetune use kd,codir "
+                         "(and ref_kd,ref_codir)")
+    if args.num_classes < 2:
+        raise BenchError(f"--num_classes must be >= 2 (CRD negatives come from other classes), got {args.num_classes}")
+    if args.global_negatives < 0:
+        raise BenchError(f"--global_negatives must be >= 0, got {args.global_negatives}")
+    if args.global_negatives > args.num_examples:
+        raise BenchError(f"--global_negatives {args.global_negatives} exceeds --num_examples {args.num_examples}: "
+                         f"raise --num_examples")
     for name in ("teacher_layers", "teacher_hidden", "teacher_heads", "student_layers", "student_hidden",
                  "student_heads", "vocab", "micro_batch", "grad_accum", "steps", "num_examples", "num_negatives"):
         if getattr(args, name) < 1:
@@ -198,6 +221,14 @@ def build_mlm_model(layers: int, hidden: int, heads: int, args, tokenizer):
     return BertForMaskedLM(config)
 
 
+def build_cls_model(layers: int, hidden: int, heads: int, args, tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden, num_labels=args.num_classes,
+                        max_position_embeddings=max(512, args.seq_len), pad_token_id=tokenizer.pad_token_id)
+    return BertForSequenceClassification(config)
+
+
 def ds_config_for(args, world: int):
     """The DeepSpeed JSON with this run's batch and precision, through the repo's own checks."""
     from codir_ds.config import TrainingConfig
@@ -249,330 +280,551 @@ class Sections:
 
 # ----------------------------------------------------------------------------- one objective
 
-def bench_objective(name: str, args, ctx: dict) -> dict:
-    import deepspeed
+def synthetic_block(tokenizer, ordinary, seq_len: int, gen):
+    """[CLS] + random ordinary tokens + [SEP], exactly ``seq_len`` long."""
     import torch
-    import torch.distributed as dist
+    body = ordinary[torch.randint(len(ordinary), (seq_len - 2,), generator=gen)]
+    return torch.cat([torch.tensor([tokenizer.cls_token_id]), body, torch.tensor([tokenizer.sep_token_id])])
 
-    from codir_ds.config import MethodConfig
-    from codir_ds.distill.losses import crd_loss_shared
-    from codir_ds.distill.memory_bank import ShardedMemoryBank
-    from codir_ds.distill.objectives import build_pretrain_objective
-    from codir_ds.engine.pretrain import batch_negatives, build_pretrain_module, micro_batches, self_mask
-    from codir_ds.engine.session import apply_bank_updates, optimizer_and_schedule, set_seed
-    from codir_ds.engine.teacher import MLMTeacherRunner
-    from codir_ds.data.sampler import OwnedShardSampler
-    from codir_ds.models.mlm import masked_rows
 
-    rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
-    ds, tcfg, collator = ctx["ds"], ctx["tcfg"], ctx["collator"]
-    mcfg = MethodConfig(name=name, num_negatives=args.num_negatives, projection_dim=PROJECTION_DIM,
-                        bank_momentum=BANK_MOMENTUM)
-    objective = build_pretrain_objective(mcfg)
-    total_steps = args.warmup + args.steps
-    is_cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+class Run:
+    """One objective's models, engine and data; :meth:`step` runs one optimizer step.
 
-    teacher = ctx["teacher"] if objective.uses_teacher else None
-    set_seed(tcfg.seed)  # identical student / head initialisation on every rank (and for every objective)
-    student = build_mlm_model(args.student_layers, args.student_hidden, args.student_heads, args, ctx["tokenizer"])
-    module, t_layers = build_pretrain_module(student, teacher, mcfg, objective)
-    n_student = non_embedding_params(student)
-    n_teacher = ctx["teacher_params"] if objective.uses_teacher else 0
-    opt, sched = optimizer_and_schedule(module, tcfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds)
-    runner = (MLMTeacherRunner(teacher, t_layers, mcfg.pooling, logits=objective.uses_teacher_logits)
-              if teacher is not None else None)
-    bank = (ShardedMemoryBank(args.num_examples, mcfg.projection_dim, mcfg.bank_momentum, seed=tcfg.seed).to(device)
-            if objective.uses_crd else None)
-    sampler = OwnedShardSampler(args.num_examples, ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed)
-    batches = micro_batches(sampler)
-    accum = ds["gradient_accumulation_steps"]
-    set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks, as in run_pretrain
+    Several runs live side by side in one process, so that their steps can be interleaved
+    (``--schedule interleaved``): a slow spell of the machine then costs every objective alike.
+    """
 
-    # Synthetic blocks: [CLS] + random ordinary tokens + [SEP], drawn per example id.
-    tok = ctx["tokenizer"]
-    ordinary = collator.replacements
-    gen = torch.Generator().manual_seed(tcfg.seed + rank)
+    uses_crd = False
 
-    def block(_example_id: int) -> torch.Tensor:
-        body = ordinary[torch.randint(len(ordinary), (args.seq_len - 2,), generator=gen)]
-        return torch.cat([torch.tensor([tok.cls_token_id]), body, torch.tensor([tok.sep_token_id])])
+    def __init__(self, name: str, args, ctx: dict):
+        import torch
+        self.name, self.args, self.ctx = name, args, ctx
+        self.device = ctx["device"]
+        self.is_cuda = self.device.type == "cuda"
+        self.sync = torch.cuda.synchronize if self.is_cuda else (lambda: None)
+        self.sections = Sections(self.sync, not args.no_breakdown)
+        self.step_times: list[float] = []
+        self.crd_times: list[float] = []
+        self.gather_bytes: list[int] = []
+        self.neg_bytes: list[int] = []
+        self.rows_gathered: list[int] = []
+        self.tokens = 0
+        self.applied = 0
+        self.last_loss = float("nan")
+        self.gen = torch.Generator().manual_seed(ctx["tcfg"].seed + ctx["rank"])
 
-    sections = Sections(sync, not args.no_breakdown)
-    step_times, crd_times, gather_bytes, neg_bytes = [], [], [], []
-    tokens = 0
-    applied = 0
-    last_loss = float("nan")
-    if is_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    def block(self):
+        return synthetic_block(self.ctx["tokenizer"], self.ctx["ordinary"], self.args.seq_len, self.gen)
+
+    def timed_step(self, step: int) -> None:
+        if step == self.args.warmup:
+            self.sections.reset()
+            self.tokens = 0
+        self.sync()
+        t = time.perf_counter()
+        self.step(step, timed=step >= self.args.warmup)
+        self.sync()
+        if step >= self.args.warmup:
+            self.step_times.append(time.perf_counter() - t)
+
+    def step(self, step: int, timed: bool) -> None:
+        raise NotImplementedError
+
+    def base_result(self, n_teacher: int, n_student: int, train_batch_size: int) -> dict:
+        import torch
+        import torch.distributed as dist
+        tokens, world = self.tokens, self.ctx["world"]
+        if world > 1:
+            total_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            dist.all_reduce(total_tokens)
+            tokens = int(total_tokens)
+        elapsed = sum(self.step_times)
+        tokens_per_s = tokens / elapsed
+        flops_per_token = 2 * n_teacher + 6 * n_student
+        achieved = flops_per_token * tokens_per_s
+        if self.is_cuda:
+            peak_mem, mem_source = torch.cuda.max_memory_allocated(self.device), "torch.cuda.max_memory_allocated"
+        else:
+            peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            mem_source = "getrusage_maxrss_process"
+        result = {
+            "samples_per_second": len(self.step_times) * train_batch_size / elapsed,
+            "tokens_per_second": tokens_per_s,
+            "step_time_mean_s": statistics.fmean(self.step_times),
+            "step_time_median_s": statistics.median(self.step_times),
+            "timed_steps": len(self.step_times),
+            "final_loss": self.last_loss,
+            "flops_per_token": flops_per_token,
+            "teacher_params": n_teacher,
+            "student_params": n_student,
+            "achieved_tflops": achieved / 1e12,
+            "mfu": achieved / (self.ctx["peak_tflops"] * 1e12 * world),
+            "peak_memory_bytes": int(peak_mem),
+            "peak_memory_source": mem_source,
+        }
+        return result
+
+    def ours_result(self, n_teacher: int, n_student: int) -> dict:
+        result = self.base_result(n_teacher, n_student, self.ctx["ds"]["train_batch_size"])
+        result.update({
+            "steps_applied": self.applied,
+            "breakdown_s": None,
+            "crd_loss_fwd_bwd_s": None,
+            "bank_allgather_bytes_per_step": round(statistics.fmean(self.gather_bytes)) if self.gather_bytes else 0,
+            "batch_negatives_allgather_bytes_per_step": round(statistics.fmean(self.neg_bytes)) if self.neg_bytes
+            else 0,
+            # bank rows fetched per step: the step's candidates (pretrain) or C x K (finetune)
+            "bank_rows_gathered_per_step": round(statistics.fmean(self.rows_gathered)) if self.rows_gathered else 0,
+        })
+        if not self.args.no_breakdown:
+            steps = len(self.step_times)
+            per_step = {k: v / steps for k, v in self.sections.acc.items()}
+            per_step["other"] = max(0.0, result["step_time_mean_s"] - sum(per_step.values()))
+            result["breakdown_s"] = {k: per_step[k] for k in BREAKDOWN_KEYS}
+            result["crd_loss_fwd_bwd_s"] = statistics.fmean(self.crd_times) if self.crd_times else 0.0
+        return result
+
+    def record_gather(self, cand_ids, bank) -> None:
+        """All-gather bytes of ``bank.gather(cand_ids)``: one ``[world * max_count, m]`` fp32 buffer."""
+        import torch
+        world = self.ctx["world"]
+        self.rows_gathered.append(cand_ids.numel())
+        uniq = torch.unique(cand_ids)
+        max_count = int(torch.bincount(uniq % world, minlength=world).max())
+        self.gather_bytes.append(world * max_count * bank.dim * 4 if world > 1 else 0)
+
+    def close(self) -> None:
+        import torch
+        for attr in ("engine",):
+            engine = getattr(self, attr, None)
+            if engine is not None and hasattr(engine, "destroy"):
+                engine.destroy()
+        self.__dict__.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _engine(module, args, ctx, total_steps: int):
+    import deepspeed
+    from codir_ds.engine.session import optimizer_and_schedule
+    opt, sched = optimizer_and_schedule(module, ctx["tcfg"], total_steps, ctx["ds"])
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ctx["ds"])
     engine.train()
-    for step in range(total_steps):
-        timed = step >= args.warmup
-        if step == args.warmup:
-            sections.reset()
-            tokens = 0
-        sync()
-        t_step = time.perf_counter()
-        group = [next(batches) for _ in range(accum)]  # this rank's micro-batches of one optimizer step
-        cand_ids = candidates = None
-        if bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
+    return engine
+
+
+class PretrainRun(Run):
+    """One step of ``run_pretrain``'s loop (see the module docstring)."""
+
+    def __init__(self, name: str, args, ctx: dict):
+        super().__init__(name, args, ctx)
+        from codir_ds.config import MethodConfig
+        from codir_ds.data.sampler import OwnedShardSampler
+        from codir_ds.distill.memory_bank import ShardedMemoryBank
+        from codir_ds.distill.objectives import build_pretrain_objective
+        from codir_ds.engine.pretrain import build_pretrain_module, micro_batches
+        from codir_ds.engine.session import set_seed
+        from codir_ds.engine.teacher import MLMTeacherRunner
+
+        rank, world, device, tcfg = ctx["rank"], ctx["world"], self.device, ctx["tcfg"]
+        self.mcfg = MethodConfig(name=name, num_negatives=args.num_negatives, projection_dim=PROJECTION_DIM,
+                                 bank_momentum=BANK_MOMENTUM)
+        self.objective = build_pretrain_objective(self.mcfg)
+        teacher = ctx["teacher"] if self.objective.uses_teacher else None
+        set_seed(tcfg.seed)  # identical student / head initialisation on every rank (and for every objective)
+        student = build_mlm_model(args.student_layers, args.student_hidden, args.student_heads, args,
+                                  ctx["tokenizer"])
+        module, t_layers = build_pretrain_module(student, teacher, self.mcfg, self.objective)
+        self.n_student = non_embedding_params(student)
+        self.n_teacher = ctx["teacher_params"] if teacher is not None else 0
+        self.engine = _engine(module, args, ctx, args.warmup + args.steps)
+        self.runner = (MLMTeacherRunner(teacher, t_layers, self.mcfg.pooling,
+                                        logits=self.objective.uses_teacher_logits) if teacher is not None else None)
+        self.uses_crd = self.objective.uses_crd
+        self.bank = (ShardedMemoryBank(args.num_examples, PROJECTION_DIM, BANK_MOMENTUM, seed=tcfg.seed).to(device)
+                     if self.uses_crd else None)
+        self.batches = micro_batches(OwnedShardSampler(args.num_examples, ctx["ds"]["train_micro_batch_size_per_gpu"],
+                                                       rank, world, tcfg.seed))
+        self.accum = ctx["ds"]["gradient_accumulation_steps"]
+        set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks, as in run_pretrain
+        self.crd_inputs = None
+
+    def candidates_for(self, local_ids, step: int):
+        """``batch_negatives`` ids, filled up to ``--global_negatives`` as if the global batch were that large."""
+        import torch
+        from codir_ds.distill.memory_bank import derive_seed
+        from codir_ds.engine.pretrain import batch_negatives
+        args, tcfg = self.args, self.ctx["tcfg"]
+        cand_ids = batch_negatives(local_ids, self.mcfg.num_negatives, tcfg.seed, step, self.ctx["world"],
+                                   self.device)
+        want = min(args.global_negatives, self.mcfg.num_negatives + 1)
+        if want > cand_ids.numel():  # the same extra ids on every rank: seeded by (seed, step)
+            g = torch.Generator().manual_seed(derive_seed(tcfg.seed, step, 11))
+            extra = torch.unique(torch.randint(args.num_examples, (2 * want,), generator=g))
+            extra = extra[~torch.isin(extra, cand_ids)]
+            extra = extra[torch.randperm(extra.numel(), generator=g)[: want - cand_ids.numel()]]
+            cand_ids = torch.cat([cand_ids, extra])
+        return cand_ids
+
+    def step(self, step: int, timed: bool) -> None:
+        import torch
+        from codir_ds.data.collate import to_device
+        from codir_ds.distill.losses import crd_loss_shared
+        from codir_ds.engine.pretrain import self_mask
+        from codir_ds.engine.session import apply_bank_updates
+        from codir_ds.models.mlm import masked_rows
+        sections, engine, device, world = self.sections, self.engine, self.device, self.ctx["world"]
+        group = [next(self.batches) for _ in range(self.accum)]  # this rank's micro-batches of one optimizer step
+        cand_ids = candidates = host_cand_ids = None
+        local_ids = torch.cat([ids for _, ids in group])
+        if self.bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
             with sections("crd_and_bank"):
-                local_ids = torch.cat([ids for _, ids in group])
-                cand_ids = batch_negatives(local_ids, mcfg.num_negatives, tcfg.seed, step, world, device)
-                candidates = bank.gather(cand_ids)
-                cpu_cand_ids = cand_ids
-                cand_ids = cand_ids.to(device)
-        pending = []
-        crd_inputs = None
+                host_cand_ids = self.candidates_for(local_ids, step)
+                candidates = self.bank.gather(host_cand_ids)
+                cand_ids = host_cand_ids.to(device)
+        pending, crd_inputs = [], None
         for epoch, ids in group:
-            host = collator([block(i) for i in ids.tolist()], ids, epoch)
+            host = self.ctx["collator"]([self.block() for _ in ids.tolist()], ids, epoch)
             rows = masked_rows(host["labels"])  # on the host, as in the training loop
             labels = host["labels"].reshape(-1)[rows].to(device)
-            tokens += int(host["attention_mask"].sum())
+            self.tokens += int(host["attention_mask"].sum())
             rows = rows.to(device)
-            batch = {k: v.to(device) for k, v in host.items()}
+            batch = to_device(host, device)
             t_out = None
-            if runner is not None:
+            if self.runner is not None:
                 with sections("teacher_forward"):
-                    t_out = runner(batch["input_ids"], batch["attention_mask"], rows)
+                    t_out = self.runner(batch["input_ids"], batch["attention_mask"], rows)
             with sections("student_forward_backward"):
                 out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
                              teacher_features=t_out.features if t_out is not None else None)
             exclude = None
-            if bank is not None:
+            if self.bank is not None:
                 with sections("crd_and_bank"):
                     exclude = self_mask(batch["ids"], cand_ids)
             with sections("student_forward_backward"):
-                total, terms = objective(out["logits"], labels,
-                                         teacher_logits=t_out.logits if t_out is not None else None,
-                                         h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates,
-                                         exclude=exclude)
+                total, terms = self.objective(out["logits"], labels,
+                                              teacher_logits=t_out.logits if t_out is not None else None,
+                                              h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates,
+                                              exclude=exclude)
                 engine.backward(total)
             with sections("optimizer_step"):
                 engine.step()
-            if bank is not None:
+            if self.bank is not None:
                 pending.append((ids, out["h_s"].detach()))
                 crd_inputs = (out["h_t"].detach(), out["h_s"].detach(), exclude)
-        if bank is not None:
+        if self.bank is not None:
             with sections("crd_and_bank"):
-                apply_bank_updates(bank, engine, pending, device)
-        sync()
-        dt = time.perf_counter() - t_step
-        last_loss = float(terms["loss/total"])
+                apply_bank_updates(self.bank, engine, pending, device)
+        self.last_loss = terms["loss/total"]
         if timed:
-            step_times.append(dt)
-            if bank is not None:  # traffic of this step's collectives, counted outside its time
-                uniq = torch.unique(cpu_cand_ids)
-                max_count = int(torch.bincount(uniq % world, minlength=world).max())
-                # ShardedMemoryBank.gather: no collective on 1 rank; else one all-gather into a
-                # [world * max_count, m] fp32 buffer (each rank's rows padded to the largest count).
-                gather_bytes.append(world * max_count * bank.dim * 4 if world > 1 else 0)
+            if self.bank is not None:  # traffic of this step's collectives, counted outside its time
+                self.record_gather(host_cand_ids, self.bank)
                 # batch_negatives: all-gather of every rank's int64 ids of this step (none on 1 rank).
-                neg_bytes.append(world * local_ids.numel() * local_ids.element_size() if world > 1 else 0)
-            applied += int(engine.was_step_applied())
-            if crd_inputs is not None and not args.no_breakdown:
-                crd_times.append(accum * time_crd_loss(crd_loss_shared, crd_inputs, candidates,
-                                                       mcfg.crd_temperature, sync))
+                self.neg_bytes.append(world * local_ids.numel() * local_ids.element_size() if world > 1 else 0)
+            self.applied += int(engine.was_step_applied())
+            if crd_inputs is not None and not self.args.no_breakdown:
+                h_t, h_s, exclude = crd_inputs
+                self.crd_times.append(self.accum * time_loss(
+                    lambda a, b: crd_loss_shared(a, b, candidates, exclude, self.mcfg.crd_temperature)[0],
+                    h_t, h_s, self.sync))
 
-    if world > 1:
-        total_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
-        dist.all_reduce(total_tokens)
-        tokens = int(total_tokens)
-    elapsed = sum(step_times)
-    steps = len(step_times)
-    tokens_per_s = tokens / elapsed
-    flops_per_token = 2 * n_teacher + 6 * n_student
-    achieved = flops_per_token * tokens_per_s
-    if is_cuda:
-        peak_mem, mem_source = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        mem_source = "getrusage_maxrss_process"
-    result = {
-        "samples_per_second": steps * ds["train_batch_size"] / elapsed,
-        "tokens_per_second": tokens_per_s,
-        "step_time_mean_s": statistics.fmean(step_times),
-        "step_time_median_s": statistics.median(step_times),
-        "timed_steps": steps,
-        "steps_applied": applied,
-        "final_loss": last_loss,
-        "flops_per_token": flops_per_token,
-        "teacher_params": n_teacher,
-        "student_params": n_student,
-        "achieved_tflops": achieved / 1e12,
-        "mfu": achieved / (ctx["peak_tflops"] * 1e12 * world),
-        "peak_memory_bytes": int(peak_mem),
-        "peak_memory_source": mem_source,
-        "breakdown_s": None,
-        "crd_loss_fwd_bwd_s": None,
-        "bank_allgather_bytes_per_step": round(statistics.fmean(gather_bytes)) if gather_bytes else 0,
-        "batch_negatives_allgather_bytes_per_step": round(statistics.fmean(neg_bytes)) if neg_bytes else 0,
-    }
-    if not args.no_breakdown:
-        per_step = {k: v / steps for k, v in sections.acc.items()}
-        per_step["other"] = max(0.0, result["step_time_mean_s"] - sum(per_step.values()))
-        result["breakdown_s"] = {k: per_step[k] for k in BREAKDOWN_KEYS}
-        result["crd_loss_fwd_bwd_s"] = statistics.fmean(crd_times) if crd_times else 0.0
-
-    # Free this engine before the next objective builds its own.
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    del engine, module, student, opt, sched, bank, runner, pending, out, total, crd_inputs
-    gc.collect()
-    if is_cuda:
-        torch.cuda.empty_cache()
-    return result
+    def result(self) -> dict:
+        self.last_loss = float(self.last_loss)
+        return self.ours_result(self.n_teacher, self.n_student)
 
 
-def bench_reference(name: str, args, ctx: dict) -> dict:
-    """A plain reference of ``kd`` / ``codir`` pre-training steps, for side-by-side ratios.
+class FinetuneRun(Run):
+    """One step of ``run_finetune``'s loop for ``kd`` / ``codir`` (sequence classification).
 
-    What a straightforward implementation does, with no DeepSpeed: Hugging Face masked-LM models;
-    the teacher under ``torch.no_grad()`` computing logits at every position (``[B, T, V]``), its
-    masked rows selected afterwards; the student with every hidden state; ``torch.optim.AdamW``
-    and ``torch.autocast`` (a GradScaler for fp16); for CRD, a full replica of the bank on the
-    device and, as in the original CRD code, each anchor's ``K`` negatives drawn from the whole
-    dataset and gathered per anchor as a ``[B, K+1, m]`` copy, scored with ``bmm``; the positives'
-    rows updated after the step. Same models, sizes, data, masking and loss weights as
-    :func:`bench_objective`; one process.
+    CRD: per optimizer step one ``LabelNegativeSampler.class_negatives`` (a collective
+    ``bank.gather`` of ``C x K`` rows, shared by every micro step and anchor of the step),
+    ``crd_loss_classes`` scoring against the ``[C, K, m]`` sets, and after the step the
+    positives' ``bank.update``.
     """
-    import torch
-    import torch.nn.functional as F
 
-    from codir_ds.config import MethodConfig
-    from codir_ds.engine.session import set_seed
-    from codir_ds.data.sampler import OwnedShardSampler
-    from codir_ds.engine.pretrain import micro_batches
+    def __init__(self, name: str, args, ctx: dict):
+        super().__init__(name, args, ctx)
+        from codir_ds.config import MethodConfig
+        from codir_ds.data.sampler import OwnedShardSampler
+        from codir_ds.distill.heads import DistillationModule
+        from codir_ds.distill.memory_bank import ShardedMemoryBank
+        from codir_ds.distill.negatives import LabelNegativeSampler
+        from codir_ds.distill.objectives import build_objective
+        from codir_ds.engine.pretrain import micro_batches
+        from codir_ds.engine.session import set_seed
+        from codir_ds.engine.teacher import TeacherRunner
+        from codir_ds.models.loading import resolve_layers
 
-    if ctx["world"] != 1:
-        raise BenchError(f"--objectives {name} runs in one process: launch the bench without deepspeed ranks")
-    device, dtype, tcfg, collator = ctx["device"], ctx["dtype"], ctx["tcfg"], ctx["collator"]
-    codir = name == "ref_codir"
-    mcfg = MethodConfig(name="codir" if codir else "kd", num_negatives=args.num_negatives,
-                        projection_dim=PROJECTION_DIM, bank_momentum=BANK_MOMENTUM)
-    is_cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
-    teacher = ctx["teacher"]
-    set_seed(tcfg.seed)
-    student = build_mlm_model(args.student_layers, args.student_hidden, args.student_heads, args,
-                              ctx["tokenizer"]).to(device)
-    params = list(student.parameters())
-    if codir:
-        proj_s = torch.nn.Linear(args.student_layers * args.student_hidden, mcfg.projection_dim).to(device)
-        proj_t = torch.nn.Linear(args.teacher_layers * args.teacher_hidden, mcfg.projection_dim).to(device)
-        params += list(proj_s.parameters()) + list(proj_t.parameters())
-        bank = F.normalize(torch.randn(args.num_examples, mcfg.projection_dim,
-                                       generator=torch.Generator().manual_seed(tcfg.seed)), dim=1).to(device)
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    half = dtype in (torch.float16, torch.bfloat16)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    accum = ctx["ds"]["gradient_accumulation_steps"]
-    sampler = OwnedShardSampler(args.num_examples, args.micro_batch, 0, 1, tcfg.seed)
-    batches = micro_batches(sampler)
-    tok, ordinary = ctx["tokenizer"], collator.replacements
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    neg_gen = torch.Generator().manual_seed(tcfg.seed + 7)
-    rho, tau = mcfg.kd_temperature, mcfg.crd_temperature
+        rank, world, device, tcfg = ctx["rank"], ctx["world"], self.device, ctx["tcfg"]
+        self.mcfg = MethodConfig(name=name, num_negatives=args.num_negatives, projection_dim=PROJECTION_DIM,
+                                 bank_momentum=BANK_MOMENTUM)
+        self.objective = build_objective(self.mcfg)
+        self.uses_crd = self.objective.uses_crd
+        teacher = ctx["teacher"]
+        set_seed(tcfg.seed)
+        student = build_cls_model(args.student_layers, args.student_hidden, args.student_heads, args,
+                                  ctx["tokenizer"])
+        s_layers = resolve_layers(self.mcfg.student_layers, student, "method.student_layers")
+        t_layers = resolve_layers(self.mcfg.teacher_layers, teacher, "method.teacher_layers")
+        module = DistillationModule(student, s_layers, self.mcfg.pooling,
+                                    teacher_dim=len(t_layers) * args.teacher_hidden if self.uses_crd else None,
+                                    projection_dim=PROJECTION_DIM if self.uses_crd else None)
+        self.n_student = non_embedding_params(student)
+        self.n_teacher = ctx["teacher_params"]
+        self.engine = _engine(module, args, ctx, args.warmup + args.steps)
+        self.runner = TeacherRunner(teacher, t_layers if self.uses_crd else None, self.mcfg.pooling)
+        self.labels = ctx["labels"]
+        self.bank = self.neg_sampler = None
+        if self.uses_crd:
+            self.bank = ShardedMemoryBank(args.num_examples, PROJECTION_DIM, BANK_MOMENTUM, seed=tcfg.seed).to(device)
+            self.neg_sampler = LabelNegativeSampler(self.labels, args.num_negatives, seed=tcfg.seed)
+        self.batches = micro_batches(OwnedShardSampler(args.num_examples, ctx["ds"]["train_micro_batch_size_per_gpu"],
+                                                       rank, world, tcfg.seed))
+        self.accum = ctx["ds"]["gradient_accumulation_steps"]
+        set_seed(tcfg.seed * 1000 + rank)
 
-    def block() -> torch.Tensor:
-        body = ordinary[torch.randint(len(ordinary), (args.seq_len - 2,), generator=gen)]
-        return torch.cat([torch.tensor([tok.cls_token_id]), body, torch.tensor([tok.sep_token_id])])
+    def host_batch(self, ids):
+        import torch
+        input_ids = torch.stack([self.block() for _ in ids.tolist()])
+        return {"ids": ids, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "token_type_ids": torch.zeros_like(input_ids), "labels": self.labels[ids]}
 
-    def pooled(hidden_states, mask):
-        m = mask.unsqueeze(-1).float()
-        return torch.cat([(h.float() * m).sum(1) / m.sum(1) for h in hidden_states[1:]], dim=-1)
+    def step(self, step: int, timed: bool) -> None:
+        from codir_ds.data.collate import to_device
+        from codir_ds.distill.losses import crd_loss_classes
+        from codir_ds.engine.session import apply_bank_updates
+        sections, engine, device = self.sections, self.engine, self.device
+        class_negatives = None
+        if self.uses_crd:
+            with sections("crd_and_bank"):  # collective, once per optimizer step
+                class_negatives = self.neg_sampler.class_negatives(self.bank, step)
+        pending, crd_inputs = [], None
+        for _ in range(self.accum):
+            _, ids = next(self.batches)
+            host = self.host_batch(ids)
+            self.tokens += int(host["attention_mask"].sum())
+            batch = to_device(host, device)
+            with sections("teacher_forward"):
+                t_out = self.runner(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            with sections("student_forward_backward"):
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             token_type_ids=batch["token_type_ids"],
+                             teacher_features=t_out.features if self.uses_crd else None)
+                classes = batch["labels"] if self.uses_crd else None  # the anchors' classes, on the device
+                total, terms = self.objective(out["logits"], batch["labels"], False, teacher_logits=t_out.logits,
+                                              h_t=out.get("h_t"), h_s=out.get("h_s"),
+                                              class_negatives=class_negatives, classes=classes)
+                engine.backward(total)
+            with sections("optimizer_step"):
+                engine.step()
+            if self.uses_crd:
+                pending.append((ids, out["h_s"].detach()))
+                crd_inputs = (out["h_t"].detach(), out["h_s"].detach(), classes)
+        if self.uses_crd:
+            with sections("crd_and_bank"):
+                apply_bank_updates(self.bank, engine, pending, device)
+        self.last_loss = terms["loss/total"]
+        if timed:
+            if self.uses_crd:
+                self.record_gather(self.neg_sampler.sample(step).reshape(-1), self.bank)
+            self.applied += int(engine.was_step_applied())
+            if crd_inputs is not None and not self.args.no_breakdown:
+                h_t, h_s, classes = crd_inputs
+                self.crd_times.append(self.accum * time_loss(
+                    lambda a, b: crd_loss_classes(a, b, class_negatives, classes, self.mcfg.crd_temperature)[0],
+                    h_t, h_s, self.sync))
 
-    step_times, tokens, last_loss = [], 0, float("nan")
-    if is_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    student.train()
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            tokens = 0
-        sync()
-        t_step = time.perf_counter()
-        for _ in range(accum):
-            epoch, ids = next(batches)
-            host = collator([block() for _ in ids.tolist()], ids, epoch)
+    def result(self) -> dict:
+        self.last_loss = float(self.last_loss)
+        return self.ours_result(self.n_teacher, self.n_student)
+
+
+class ReferenceRun(Run):
+    """A plain reference of ``kd`` / ``codir`` steps, for side-by-side ratios.
+
+    What a straightforward implementation does, with no DeepSpeed: Hugging Face models; the
+    teacher under ``torch.no_grad()`` (pre-training: logits at every position, ``[B, T, V]``,
+    its masked rows selected afterwards); the student with every hidden state;
+    ``torch.optim.AdamW`` and ``torch.autocast`` (a GradScaler for fp16); for CRD, a full
+    replica of the bank on the device and, as in the original CRD code, each anchor's ``K``
+    negatives drawn on its own (pre-training: from the whole dataset; finetuning: from the
+    examples of other classes) and gathered per anchor as a ``[B, K+1, m]`` copy, scored with
+    ``bmm``; the positives' rows updated after the step. Same models, sizes, data, masking
+    and loss weights as the codir-ds run; one process.
+    """
+
+    def __init__(self, name: str, args, ctx: dict):
+        super().__init__(name, args, ctx)
+        import torch
+        import torch.nn.functional as F
+        from codir_ds.config import MethodConfig
+        from codir_ds.data.sampler import OwnedShardSampler
+        from codir_ds.engine.pretrain import micro_batches
+        from codir_ds.engine.session import set_seed
+
+        if ctx["world"] != 1:
+            raise BenchError(f"--objectives {name} runs in one process: launch the bench without deepspeed ranks")
+        device, tcfg = self.device, ctx["tcfg"]
+        self.finetune = args.task == "finetune"
+        self.codir = name == "ref_codir"
+        self.uses_crd = self.codir
+        self.mcfg = MethodConfig(name="codir" if self.codir else "kd", num_negatives=args.num_negatives,
+                                 projection_dim=PROJECTION_DIM, bank_momentum=BANK_MOMENTUM)
+        set_seed(tcfg.seed)
+        build = build_cls_model if self.finetune else build_mlm_model
+        self.student = build(args.student_layers, args.student_hidden, args.student_heads, args,
+                             ctx["tokenizer"]).to(device)
+        params = list(self.student.parameters())
+        if self.codir:
+            self.proj_s = torch.nn.Linear(args.student_layers * args.student_hidden, PROJECTION_DIM).to(device)
+            self.proj_t = torch.nn.Linear(args.teacher_layers * args.teacher_hidden, PROJECTION_DIM).to(device)
+            params += list(self.proj_s.parameters()) + list(self.proj_t.parameters())
+            self.bank = F.normalize(torch.randn(args.num_examples, PROJECTION_DIM,
+                                                generator=torch.Generator().manual_seed(tcfg.seed)), dim=1).to(device)
+        self.opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.dtype = ctx["dtype"]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.accum = ctx["ds"]["gradient_accumulation_steps"]
+        self.batches = micro_batches(OwnedShardSampler(args.num_examples, args.micro_batch, 0, 1, tcfg.seed))
+        self.neg_gen = torch.Generator().manual_seed(tcfg.seed + 7)
+        if self.finetune:
+            labels = ctx["labels"]
+            self.labels = labels
+            self.by_label = torch.argsort(labels, stable=True)
+            counts = torch.bincount(labels, minlength=args.num_classes)
+            self.class_start, self.class_count = torch.cumsum(counts, 0) - counts, counts
+        self.n_student = non_embedding_params(self.student)
+        self.student.train()
+
+    def negative_ids(self, ids):
+        """``[B, K]`` negative ids drawn for each anchor on its own."""
+        import torch
+        b, k = len(ids), self.args.num_negatives
+        if not self.finetune:
+            return torch.randint(self.args.num_examples, (b, k), generator=self.neg_gen)
+        c = self.labels[ids].unsqueeze(1)                                    # other-class ids, per anchor
+        n = self.labels.numel() - self.class_count[c]
+        idx = torch.minimum((torch.rand(b, k, generator=self.neg_gen, dtype=torch.float64) * n).long(), n - 1)
+        idx = torch.where(idx >= self.class_start[c], idx + self.class_count[c], idx)
+        return self.by_label[idx]
+
+    def step(self, step: int, timed: bool) -> None:
+        import torch
+        import torch.nn.functional as F
+        device, mcfg = self.device, self.mcfg
+        rho, tau = mcfg.kd_temperature, mcfg.crd_temperature
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        teacher = self.ctx["teacher"]
+        for _ in range(self.accum):
+            epoch, ids = next(self.batches)
+            if self.finetune:
+                input_ids = torch.stack([self.block() for _ in ids.tolist()])
+                host = {"ids": ids, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                        "labels": self.labels[ids]}
+            else:
+                host = self.ctx["collator"]([self.block() for _ in ids.tolist()], ids, epoch)
             batch = {k: v.to(device) for k, v in host.items()}
-            tokens += int(host["attention_mask"].sum())
-            masked = batch["labels"] != -100
-            with torch.autocast(device.type, dtype=dtype, enabled=half):
+            self.tokens += int(host["attention_mask"].sum())
+            with torch.autocast(device.type, dtype=self.dtype, enabled=half):
                 with torch.no_grad():
                     t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    output_hidden_states=codir)
-                s_out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                output_hidden_states=codir)
-            s_logits, t_logits = s_out.logits[masked].float(), t_out.logits[masked].float()
-            loss = F.cross_entropy(s_logits, batch["labels"][masked])
+                                    output_hidden_states=self.codir)
+                s_out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     output_hidden_states=self.codir)
+            if self.finetune:
+                s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
+                loss = F.cross_entropy(s_logits, batch["labels"])
+            else:
+                masked = batch["labels"] != -100
+                s_logits, t_logits = s_out.logits[masked].float(), t_out.logits[masked].float()
+                loss = F.cross_entropy(s_logits, batch["labels"][masked])
             kd = F.kl_div(F.log_softmax(s_logits / rho, -1), F.softmax(t_logits / rho, -1), reduction="batchmean")
             loss = loss + mcfg.alpha_kd * kd * rho ** 2
-            if codir:
-                h_s = F.normalize(proj_s(pooled(s_out.hidden_states, batch["attention_mask"])), dim=1)
-                h_t = F.normalize(proj_t(pooled(t_out.hidden_states, batch["attention_mask"])), dim=1)
-                idx = torch.cat([batch["ids"].unsqueeze(1),
-                                 torch.randint(args.num_examples, (len(ids), args.num_negatives),
-                                               generator=neg_gen).to(device)], dim=1)
-                weights = bank[idx].clone()                       # [B, K+1, m] per-anchor copy
+            if self.codir:
+                h_s = F.normalize(self.proj_s(pooled_mean(s_out.hidden_states, batch["attention_mask"])), dim=1)
+                h_t = F.normalize(self.proj_t(pooled_mean(t_out.hidden_states, batch["attention_mask"])), dim=1)
+                idx = torch.cat([batch["ids"].unsqueeze(1), self.negative_ids(ids).to(device)], dim=1)
+                weights = self.bank[idx].clone()                  # [B, K+1, m] per-anchor copy
                 weights[:, 0] = h_s                               # the positive: the student's own feature
                 scores = torch.bmm(weights, h_t.unsqueeze(2)).squeeze(2) / tau
                 crd = F.cross_entropy(scores, torch.zeros(len(ids), dtype=torch.long, device=device))
                 loss = loss + mcfg.alpha_crd * crd
-            scaler.scale(loss / accum).backward()
-            if codir:
+            self.scaler.scale(loss / self.accum).backward()
+            if self.codir:
                 with torch.no_grad():
                     rows = batch["ids"]
-                    bank[rows] = F.normalize(mcfg.bank_momentum * bank[rows] + (1 - mcfg.bank_momentum) * h_s, dim=1)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if step >= args.warmup:
-            step_times.append(time.perf_counter() - t_step)
-        last_loss = float(loss)
-    elapsed = sum(step_times)
-    n_student = non_embedding_params(student)
-    flops_per_token = 2 * ctx["teacher_params"] + 6 * n_student
-    tokens_per_s = tokens / elapsed
-    peak_mem = (torch.cuda.max_memory_allocated(device) if is_cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {
-        "samples_per_second": len(step_times) * ctx["ds"]["train_batch_size"] / elapsed,
-        "tokens_per_second": tokens_per_s,
-        "step_time_mean_s": statistics.fmean(step_times),
-        "step_time_median_s": statistics.median(step_times),
-        "timed_steps": len(step_times),
-        "final_loss": last_loss,
-        "flops_per_token": flops_per_token,
-        "achieved_tflops": flops_per_token * tokens_per_s / 1e12,
-        "mfu": flops_per_token * tokens_per_s / (ctx["peak_tflops"] * 1e12),
-        "peak_memory_bytes": int(peak_mem),
-        "negatives_copy_bytes_per_micro_step": (args.micro_batch * (args.num_negatives + 1) * PROJECTION_DIM * 4
-                                                if codir else 0),
-    }
-    del student, opt, params
-    gc.collect()
-    if is_cuda:
-        torch.cuda.empty_cache()
-    return result
+                    self.bank[rows] = F.normalize(mcfg.bank_momentum * self.bank[rows]
+                                                  + (1 - mcfg.bank_momentum) * h_s, dim=1)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+    def result(self) -> dict:
+        self.last_loss = float(self.last_loss)
+        result = self.base_result(self.ctx["teacher_params"], self.n_student, self.ctx["ds"]["train_batch_size"])
+        result["negatives_copy_bytes_per_micro_step"] = (
+            self.args.micro_batch * (self.args.num_negatives + 1) * PROJECTION_DIM * 4 if self.codir else 0)
+        return result
 
 
-def time_crd_loss(crd_loss_shared, crd_inputs, candidates, tau: float, sync) -> float:
+def pooled_mean(hidden_states, mask):
+    """Masked mean of every layer's states (embeddings excluded), concatenated: ``[B, L*d]`` fp32."""
+    m = mask.unsqueeze(-1).float()
+    import torch
+    return torch.cat([(h.float() * m).sum(1) / m.sum(1) for h in hidden_states[1:]], dim=-1)
+
+
+def time_loss(loss_fn, h_t, h_s, sync) -> float:
     """Forward + backward of the CRD term alone on one micro step's (detached) inputs, in seconds.
 
     It is part of ``student_forward_backward`` in the step; measured again here, outside the
     step's time, because autograd runs it interleaved with the rest of the loss.
     """
-    h_t, h_s, exclude = crd_inputs
     h_t = h_t.clone().requires_grad_(True)
     h_s = h_s.clone().requires_grad_(True)
     sync()
     t = time.perf_counter()
-    loss, _, _ = crd_loss_shared(h_t, h_s, candidates, exclude, tau)
-    loss.backward()
+    loss_fn(h_t, h_s).backward()
     sync()
     return time.perf_counter() - t
+
+
+def run_class(name: str, args):
+    if name in REFERENCE_NAMES:
+        return ReferenceRun
+    return FinetuneRun if args.task == "finetune" else PretrainRun
+
+
+def run_objectives(args, ctx: dict) -> dict:
+    """Every objective's timed steps, one after another or interleaved step by step."""
+    total = args.warmup + args.steps
+    results = {}
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx["rank"] == 0 else (lambda msg: None)
+    if args.schedule == "sequential":
+        for name in args.objectives:
+            say(f"bench: {args.task} {name} ({args.warmup} warm-up + {args.steps} timed steps)")
+            run = run_class(name, args)(name, args, ctx)
+            for step in range(total):
+                run.timed_step(step)
+            results[name] = run.result()
+            run.close()
+        return results
+    runs = {}
+    for name in args.objectives:
+        say(f"bench: {args.task} {name}: building")
+        runs[name] = run_class(name, args)(name, args, ctx)
+    say(f"bench: {args.warmup} warm-up + {args.steps} timed steps of {','.join(args.objectives)}, interleaved")
+    order = list(args.objectives)
+    for step in range(total):
+        for name in order:
+            runs[name].timed_step(step)
+        order = order[1:] + order[:1]  # rotate, so no objective always runs right after another
+    for name in args.objectives:
+        results[name] = runs[name].result()
+        runs[name].close()
+    return results
 
 
 # ----------------------------------------------------------------------------- main
@@ -618,20 +870,19 @@ def run(args) -> Optional[dict]:
     teacher, n_teacher = None, 0
     if any(o != "mlm" for o in args.objectives):
         torch.manual_seed(tcfg.seed + 1)
-        teacher = build_mlm_model(args.teacher_layers, args.teacher_hidden, args.teacher_heads, args, tokenizer)
-        teacher.requires_grad_(False)
+        build = build_cls_model if args.task == "finetune" else build_mlm_model
+        teacher = build(args.teacher_layers, args.teacher_hidden, args.teacher_heads, args, tokenizer)
+        teacher.requires_grad_(False)  # frozen, in the run's precision, as load_teacher / load_mlm_teacher do
         teacher.eval()
         teacher.to(device=device, dtype=dtype)
         n_teacher = non_embedding_params(teacher)
 
+    collator = MLMCollator(tokenizer, MethodConfig().mlm_probability, seed=tcfg.seed)
+    labels = torch.randint(args.num_classes, (args.num_examples,), generator=torch.Generator().manual_seed(tcfg.seed))
     ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg,
-           "tokenizer": tokenizer, "collator": MLMCollator(tokenizer, MethodConfig().mlm_probability, seed=tcfg.seed),
+           "tokenizer": tokenizer, "collator": collator, "ordinary": collator.replacements, "labels": labels,
            "teacher": teacher, "teacher_params": n_teacher, "peak_tflops": peak}
-    results = {}
-    for name in args.objectives:
-        if rank == 0:
-            print(f"bench: {name} ({args.warmup} warm-up + {args.steps} timed steps)", file=sys.stderr, flush=True)
-        results[name] = (bench_reference if name in REFERENCE_NAMES else bench_objective)(name, args, ctx)
+    results = run_objectives(args, ctx)
     # Side by side: codir-ds over the plain reference (>1: codir-ds is faster), and codir's cost over kd.
     ratios = {}
     for ours in ("kd", "codir"):
@@ -639,11 +890,16 @@ def run(args) -> Optional[dict]:
             ratios[f"{ours}_over_ref_{ours}"] = (results[ours]["samples_per_second"]
                                                  / results[f"ref_{ours}"]["samples_per_second"])
     if "kd" in results and "codir" in results:
-        ratios["codir_step_time_over_kd"] = results["codir"]["step_time_mean_s"] / results["kd"]["step_time_mean_s"]
+        kd, codir = results["kd"], results["codir"]
+        ratios["codir_step_time_over_kd"] = codir["step_time_mean_s"] / kd["step_time_mean_s"]
+        ratios["codir_median_step_time_over_kd"] = codir["step_time_median_s"] / kd["step_time_median_s"]
+        if codir.get("breakdown_s"):  # the contrastive parts' own time (bank traffic + CRD loss) over a kd step
+            ratios["crd_sections_over_kd_step"] = ((codir["breakdown_s"]["crd_and_bank"] + codir["crd_loss_fwd_bwd_s"])
+                                                   / kd["step_time_mean_s"])
 
     import transformers
     report = {
-        "benchmark": "codir-ds pre-training throughput (bench/throughput.py)",
+        "benchmark": f"codir-ds {args.task} throughput (bench/throughput.py)",
         "config": {
             "teacher": {"layers": args.teacher_layers, "hidden": args.teacher_hidden, "heads": args.teacher_heads,
                         "intermediate": 4 * args.teacher_hidden, "non_embedding_params": n_teacher},
@@ -654,6 +910,11 @@ def run(args) -> Optional[dict]:
             "world_size": world, "train_batch_size": ds["train_batch_size"],
             "steps": args.steps, "warmup": args.warmup, "objectives": args.objectives,
             "num_examples": args.num_examples, "num_negatives": args.num_negatives,
+            "task": args.task, "num_classes": args.num_classes if args.task == "finetune" else None,
+            "schedule": args.schedule, "global_negatives": args.global_negatives,
+            "teacher_dtype": str(teacher.dtype).replace("torch.", "") if teacher is not None else None,
+            "teacher_attention": getattr(teacher.config, "_attn_implementation", None) if teacher is not None
+            else None,
             "projection_dim": PROJECTION_DIM, "bank_momentum": BANK_MOMENTUM,
             "deepspeed_config": os.path.relpath(os.path.abspath(args.deepspeed_config), REPO),
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),

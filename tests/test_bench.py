@@ -19,7 +19,8 @@ TINY = ["--teacher_layers", "2", "--teacher_hidden", "32", "--teacher_heads", "2
 RESULT_FIELDS = ("samples_per_second", "tokens_per_second", "step_time_mean_s", "step_time_median_s", "timed_steps",
                  "steps_applied", "final_loss", "flops_per_token", "teacher_params", "student_params",
                  "achieved_tflops", "mfu", "peak_memory_bytes", "peak_memory_source", "breakdown_s",
-                 "crd_loss_fwd_bwd_s", "bank_allgather_bytes_per_step", "batch_negatives_allgather_bytes_per_step")
+                 "crd_loss_fwd_bwd_s", "bank_allgather_bytes_per_step", "batch_negatives_allgather_bytes_per_step",
+                 "bank_rows_gathered_per_step")
 POSITIVE = ("samples_per_second", "tokens_per_second", "step_time_mean_s", "step_time_median_s", "timed_steps",
             "steps_applied", "final_loss", "flops_per_token", "student_params", "achieved_tflops", "mfu",
             "peak_memory_bytes")
@@ -113,5 +114,48 @@ def test_plain_reference_runs_side_by_side_with_ratios():
     # Same models, init, data and masking (the optimizers' schedules differ): losses of the same size.
     assert report["results"]["ref_kd"]["final_loss"] == pytest.approx(report["results"]["kd"]["final_loss"], rel=0.05)
     assert report["results"]["ref_codir"]["negatives_copy_bytes_per_micro_step"] == 4 * 21 * 128 * 4
-    assert set(report["ratios"]) == {"kd_over_ref_kd", "codir_over_ref_codir", "codir_step_time_over_kd"}
+    assert set(report["ratios"]) == {"kd_over_ref_kd", "codir_over_ref_codir", "codir_step_time_over_kd",
+                                     "codir_median_step_time_over_kd", "crd_sections_over_kd_step"}
     assert all(_number(v) and v > 0 for v in report["ratios"].values())
+
+
+def test_finetune_task_side_by_side_with_class_shared_negatives():
+    """--task finetune: classification models, K negatives per class gathered once per step (C x K rows)."""
+    proc = _run(TINY + ["--precision", "fp32", "--task", "finetune", "--num_classes", "3",
+                        "--objectives", "kd,codir,ref_kd,ref_codir", "--num_negatives", "50", "--num_examples", "96"])
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout)
+    cfg = report["config"]
+    assert cfg["task"] == "finetune" and cfg["num_classes"] == 3 and cfg["schedule"] == "interleaved"
+    assert cfg["teacher_attention"] == "sdpa" and cfg["teacher_dtype"] == "float32"
+    kd, codir = report["results"]["kd"], report["results"]["codir"]
+    assert codir["bank_rows_gathered_per_step"] == 3 * 50 and kd["bank_rows_gathered_per_step"] == 0
+    assert codir["breakdown_s"]["crd_and_bank"] > 0 and codir["crd_loss_fwd_bwd_s"] > 0
+    assert kd["tokens_per_second"] == pytest.approx(kd["samples_per_second"] * 32, rel=1e-6)  # no padding
+    # the reference copies [B, K+1, m] per micro step; codir-ds never does
+    assert report["results"]["ref_codir"]["negatives_copy_bytes_per_micro_step"] == 4 * 51 * 128 * 4
+    assert report["results"]["ref_kd"]["final_loss"] == pytest.approx(kd["final_loss"], rel=0.1)
+    for key in ("kd_over_ref_kd", "codir_over_ref_codir", "codir_step_time_over_kd", "crd_sections_over_kd_step"):
+        assert _number(report["ratios"][key]) and report["ratios"][key] > 0
+
+
+def test_global_negatives_fill_the_candidates_up_to_the_paper_batch():
+    proc = _run(TINY + ["--precision", "fp32", "--objectives", "codir", "--num_examples", "512",
+                        "--num_negatives", "300", "--global_negatives", "256", "--schedule", "sequential"])
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout)
+    assert report["results"]["codir"]["bank_rows_gathered_per_step"] == 256
+    assert report["config"]["global_negatives"] == 256 and report["config"]["schedule"] == "sequential"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--task", "finetune", "--objectives", "mlm,kd"], ("mlm", "finetune")),
+    (["--task", "finetune", "--objectives", "kd", "--num_classes", "1"], ("--num_classes", ">= 2")),
+    (["--global_negatives", "999999"], ("--global_negatives", "--num_examples")),
+])
+def test_bad_arguments_get_one_line(extra, words):
+    proc = _run(TINY + extra)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]

@@ -187,12 +187,14 @@ class ShardedMemoryBank:
             )
         if local.numel() == 0:
             return
+        # Duplicates are found on the host ids (no device-to-host sync on the training hot path).
+        _, host_counts = torch.unique(local, return_counts=True)
+        rounds = int(host_counts.max())
         feats = feats.detach().to(device=self.device, dtype=torch.float32)
-        local = local.to(self.device)
+        local = local.to(self.device, non_blocking=True)
         self.updates.index_add_(0, local, torch.ones_like(local))
         beta = self.momentum
-        _, counts = torch.unique(local, return_counts=True)
-        if int(counts.max()) == 1:
+        if rounds == 1:
             rows = beta * self.rows[local] + (1.0 - beta) * feats
             self.rows[local] = F.normalize(rows, dim=1)
             return
@@ -202,7 +204,7 @@ class ShardedMemoryBank:
         first_pos = torch.searchsorted(sorted_local, sorted_local)  # start of each run
         occurrence = torch.empty_like(local)
         occurrence[order] = torch.arange(local.numel(), device=local.device) - first_pos
-        for k in range(int(counts.max())):
+        for k in range(rounds):
             sel = occurrence == k
             idx = local[sel]
             rows = beta * self.rows[idx] + (1.0 - beta) * feats[sel]
