@@ -232,6 +232,50 @@ def test_load_teacher_dtype(tiny_export):
     assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
 
 
+def test_teacher_runs_half_precision_sdpa_without_autograd(tiny_export, batch, monkeypatch):
+    """The teacher path of a bf16 run: bf16 weights, PyTorch's scaled_dot_product_attention in every
+    layer (flash / memory-efficient kernels on GPU), inference mode, outputs with no graph."""
+    out, _, _ = tiny_export
+    teacher = load_teacher(str(out), NUM_LABELS, torch.bfloat16)
+    assert teacher.config._attn_implementation == "sdpa"
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.dtype, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    runner = TeacherRunner(teacher, resolve_layers("all", teacher, "method.teacher_layers"), "mean")
+    t_out = runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    assert len(calls) == teacher.config.num_hidden_layers
+    assert all(c == (torch.bfloat16, True, False) for c in calls), calls
+    for t in (t_out.logits, t_out.features):
+        assert t.dtype == torch.bfloat16 and not t.requires_grad and t.grad_fn is None
+        assert not t.is_inference()  # cloned out: the projection head may consume it under autograd
+
+
+def test_mlm_teacher_runs_half_precision_sdpa(tiny_mlm_teacher, batch, monkeypatch):
+    from codir_ds.engine.teacher import MLMTeacherRunner
+    from codir_ds.models.mlm import load_mlm_teacher
+    teacher = load_mlm_teacher(str(tiny_mlm_teacher), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())
+    assert teacher.config._attn_implementation == "sdpa"
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append(q.dtype)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    rows = torch.tensor([1, 2])
+    t_out = MLMTeacherRunner(teacher, None, "mean", logits=True)(batch["input_ids"], batch["attention_mask"], rows)
+    assert calls == [torch.bfloat16] * teacher.config.num_hidden_layers
+    # logits at the masked rows only, never [B, T, V]
+    assert t_out.logits.shape == (2, teacher.config.vocab_size) and t_out.logits.grad_fn is None
+
+
 # ----------------------------------------------------------------------------- check_same_vocab
 
 def test_check_same_vocab_passes_for_same_tokenizer(tok, minilm):
