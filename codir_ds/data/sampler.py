@@ -47,6 +47,44 @@ def _derive_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+def group_by_length(order: torch.Tensor, lengths: torch.Tensor, unit: int, window: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Reorder ``order`` so that each run of ``unit`` ids has similar lengths (less padding).
+
+    ``order`` is cut into windows of ``unit * window`` ids; each window is sorted by length
+    (longest first, stable) and cut into units, whose order within the window is shuffled with
+    ``generator``. The result is a permutation of ``order``: every id still comes once per
+    epoch, the windows keep the epoch's shuffle at large scale, and an id's neighbours in a
+    unit are ids of about its length. A unit is a micro-batch (owned shards) or a whole
+    global batch (``training.deterministic``, where a step's set of ids must not depend on
+    the ranks). A tail shorter than a window is sorted alike.
+    """
+    if unit <= 0 or window <= 0:
+        raise ValueError(f"group_by_length: unit and window must be > 0, got {unit}, {window}")
+    span = unit * window
+    pieces = []
+    for start in range(0, order.numel(), span):
+        chunk = order[start:start + span]
+        chunk = chunk[torch.argsort(-lengths[chunk], stable=True)]
+        units = list(torch.split(chunk, unit))
+        full = [u for u in units if u.numel() == unit]  # a short last unit stays last (it may be dropped)
+        perm = torch.randperm(len(full), generator=generator).tolist()
+        pieces.extend(full[i] for i in perm)
+        pieces.extend(u for u in units if u.numel() != unit)
+    return torch.cat(pieces) if pieces else order.clone()
+
+
+def _check_lengths(lengths, num_examples: int, window: int) -> Optional[torch.Tensor]:
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+    if lengths.numel() != num_examples:
+        raise ValueError(f"sampler: {lengths.numel()} lengths for {num_examples} examples")
+    if window <= 0:
+        raise ValueError(f"sampler: the length-grouping window must be > 0 batches, got {window}")
+    return lengths
+
+
 def owner_of(ids: Union[int, torch.Tensor], world_size: int) -> Union[int, torch.Tensor]:
     """Rank that owns global example id(s) ``ids``: ``ids % world_size``."""
     if world_size <= 0:
@@ -69,7 +107,8 @@ class OwnedShardSampler:
     position to the end of the epoch; then call ``set_epoch(epoch + 1)``.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 lengths: Optional[torch.Tensor] = None, group_window: int = 50):
         num_examples, batch_size = int(num_examples), int(batch_size)
         rank, world_size = int(rank), int(world_size)
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -90,6 +129,9 @@ class OwnedShardSampler:
         self.epoch = 0
         self.position = 0
         self._owned = torch.arange(rank, num_examples, world_size, dtype=torch.long)
+        # data.group_by_length: [N] token counts; micro-batches are then cut from length-sorted windows.
+        self.lengths = _check_lengths(lengths, num_examples, group_window)
+        self.group_window = int(group_window)
         # After a re-shard: (epoch, this rank's remaining ids in order, batches in that epoch).
         self._resharded: Optional[tuple[int, torch.Tensor, int]] = None
 
@@ -124,7 +166,10 @@ class OwnedShardSampler:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """This rank's shuffled owned ids for ``epoch`` (before batching/dropping)."""
         g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch, self.rank))
-        return self._owned[torch.randperm(self._owned.numel(), generator=g)]
+        order = self._owned[torch.randperm(self._owned.numel(), generator=g)]
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.batch_size, self.group_window, g)
+        return order
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order, batches = self._current()
@@ -143,6 +188,7 @@ class OwnedShardSampler:
             "rank": self.rank,
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
+            "grouped": self.lengths is not None,
         }
         if self._resharded is not None and self._resharded[0] == self.epoch:
             state["resharded_order"] = self._resharded[1].clone()
@@ -156,7 +202,7 @@ class OwnedShardSampler:
         size or micro-batch size: the rest of the saved epoch is re-sharded (module
         docstring), so every id not yet seen in that epoch is seen exactly once.
         """
-        _check_states(states, self.seed, self.num_examples)
+        _check_states(states, self.seed, self.num_examples, self.lengths is not None)
         first = states[0]
         if int(first["world_size"]) == self.world_size and int(first["batch_size"]) == self.batch_size:
             self.load_state_dict(states[self.rank])
@@ -168,7 +214,7 @@ class OwnedShardSampler:
         remaining = []
         for st in states:
             old = OwnedShardSampler(self.num_examples, int(st["batch_size"]), int(st["rank"]),
-                                    int(st["world_size"]), self.seed)
+                                    int(st["world_size"]), self.seed, self.lengths, self.group_window)
             old.load_state_dict(st)
             remaining.append(old.remaining_ids())
         left = torch.cat(remaining)
@@ -218,9 +264,13 @@ class OwnedShardSampler:
         self.epoch, self.position = epoch, position
 
 
-def _check_states(states: list[dict], seed: int, num_examples: int) -> None:
+def _check_states(states: list[dict], seed: int, num_examples: int, grouped: bool = False) -> None:
     if not states:
         raise ValueError("sampler resume: no saved states")
+    if bool(states[0].get("grouped", False)) != grouped:
+        was = "on" if states[0].get("grouped") else "off"
+        raise ValueError(f"the checkpoint was trained with data.group_by_length {was}: resume with the same "
+                         f"setting (the epoch's order depends on it)")
     for st in states:
         if int(st.get("seed", seed)) != seed or int(st.get("num_examples", num_examples)) != num_examples:
             raise ValueError(f"sampler state is for seed {st.get('seed')} / {st.get('num_examples')} examples, "
@@ -244,7 +294,7 @@ class GlobalOrderSampler:
     """
 
     def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 accumulation: int = 1):
+                 accumulation: int = 1, lengths: Optional[torch.Tensor] = None, group_window: int = 50):
         num_examples, batch_size, rank = int(num_examples), int(batch_size), int(rank)
         world_size, accumulation = int(world_size), int(accumulation)
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -257,6 +307,10 @@ class GlobalOrderSampler:
                              f"{self.global_batch}; lower the batch size or add data")
         self.num_examples, self.batch_size, self.rank = num_examples, batch_size, rank
         self.world_size, self.accumulation, self.seed = world_size, accumulation, int(seed)
+        # data.group_by_length: whole global batches are cut from length-sorted windows (the set of
+        # ids of a step stays independent of the ranks).
+        self.lengths = _check_lengths(lengths, num_examples, group_window)
+        self.group_window = int(group_window)
         self.epoch = 0
         self.position = 0
 
@@ -275,7 +329,10 @@ class GlobalOrderSampler:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The global order of ``epoch`` (independent of rank and world size)."""
         g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
-        return torch.randperm(self.num_examples, generator=g)
+        order = torch.randperm(self.num_examples, generator=g)
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.global_batch, self.group_window, g)
+        return order
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = self.epoch_order(self.epoch)
@@ -289,14 +346,14 @@ class GlobalOrderSampler:
         return {"kind": "global", "epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "num_examples": self.num_examples,
                 "batch_size": self.batch_size, "accumulation": self.accumulation,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "grouped": self.lengths is not None}
 
     def load_state_dict(self, state: dict) -> None:
         self.resume([state] * int(state["world_size"]))
 
     def resume(self, states: list[dict]) -> None:
         """Continue from every rank's saved state; exact for any world size with the same global batch."""
-        _check_states(states, self.seed, self.num_examples)
+        _check_states(states, self.seed, self.num_examples, self.lengths is not None)
         st = states[0]
         if st.get("kind") != "global":
             raise ValueError("the checkpoint's sampler is not deterministic (training.deterministic was off)")
@@ -311,8 +368,11 @@ class GlobalOrderSampler:
 
 
 def build_sampler(num_examples: int, micro: int, rank: int, world: int, seed: int, accumulation: int,
-                  deterministic: bool):
-    """The training sampler of a run: owned-id shards (default) or the world-size-invariant order."""
+                  deterministic: bool, lengths: Optional[torch.Tensor] = None, group_window: int = 50):
+    """The training sampler of a run: owned-id shards (default) or the world-size-invariant order.
+
+    ``lengths`` (``[N]`` token counts) turns on length grouping (:func:`group_by_length`).
+    """
     if deterministic:
-        return GlobalOrderSampler(num_examples, micro, rank, world, seed, accumulation)
-    return OwnedShardSampler(num_examples, micro, rank, world, seed)
+        return GlobalOrderSampler(num_examples, micro, rank, world, seed, accumulation, lengths, group_window)
+    return OwnedShardSampler(num_examples, micro, rank, world, seed, lengths, group_window)
