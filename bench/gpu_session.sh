@@ -20,7 +20,8 @@
 # every step). Every step has its own timeout, failures do not stop the script, and a total
 # budget (GPU_SESSION_BUDGET seconds, default 350, counted after the install and the environment
 # check) shortens or skips the steps that would run past it. GPU_SESSION_ONLY=REGEX runs only the steps whose names match
-# (names: bench_s128_fp16 bench_s128_bf16 bench_s512_fp16 bench_s512_bf16 ft_teacher ft_codir).
+# (names: bench_s128_fp16 bench_s128_bf16 bench_s512_fp16 bench_s512_bf16, perf_pre_s{128,512}_{fp16,bf16}
+# perf_ft_s128_{fp16,bf16} perf_ft_s512_fp16 perf_sync (issue 6), ft_teacher ft_codir).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$PWD
@@ -117,8 +118,9 @@ step() {
   STEPS_JSON+=("{\"step\": \"$name\", \"rc\": $LAST_RC, \"seconds\": $LAST_S, \"timeout_s\": $t}")
 }
 
-bench() {  # bench NAME CAP SEQ MICRO PRECISION
+bench() {  # bench NAME CAP SEQ MICRO PRECISION [more bench/throughput.py arguments, which win]
   local name=$1 cap=$2 seq=$3 micro=$4 prec=$5
+  shift 5
   local json=$WORK/$name.json
   if [ "$DRY" = 1 ]; then
     sizes=(--teacher_layers 2 --teacher_hidden 32 --teacher_heads 2 --student_layers 1 --student_hidden 32
@@ -129,7 +131,7 @@ bench() {  # bench NAME CAP SEQ MICRO PRECISION
   fi
   # stdout (the same JSON as --output) is dropped; the libraries' output goes to stderr (the log)
   step "$name" "$cap" sh -c 'exec "$@" >/dev/null' sh "$PY" bench/throughput.py "${sizes[@]}" --seq_len "$seq" \
-    --micro_batch "$micro" --precision "$prec" --objectives mlm,kd,codir --output "$json"
+    --micro_batch "$micro" --precision "$prec" --objectives mlm,kd,codir "$@" --output "$json"
   [ "$LAST_RC" = skipped ] && return 0
   "$PY" - "$name" "$LAST_RC" "$LAST_S" "$json" >>"$OUT/bench.jsonl" <<'EOF'
 import json, os, sys
@@ -143,10 +145,12 @@ if os.path.isfile(sys.argv[1]):
     r = json.load(open(sys.argv[1]))
     c = r["config"]
     for obj, v in r["results"].items():
-        print(f"   {obj:5s} seq {c['seq_len']} {c['precision']} micro {c['micro_batch']}: {v['samples_per_second']:.1f} samples/s, "
+        print(f"   {obj:9s} {c.get('task', 'pretrain')} seq {c['seq_len']} {c['precision']} micro {c['micro_batch']}: "
+              f"{v['samples_per_second']:.1f} samples/s, "
               f"{v['tokens_per_second']:.0f} tok/s, step {v['step_time_mean_s']*1e3:.1f} ms, MFU {v['mfu']:.3f}, "
-              f"applied {v['steps_applied']}/{v['timed_steps']}, loss {v['final_loss']:.3f}, "
-              f"peak mem {v['peak_memory_bytes']/2**30:.2f} GiB")
+              f"applied {v.get('steps_applied', '-')}/{v['timed_steps']}, loss {v['final_loss']:.3f}, "
+              f"syncs/step {v.get('cuda_syncs_per_step')}, peak mem {v['peak_memory_bytes']/2**30:.2f} GiB")
+    print(f"   ratios: {r.get('ratios')}")
 EOF
 }
 
@@ -189,6 +193,23 @@ main() {
     bench bench_s128_bf16 75 128 64 bf16
     bench bench_s512_fp16 75 512 16 fp16
     bench bench_s512_bf16 75 512 16 bf16
+  fi
+  # Issue 6 (performance): codir vs kd vs the plain reference, side by side and interleaved, without the
+  # breakdown's syncs; pre-training with a paper-size candidate set (8192), finetuning with K = 1000; then
+  # the synchronizing CUDA calls per step. Select with GPU_SESSION_ONLY=perf_.
+  local ref=(--objectives kd,codir,ref_kd,ref_codir --no_breakdown)
+  if [ "$DRY" = 1 ]; then
+    bench perf_pre_s128_fp16 75 32 4 $p16 "${ref[@]}" --global_negatives 512 --num_negatives 511
+    bench perf_ft_s128_fp16 75 32 4 $p16 "${ref[@]}" --task finetune --num_negatives 100
+    bench perf_sync 75 32 4 $p16 --objectives kd,codir --task finetune --no_breakdown --sync_debug --steps 2
+  else
+    for prec in fp16 bf16; do
+      bench perf_pre_s128_$prec 90 128 64 $prec "${ref[@]}" --global_negatives 8192
+      bench perf_pre_s512_$prec 90 512 16 $prec "${ref[@]}" --global_negatives 8192
+      bench perf_ft_s128_$prec 90 128 64 $prec "${ref[@]}" --task finetune --num_negatives 1000
+    done
+    bench perf_ft_s512_fp16 90 512 16 fp16 "${ref[@]}" --task finetune --num_negatives 1000
+    bench perf_sync 60 128 64 fp16 --objectives kd,codir --task finetune --no_breakdown --sync_debug --steps 3
   fi
   # MiniLM finetuned with ce (the teacher, as launchers/demo_finetune.py does), then codir from it.
   finetune ft_teacher 100 "$WORK/run_fp16_teacher" finetune_teacher_results.json \

@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (else detected)")
     ap.add_argument("--no_breakdown", action="store_true",
                     help="no per-section timing (no CUDA syncs inside a step); breakdown fields are null")
+    ap.add_argument("--sync_debug", action="store_true",
+                    help="CUDA: count synchronizing calls in the timed steps (cuda_syncs_per_step); use with "
+                         "--no_breakdown, whose section timing syncs on purpose")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--output", default=None, help="also write the JSON here (rank 0)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -308,6 +311,7 @@ class Run:
         self.gather_bytes: list[int] = []
         self.neg_bytes: list[int] = []
         self.rows_gathered: list[int] = []
+        self.sync_events = 0
         self.tokens = 0
         self.applied = 0
         self.last_loss = float("nan")
@@ -322,7 +326,10 @@ class Run:
             self.tokens = 0
         self.sync()
         t = time.perf_counter()
-        self.step(step, timed=step >= self.args.warmup)
+        if self.args.sync_debug and self.is_cuda and step >= self.args.warmup:
+            self.sync_events += count_cuda_syncs(lambda: self.step(step, timed=True))
+        else:
+            self.step(step, timed=step >= self.args.warmup)
         self.sync()
         if step >= self.args.warmup:
             self.step_times.append(time.perf_counter() - t)
@@ -361,6 +368,10 @@ class Run:
             "mfu": achieved / (self.ctx["peak_tflops"] * 1e12 * world),
             "peak_memory_bytes": int(peak_mem),
             "peak_memory_source": mem_source,
+            # --sync_debug on CUDA: synchronizing CUDA calls per timed step (PyTorch's sync debug mode);
+            # they include DeepSpeed's own (e.g. its fp16 overflow check); null when not measured
+            "cuda_syncs_per_step": (self.sync_events / len(self.step_times)
+                                    if self.args.sync_debug and self.is_cuda else None),
         }
         return result
 
@@ -769,6 +780,21 @@ class ReferenceRun(Run):
         return result
 
 
+def count_cuda_syncs(fn) -> int:
+    """Run ``fn`` with ``torch.cuda.set_sync_debug_mode("warn")``; the number of synchronizing calls."""
+    import warnings
+    import torch
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def pooled_mean(hidden_states, mask):
     """Masked mean of every layer's states (embeddings excluded), concatenated: ``[B, L*d]`` fp32."""
     m = mask.unsqueeze(-1).float()
@@ -808,6 +834,8 @@ def run_objectives(args, ctx: dict) -> dict:
             run = run_class(name, args)(name, args, ctx)
             for step in range(total):
                 run.timed_step(step)
+                if (step + 1) % 10 == 0 or step + 1 == total:
+                    say(f"bench: {name} step {step + 1}/{total}")
             results[name] = run.result()
             run.close()
         return results
@@ -818,9 +846,12 @@ def run_objectives(args, ctx: dict) -> dict:
     say(f"bench: {args.warmup} warm-up + {args.steps} timed steps of {','.join(args.objectives)}, interleaved")
     order = list(args.objectives)
     for step in range(total):
+        t = time.perf_counter()
         for name in order:
             runs[name].timed_step(step)
         order = order[1:] + order[:1]  # rotate, so no objective always runs right after another
+        say(f"bench: step {step + 1}/{total} ({'timed' if step >= args.warmup else 'warm-up'}) of every objective "
+            f"in {time.perf_counter() - t:.1f} s")
     for name in args.objectives:
         results[name] = runs[name].result()
         runs[name].close()
