@@ -31,6 +31,8 @@ PRETRAIN_OBJECTIVES = ("mlm", "kd", "codir", "tinybert", "distilbert", "ctcd")
 TEACHER_OBJECTIVES = ("kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild")
 POOLINGS = ("mean", "cls")
 PRECISION_FALLBACKS = ("bf16", "fp32")
+# training.optimizer_impl: AdamW's implementation (auto = fused where the run's device has the kernel, else foreach).
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "plain")
 
 
 @dataclass
@@ -80,6 +82,10 @@ class DataConfig:
     # whose text_column (and text_pair_column when set) is read. null = the task's own inputs only.
     supplementary: Optional[str] = None
     supplementary_max_examples: Optional[int] = None
+    # Finetuning: cut micro-batches from windows of group_window batches sorted by token count,
+    # so a batch pads to about its own length (see README, "Padding"). Off: uniformly shuffled batches.
+    group_by_length: bool = False
+    group_window: int = 50
 
 
 @dataclass
@@ -186,6 +192,12 @@ class TrainingConfig:
     # example in memory-mapped files under <run>/teacher_cache/, so that later epochs skip the
     # teacher forward (see README, "Teacher-output cache").
     teacher_cache: bool = False
+    # AdamW implementation: auto (fused where the run's device has the fused kernel, else foreach),
+    # fused (one kernel for all parameters; refused where unsupported), foreach, plain (per-parameter loop).
+    optimizer_impl: str = "auto"
+    # Compile the student (and larger CTCD model) with torch.compile(dynamic=True); the first steps and the
+    # first evaluation pay the compilation. Checkpoint and export keys are unchanged.
+    compile: bool = False
 
 
 @dataclass
@@ -375,6 +387,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("method.pooling", m.pooling, POOLINGS)
     _choice("data.task_type", d.task_type, ("auto", "classification", "regression"))
     _choice("training.fp16_fallback", t.fp16_fallback, PRECISION_FALLBACKS)
+    _choice("training.optimizer_impl", t.optimizer_impl, OPTIMIZER_IMPLS)
     _layers("method.teacher_layers", m.teacher_layers)
     _layers("method.student_layers", m.student_layers)
     for key in ("kd_temperature", "crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
@@ -388,6 +401,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise CodirError(f"config key 'data.validation_fraction' must be in (0, 1), got {d.validation_fraction}: "
                          f"{_fix('data.validation_fraction')}")
     _positive("data.max_length", d.max_length)
+    _positive("data.group_window", d.group_window)
     if d.train_file and d.task != "files":
         raise CodirError(f"data.train_file is set but data.task is {d.task!r}: set data.task=files to train on your files")
     if d.task == "files" and not d.train_file:

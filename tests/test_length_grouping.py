@@ -10,8 +10,7 @@ from codir_ds.data.sampler import GlobalOrderSampler, OwnedShardSampler, build_s
 def _lengths(n: int, seed: int = 0) -> torch.Tensor:
     """Skewed token counts like real sentences: many short, a long tail."""
     g = torch.Generator().manual_seed(seed)
-    return (8 + torch.distributions.Exponential(torch.tensor(1 / 20.0)).sample((n,))).long().clamp(max=128) \
-        if False else (8 + (-20.0 * torch.log(torch.rand(n, generator=g)))).long().clamp(max=128)
+    return (8 + (-20.0 * torch.log(torch.rand(n, generator=g)))).long().clamp(max=128)
 
 
 def _padded_tokens(batches, lengths) -> int:
@@ -125,3 +124,62 @@ def test_bad_lengths_are_refused():
         OwnedShardSampler(100, 4, 0, 1, seed=1, lengths=torch.ones(99))
     with pytest.raises(ValueError, match="window"):
         OwnedShardSampler(100, 4, 0, 1, seed=1, lengths=torch.ones(100), group_window=0)
+
+
+def test_resume_config_check_fills_keys_added_later_and_allows_speed_switches(tmp_path):
+    """A run directory written before a key existed resumes (the key takes its default); speed-only switches
+    may change on resume; data.group_by_length may not (the epoch order depends on it)."""
+    import yaml
+    from codir_ds.config import ExperimentConfig
+    from codir_ds.engine.rundir import check_run_dir
+    from codir_ds.errors import CodirError
+    cfg = ExperimentConfig()
+    old = cfg.to_dict()
+    for section, key in (("training", "optimizer_impl"), ("training", "compile"), ("data", "group_by_length"),
+                         ("data", "group_window")):
+        del old[section][key]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    # the config check passes; the next check (there is no checkpoint in this bare directory) speaks
+    with pytest.raises(CodirError, match="no complete checkpoint"):
+        check_run_dir(tmp_path, cfg.to_dict(), resume=True, overwrite=False)
+    fast = ExperimentConfig()
+    fast.training.compile, fast.training.optimizer_impl = True, "foreach"
+    with pytest.raises(CodirError, match="no complete checkpoint"):
+        check_run_dir(tmp_path, fast.to_dict(), resume=True, overwrite=False)
+    grouped = ExperimentConfig()
+    grouped.data.group_by_length = True
+    with pytest.raises(CodirError, match="data.group_by_length"):
+        check_run_dir(tmp_path, grouped.to_dict(), resume=True, overwrite=False)
+
+
+def test_grouped_finetune_pads_less_and_resumes_exactly(tmp_path, tiny_config, single_process_env):
+    """data.group_by_length through run_finetune: grouped batches, fewer padded tokens, stop + resume = uninterrupted."""
+    from safetensors.torch import load_file
+    from codir_ds.config import load_config
+    from codir_ds.engine.finetune import run_finetune
+    from conftest import REPO
+    ds = str(REPO / "ds_configs" / "zero2.json")
+    sets = ["data.group_by_length=true", "data.group_window=4", "data.max_train_examples=128"]
+    seen = {}
+
+    def probe(event, objects):
+        if event == "setup":
+            seen["sampler"] = objects["sampler"]
+
+    full = run_finetune(load_config(str(tiny_config), sets), ds, str(tmp_path / "full"), probe=probe)
+    sampler = seen["sampler"]
+    assert sampler.lengths is not None and sampler.lengths.numel() == 128
+    # the grouped epoch pads to fewer tokens than the same sampler without grouping
+    from codir_ds.data.sampler import OwnedShardSampler
+    plain = OwnedShardSampler(128, sampler.batch_size, 0, 1, sampler.seed)
+    sampler.set_epoch(0)
+    assert _padded_tokens(list(sampler), sampler.lengths) < _padded_tokens(list(plain), sampler.lengths)
+    stopped = run_finetune(load_config(str(tiny_config), sets + ["training.stop_at_step=3"]), ds,
+                           str(tmp_path / "split"))
+    assert stopped == {"stopped_at_step": 3}
+    resumed = run_finetune(load_config(str(tiny_config), sets), ds, str(tmp_path / "split"), resume=True)
+    assert resumed["steps"] == full["steps"]
+    a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "export" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final"] == full["final"]

@@ -64,6 +64,18 @@ class ClassificationCollator:
         }
 
 
+def token_lengths(tokenizer, examples: Sequence[Example], max_length: int, chunk: int = 4096) -> torch.Tensor:
+    """``[N]`` token count of every example as :class:`ClassificationCollator` encodes it (specials included,
+    truncated to ``max_length``): the lengths ``data.group_by_length`` sorts by."""
+    out = []
+    for start in range(0, len(examples), chunk):
+        part = examples[start:start + chunk]
+        pairs = [ex.text_pair for ex in part] if part and part[0].text_pair is not None else None
+        enc = tokenizer([ex.text for ex in part], pairs, truncation=True, max_length=max_length)
+        out.extend(len(ids) for ids in enc["input_ids"])
+    return torch.tensor(out, dtype=torch.long)
+
+
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """Move a host batch to ``device`` without stalling the host on CUDA.
 

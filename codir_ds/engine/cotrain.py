@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from codir_ds.config import ExperimentConfig
-from codir_ds.data.collate import ClassificationCollator
+from codir_ds.data.collate import ClassificationCollator, to_device, token_lengths
 from codir_ds.data.mlm import MLMCollator
 from codir_ds.distill.heads import DistillationModule, PretrainModule
 from codir_ds.distill.losses import kd_loss
@@ -39,9 +39,9 @@ from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.finetune import prepare
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.pretrain import position_limit, evaluate_mlm, micro_batches, prepare_pretrain
-from codir_ds.engine.session import (after_step, check_skipped, dist_env, engine_config, export_engine_student,
-                                     init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
-                                     sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
+from codir_ds.engine.session import (after_step, check_skipped, compile_engine, dist_env, engine_config,
+                                     export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
+                                     resume_latest, sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, resolve_layers
@@ -213,7 +213,9 @@ def run_cotrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, sta
     num_train = len(task.train) if finetune else len(corpus.train_ids)
     micro = p.ds["train_micro_batch_size_per_gpu"]
     accum = p.ds["gradient_accumulation_steps"]
-    sampler, total_steps = sampler_and_steps(num_train, p.ds, rank, world, tcfg)
+    lengths = (token_lengths(p.tokenizer, task.train, cfg.data.max_length)
+               if finetune and cfg.data.group_by_length else None)
+    sampler, total_steps = sampler_and_steps(num_train, p.ds, rank, world, tcfg, lengths, cfg.data.group_window)
     # Two engines, two optimizers and schedules, one DeepSpeed JSON.
     opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
@@ -221,6 +223,9 @@ def run_cotrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, sta
     opt, sched = optimizer_and_schedule(module_large, tcfg, total_steps, p.ds)
     engine_large, ds_optimizer_large, _, _ = deepspeed.initialize(
         model=module_large, optimizer=opt, lr_scheduler=sched, config=copy.deepcopy(engine_config(p.ds, p.universal)))
+    if tcfg.compile:
+        compile_engine(engine)
+        compile_engine(engine_large)
 
     runner = None
     if teacher is not None:
@@ -322,7 +327,7 @@ def run_cotrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, sta
                 dist.all_reduce(step_masked)
             per_token = accum * world / step_masked.clamp(min=1.0)
         for host, rows, (_, ids) in zip(hosts, row_sets, group):
-            batch = {k: v.to(device) for k, v in host.items()}
+            batch = to_device(host, device)
             inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             if finetune:
                 labels, token_scale = batch["labels"], None

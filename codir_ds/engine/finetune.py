@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from codir_ds.config import FINETUNE_OBJECTIVES, ExperimentConfig
-from codir_ds.data.collate import ClassificationCollator
+from codir_ds.data.collate import ClassificationCollator, to_device, token_lengths
 from codir_ds.data.tasks import Example, TaskData, load_supplementary, load_task
 from codir_ds.distill.heads import DistillationModule, build_ild_spec
 from codir_ds.distill.ild import consistency_weight, mixup_draw
@@ -30,10 +30,10 @@ from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.faults import check_fault_spec
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
-from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
-                                     export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
-                                     resume_latest, resume_plan, sampler_and_steps, save_run_checkpoint, set_seed,
-                                     stop_early)
+from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, check_student_options,
+                                     compile_engine, dist_env, engine_config, export_engine_student, init_distributed,
+                                     open_run_dir, optimizer_and_schedule, resume_latest, resume_plan,
+                                     sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
@@ -101,6 +101,7 @@ def prepare(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume:
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
     universal = mode == "resume" and resume_plan(run_dir / "checkpoints", world) == "universal"
     ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
+    check_student_options(cfg.training, ds)
     task = load_task(cfg.data)
     micro = ds["train_micro_batch_size_per_gpu"]
     if len(task.train) < micro * world:
@@ -160,10 +161,14 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     open_run_dir(p.run_dir, p.mode, cfg, p.ds, rank, p.warning)
 
     accum = p.ds["gradient_accumulation_steps"]
-    sampler, total_steps = sampler_and_steps(len(task.train), p.ds, rank, world, tcfg)
+    lengths = (token_lengths(p.tokenizer, task.train, cfg.data.max_length) if cfg.data.group_by_length else None)
+    sampler, total_steps = sampler_and_steps(len(task.train), p.ds, rank, world, tcfg, lengths,
+                                             cfg.data.group_window)
     opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                                       config=engine_config(p.ds, p.universal))
+    if tcfg.compile:
+        compile_engine(engine, ema.model if ema is not None else None)
 
     runner = None
     if teacher is not None:
@@ -254,7 +259,7 @@ def run_finetune(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                                          generator=torch.Generator().manual_seed(micro_seed))
                     examples = examples + [p.supplementary[i] for i in pick.tolist()]
                 mix = mixup_draw(mcfg.mixup_alpha, len(examples), micro_seed)
-            batch = {k: v.to(device) for k, v in collator(examples).items()}
+            batch = to_device(collator(examples), device)
             use_ild = ild_spec is not None and (mcfg.name != "cr_ild" or stage == "ild")
             t_out = cache.lookup(ids, device) if cache is not None else None
             if t_out is None and runner is not None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from codir_ds.config import PRETRAIN_OBJECTIVES, ExperimentConfig
 from codir_ds.data.corpus import PackedCorpus, load_corpus
+from codir_ds.data.collate import to_device
 from codir_ds.data.mlm import MLMCollator
 from codir_ds.distill.heads import PretrainModule, build_ild_spec
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
@@ -34,10 +35,10 @@ from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.faults import check_fault_spec
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
-from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, dist_env, engine_config,
-                                     export_engine_student, init_distributed, open_run_dir, optimizer_and_schedule,
-                                     resume_latest, resume_plan, sampler_and_steps, save_run_checkpoint, set_seed,
-                                     stop_early)
+from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, check_student_options,
+                                     compile_engine, dist_env, engine_config, export_engine_student, init_distributed,
+                                     open_run_dir, optimizer_and_schedule, resume_latest, resume_plan,
+                                     sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
@@ -79,6 +80,7 @@ def prepare_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str
     mode = check_run_dir(run_dir, cfg.to_dict(), resume, overwrite)
     universal = mode == "resume" and resume_plan(run_dir / "checkpoints", world) == "universal"
     ds, dtype, warning = prepare_ds_config(read_ds_config(ds_config_path), world, cfg.training)
+    check_student_options(cfg.training, ds)
     teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
     if objective.uses_teacher and teacher_dir is None:
         raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher")
@@ -229,6 +231,8 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
     opt, sched = optimizer_and_schedule(module, tcfg, total_steps, p.ds)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=engine_config(p.ds, p.universal))
+    if tcfg.compile:
+        compile_engine(engine)
 
     runner = None
     if teacher is not None:
@@ -301,7 +305,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             tokens += int(host["attention_mask"].sum())
             token_scale = per_token * len(rows)
             rows = rows.to(device)
-            batch = {k: v.to(device) for k, v in host.items()}
+            batch = to_device(host, device)
             t_out = runner(batch["input_ids"], batch["attention_mask"], rows) if runner is not None else None
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
                          teacher_features=t_out.features if t_out is not None else None,

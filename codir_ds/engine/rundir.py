@@ -12,7 +12,18 @@ from codir_ds.errors import CodirError
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {("training", "stop_at_step"), ("logging", "progress_bar"), ("logging", "log_every"),
-                     ("logging", "tensorboard")}
+                     ("logging", "tensorboard"),
+                     # speed only: the same optimizer state and the same model either way
+                     ("training", "compile"), ("training", "optimizer_impl")}
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with the keys it lacks (added to the config after it was written) at their defaults."""
+    out = dict(defaults)
+    for key, value in saved.items():
+        out[key] = _with_defaults(value, defaults[key]) if isinstance(value, dict) and \
+            isinstance(defaults.get(key), dict) else value
+    return out
 
 
 def _diff(old: dict, new: dict, prefix=()) -> list[str]:
@@ -46,7 +57,8 @@ def check_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> s
         if not isinstance(old, dict):
             raise CodirError(f"--resume: the saved config '{saved}' is not a mapping: restore it or start the run "
                              f"again with --overwrite")
-        changed = _diff(old, cfg_dict)
+        from codir_ds.config import ExperimentConfig
+        changed = _diff(_with_defaults(old, ExperimentConfig().to_dict()), cfg_dict)
         if changed:
             raise CodirError(f"--resume: the config differs from the saved run's in {', '.join(changed)}: resume "
                              f"with the same config (see {saved}) or start a new --output_dir")

@@ -104,14 +104,15 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def sampler_and_steps(num_train: int, ds: dict, rank: int, world: int, tcfg):
+def sampler_and_steps(num_train: int, ds: dict, rank: int, world: int, tcfg, lengths=None, group_window: int = 50):
     """The training sampler for ``num_train`` ids and the run's number of optimizer steps.
 
     ``training.max_steps`` when > 0, else ``training.epochs`` times the optimizer steps per epoch.
+    ``lengths`` (``[N]`` token counts, ``data.group_by_length``) groups batches by length.
     """
     accum = ds["gradient_accumulation_steps"]
     sampler = build_sampler(num_train, ds["train_micro_batch_size_per_gpu"], rank, world, tcfg.seed, accum,
-                            tcfg.deterministic)
+                            tcfg.deterministic, lengths, group_window)
     steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     return sampler, total_steps
@@ -124,20 +125,64 @@ def needs_nonfinite_guard(ds: dict) -> bool:
             and not ds.get("bf16", {}).get("enabled", False))
 
 
-def optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int, ds: Optional[dict] = None):
+def fused_adamw_devices() -> list[str]:
+    """Device types with torch's fused AdamW kernel (``cuda`` and, since torch 2.4, ``cpu``, ...)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # private torch API: be conservative
+        return ["cuda"]
+
+
+def run_device_type() -> str:
+    """The device type this run trains on (DeepSpeed's accelerator: ``cuda``, ``cpu``, ...)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+def resolve_optimizer_impl(impl: str, device_type: Optional[str] = None) -> str:
+    """``training.optimizer_impl`` on ``device_type``: ``fused``, ``foreach`` or ``plain``.
+
+    ``auto`` is fused where the device has the fused kernel, else foreach; ``fused`` where it
+    has none is refused in one line (called by the start-up checks, before anything is written).
+    """
+    device_type = device_type or run_device_type()
+    supported = device_type in fused_adamw_devices()
+    if impl == "auto":
+        return "fused" if supported else "foreach"
+    if impl == "fused" and not supported:
+        raise CodirError(f"training.optimizer_impl=fused: torch {torch.__version__} has no fused AdamW on "
+                         f"'{device_type}' (only {', '.join(fused_adamw_devices())}): set "
+                         f"training.optimizer_impl=auto, foreach or plain")
+    if impl not in ("fused", "foreach", "plain"):
+        raise CodirError(f"config key 'training.optimizer_impl' must be one of auto, fused, foreach, plain; got "
+                         f"{impl!r}: fix it in the YAML or with --set training.optimizer_impl=...")
+    return impl
+
+
+def optimizer_flags(impl: str) -> dict:
+    """AdamW's ``fused`` / ``foreach`` arguments for a resolved implementation."""
+    return {"fused": {"fused": True, "foreach": False}, "foreach": {"fused": False, "foreach": True},
+            "plain": {"fused": False, "foreach": False}}[impl]
+
+
+def optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int, ds: Optional[dict] = None,
+                           device_type: Optional[str] = None):
     """AdamW (no decay on biases/norms) and linear warm-up then linear decay to 0.
 
     ``ds``: the DeepSpeed config; where DeepSpeed itself would not skip non-finite steps
-    the optimizer is :class:`GuardedAdamW`.
+    the optimizer is :class:`GuardedAdamW`. The implementation (fused / foreach / plain) is
+    ``training.optimizer_impl`` resolved for ``device_type`` (default: where the optimizer runs, see
+    :func:`optimizer_device_type`).
     """
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available()
+    impl = resolve_optimizer_impl(getattr(tcfg, "optimizer_impl", "auto"), device_type or optimizer_device_type(ds))
     cls = GuardedAdamW if ds is not None and needs_nonfinite_guard(ds) else torch.optim.AdamW
-    opt = cls(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, fused=fused)
+    opt = cls(groups, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps, **optimizer_flags(impl))
     warmup = int(tcfg.warmup_ratio * total_steps)
 
     def linear(step: int) -> float:
@@ -146,6 +191,75 @@ def optimizer_and_schedule(module: torch.nn.Module, tcfg, total_steps: int, ds: 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear)
+
+
+def optimizer_device_type(ds: Optional[dict] = None) -> str:
+    """Where the optimizer's parameters live: the CPU under ZeRO optimizer offload, else the run's device."""
+    offload = ((ds or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if str(offload.get("device", "none")).lower() not in ("none", ""):
+        return "cpu"
+    return run_device_type()
+
+
+def check_student_options(tcfg, ds: dict) -> None:
+    """Start-up checks of ``training.optimizer_impl`` and ``training.compile`` that need the machine and the
+    DeepSpeed JSON (the value checks are in the config's ``validate``). One-line errors, nothing written."""
+    resolve_optimizer_impl(tcfg.optimizer_impl, optimizer_device_type(ds))
+    if not tcfg.compile:
+        return
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if stage == 3:
+        raise CodirError("training.compile is not supported with ZeRO-3 (its parameter-gathering hooks break the "
+                         "compiled graph at every submodule): use ds_configs/zero2.json or set training.compile=false")
+    if ds.get("compile", {}).get("deepcompile", False):
+        raise CodirError("training.compile compiles with torch.compile, not DeepSpeed's deepcompile: remove "
+                         "compile.deepcompile from the DeepSpeed JSON or set training.compile=false")
+    if run_device_type() == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++",
+                                                                          "clang++")):
+        raise CodirError("training.compile on the CPU needs a C++ compiler for TorchInductor (none of $CXX, g++, "
+                         "c++, clang++ is on PATH): install one or set training.compile=false")
+
+
+def compile_engine(engine, *called: Optional[torch.nn.Module]) -> float:
+    """``training.compile``: torch.compile the engine's module (student + heads) in place, dynamic shapes.
+
+    ``nn.Module.compile`` (what ``engine.compile`` calls) keeps the module object, so state-dict keys,
+    checkpoints and exports carry no ``_orig_mod.`` prefix. ``dynamic=True``: finetuning pads each batch
+    to its longest sequence and evaluation uses other batch sizes; static shapes would recompile for each.
+    Compilation itself happens lazily in the first forward (and backward) of each mode (train / eval).
+    ``called``: other models the compiled forward calls (CR-ILD's EMA student), prepared like the student.
+    Returns the seconds spent here (the set-up only).
+    """
+    from deepspeed.accelerator import get_accelerator
+    t0 = time.perf_counter()
+    if get_accelerator().device_name() == "cpu":
+        # Dropout through ATen's RNG, as in eager: the same masks as an eager run from the same RNG state,
+        # and faster on the CPU than Inductor's own random kernels (fwd+bwd of the MiniLM 2x384 student,
+        # batch 32 x 64, 2 cores: 0.40 s against 0.44 s). GPUs keep Inductor's fused (Philox) dropout.
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True
+    for module in (engine.module, *called):
+        if module is not None:
+            install_output_hooks(module)
+    engine.compile(backend=get_accelerator().get_compile_backend(), compile_kwargs={"dynamic": True})
+    return time.perf_counter() - t0
+
+
+def install_output_hooks(module: torch.nn.Module) -> None:
+    """Install transformers' hidden-state/attention capturing hooks now rather than in the first forward.
+
+    transformers 5 installs them lazily, under a threading lock, in the first forward that asks for
+    ``output_hidden_states``; traced by torch.compile, that lock is a graph break which stays in the
+    compiled student (its forward split in several graphs). Eager behaviour is unchanged.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers without lazy output hooks
+        return
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel):
+            maybe_install_capturing_hooks(m)
 
 
 def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank: int,
@@ -293,8 +407,8 @@ def apply_bank_updates(bank, engine, pending: list, device, routed: bool = False
         if routed:
             bank.update_routed(torch.cat([ids for ids, _ in pending]), torch.cat([f for _, f in pending]))
         else:
-            for ids, feats in pending:
-                bank.update(ids.to(device), feats)
+            for ids, feats in pending:  # host ids: the bank checks them without a device sync
+                bank.update(ids, feats)
     pending.clear()
 
 
