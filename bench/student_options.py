@@ -139,6 +139,14 @@ def run_variant(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+def _variant(text: str):
+    """``mode:impl[:grouped]`` -> ``(mode, impl, grouped)``; grouped is None when the third part is not 'grouped'."""
+    parts = text.split(":")
+    mode, impl = parts[0], parts[1] if len(parts) > 1 else ""
+    grouped = False if len(parts) <= 2 else (True if parts[2:] == ["grouped"] else None)
+    return mode, impl, grouped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
@@ -178,16 +186,17 @@ def main() -> int:
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for variant in variants:
-        mode, _, impl = variant.partition(":")
-        if mode not in ("eager", "compile") or impl not in ("auto", "fused", "foreach", "plain"):
+        mode, impl, grouped = _variant(variant)
+        if mode not in ("eager", "compile") or impl not in ("auto", "fused", "foreach", "plain") or grouped is None:
             raise SystemExit(f"error: variant {variant!r}: write eager:<impl> or compile:<impl>, "
-                             f"impl one of auto, fused, foreach, plain")
+                             f"impl one of auto, fused, foreach, plain, optionally :grouped (data.group_by_length)")
     runs: dict[str, list] = {v: [] for v in variants}
     port = 29700
     for rep in range(args.repeats):  # interleaved, order reversed every other round: drift hits all alike
         for variant in (variants if rep % 2 == 0 else variants[::-1]):
-            mode, impl = variant.split(":")
-            spec = {"sets": sets + [f"training.optimizer_impl={impl}", f"training.compile={mode == 'compile'}"],
+            mode, impl, grouped = _variant(variant)
+            spec = {"sets": sets + [f"training.optimizer_impl={impl}", f"training.compile={mode == 'compile'}",
+                                    f"data.group_by_length={grouped}"],
                     "deepspeed_config": args.deepspeed_config,
                     "output_dir": str(work / f"{variant.replace(':', '_')}_{rep}"),
                     "warmup": args.warmup, "threads": args.threads, "batch": args.batch}
@@ -223,14 +232,19 @@ def main() -> int:
 
     summary = {}
     for variant in variants:
-        mode, impl = variant.split(":")
+        mode, impl, grouped = _variant(variant)
         entry = {"step_seconds": round(best(variant, "timed_step_seconds"), 4),
                  "step_seconds_per_repeat": [r["step_seconds"]["median"] for r in runs[variant]],
                  "optimizer_step_seconds": round(best(variant, "timed_optimizer_step_seconds"), 5),
                  "samples_per_second": round(args.batch / best(variant, "timed_step_seconds"), 2),
                  "final": runs[variant][0]["final"]}
         eager = f"eager:{impl}" if f"eager:{impl}" in runs else None
-        if mode == "compile":
+        if grouped:
+            ungrouped = f"{mode}:{impl}"
+            if ungrouped in runs:
+                entry["speedup_vs_ungrouped"] = round(best(ungrouped, "timed_step_seconds")
+                                                      / best(variant, "timed_step_seconds"), 3)
+        elif mode == "compile":
             entry["compile_seconds_dynamo"] = round(statistics.fmean(
                 r["dynamo_time_spent_seconds"].get("entire_frame_compile", 0.0) for r in runs[variant]), 1)
             if eager:
