@@ -466,9 +466,10 @@ class PretrainRun(Run):
         import torch
         from codir_ds.distill.memory_bank import derive_seed
         from codir_ds.engine.pretrain import batch_negatives
+        from codir_ds.engine.session import host_group
         args, tcfg = self.args, self.ctx["tcfg"]
         cand_ids = batch_negatives(local_ids, self.mcfg.num_negatives, tcfg.seed, step, self.ctx["world"],
-                                   self.device)
+                                   self.device, host_group())
         want = min(args.global_negatives, self.mcfg.num_negatives + 1)
         if want > cand_ids.numel():  # the same extra ids on every rank: seeded by (seed, step)
             g = torch.Generator().manual_seed(derive_seed(tcfg.seed, step, 11))

@@ -211,13 +211,15 @@ class ShardedMemoryBank:
             self.rows[idx] = F.normalize(rows, dim=1)
 
     @torch.no_grad()
-    def update_routed(self, ids, feats: torch.Tensor) -> None:
+    def update_routed(self, ids, feats: torch.Tensor, id_group=None) -> None:
         """:meth:`update` for positives of ANY rank: each row is updated on its owner. COLLECTIVE.
 
         Used when a rank trains on ids it does not own (``training.deterministic``). Every
         rank passes its own positives (counts may differ); all-gathers of the sizes,
         the ids and the ``[B_total, dim]`` features, then every rank applies
-        the updates of the ids it owns, in rank order.
+        the updates of the ids it owns, in rank order. ``id_group`` (a gloo group over the same
+        ranks) carries the sizes and ids as host tensors, so no device-to-host copy waits for
+        the device; without it they go through the bank's group on its device.
         """
         ids = _as_ids(ids)
         self._check_range(ids, "update_routed")
@@ -228,20 +230,23 @@ class ShardedMemoryBank:
             self.update(ids, feats)
             return
         w = self.world_size
-        size = torch.tensor([ids.numel()], dtype=torch.long, device=self.device)
-        sizes = torch.empty(w, dtype=torch.long, device=self.device)
-        _all_gather_single(sizes, size, group=self.group)
+        id_device = "cpu" if id_group is not None else self.device
+        id_group = id_group if id_group is not None else self.group
+        size = torch.tensor([ids.numel()], dtype=torch.long, device=id_device)
+        sizes = torch.empty(w, dtype=torch.long, device=id_device)
+        _all_gather_single(sizes, size, group=id_group)
         most = int(sizes.max())
-        id_send = torch.full((most,), -1, dtype=torch.long, device=self.device)  # padding: id -1
-        id_send[: ids.numel()] = ids.to(self.device)
+        id_send = torch.full((most,), -1, dtype=torch.long, device=id_device)  # padding: id -1
+        id_send[: ids.numel()] = ids.to(id_device)
         feat_send = torch.zeros(most, self.dim, dtype=torch.float32, device=self.device)
         feat_send[: ids.numel()] = feats.detach().to(self.device, torch.float32)
-        all_ids = torch.empty(w * most, dtype=torch.long, device=self.device)
+        all_ids = torch.empty(w * most, dtype=torch.long, device=id_device)
         all_feats = torch.empty(w * most, self.dim, dtype=torch.float32, device=self.device)
-        _all_gather_single(all_ids, id_send, group=self.group)
+        _all_gather_single(all_ids, id_send, group=id_group)
         _all_gather_single(all_feats, feat_send, group=self.group)
+        all_ids = all_ids.cpu()
         keep = (all_ids >= 0) & (all_ids % w == self.rank)
-        self.update(all_ids[keep].cpu(), all_feats[keep])
+        self.update(all_ids[keep], all_feats[keep.to(self.device)])
 
     @torch.no_grad()
     def read(self, ids) -> torch.Tensor:

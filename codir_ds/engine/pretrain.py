@@ -36,9 +36,9 @@ from codir_ds.engine.faults import check_fault_spec
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.rundir import check_run_dir
 from codir_ds.engine.session import (after_step, apply_bank_updates, check_skipped, check_student_options,
-                                     compile_engine, dist_env, engine_config, export_engine_student, init_distributed,
-                                     open_run_dir, optimizer_and_schedule, resume_latest, resume_plan,
-                                     sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
+                                     compile_engine, dist_env, engine_config, export_engine_student, host_group,
+                                     init_distributed, open_run_dir, optimizer_and_schedule, resume_latest,
+                                     resume_plan, sampler_and_steps, save_run_checkpoint, set_seed, stop_early)
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
@@ -123,7 +123,7 @@ def micro_batches(sampler) -> Iterator[tuple[int, torch.Tensor]]:
 
 
 def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step: int,
-                    world: int, device=None) -> torch.Tensor:
+                    world: int, device=None, group=None) -> torch.Tensor:
     """Ids of the global mini-batch whose bank rows are this step's negatives. COLLECTIVE.
 
     Every rank contributes the ids of all its micro-batches of this optimizer step; the
@@ -131,13 +131,15 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
     ``num_negatives + 1`` examples, a subset of that size (seeded by ``(seed, step)``, so
     no communication is needed to agree on it) is used. Each anchor's own row is excluded
     later, so every anchor is contrasted with ``min(num_negatives, G - 1)`` negatives
-    (one more when it is not in the sampled subset). The all-gather runs on ``device`` (NCCL
-    needs accelerator tensors); the ids come back on the CPU.
+    (one more when it is not in the sampled subset). The ids come back on the CPU. With
+    ``group`` (a gloo group, :func:`~codir_ds.engine.session.host_group`) the all-gather runs
+    on the host ids: no host-device sync. Without it, it runs on ``device`` (NCCL needs
+    accelerator tensors) and the copy back to the CPU waits for the device.
     """
     if world > 1:
-        local = local_ids.to(device or "cpu")
+        local = local_ids.cpu() if group is not None else local_ids.to(device or "cpu")
         out = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(out, local)
+        dist.all_gather(out, local, group=group)
         ids = torch.cat(out).cpu()
     else:
         ids = local_ids
@@ -241,6 +243,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
                                   ild_spec=module.ild_spec)
     bank = (ShardedMemoryBank(num_train, mcfg.projection_dim, mcfg.bank_momentum, seed=tcfg.seed).to(device)
             if objective.uses_crd else None)
+    ids_group = host_group() if bank is not None else None  # the step's ids travel host to host (NCCL runs)
 
     state = {"history": [], "consecutive_skips": 0}
     ckpt_root = p.run_dir / "checkpoints"
@@ -287,7 +290,7 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
         cand_ids = candidates = None
         if bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
             cand_ids = batch_negatives(torch.cat([ids for _, ids in group]), mcfg.num_negatives, tcfg.seed,
-                                       step, world, device)
+                                       step, world, device, ids_group)
             candidates = bank.gather(cand_ids)
             cand_ids = cand_ids.to(device)
         # Dynamic masking on the host, for the whole step: the MLM/KD terms are means over the

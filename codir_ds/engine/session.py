@@ -35,6 +35,21 @@ def dist_env() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
+_HOST_GROUP = {}
+
+
+def host_group():
+    """A gloo process group for small host-side exchanges (example ids), or None when the default group
+    already runs on the CPU (gloo). With NCCL, exchanging ids through the default group would put them
+    on the device and bring them back: a host-device sync in the step; through gloo the host tensors
+    travel as they are. Collective the first time (every rank creates it at the same point)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "gloo":
+        return None
+    if "group" not in _HOST_GROUP:
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo")
+    return _HOST_GROUP["group"]
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
     import deepspeed
@@ -405,7 +420,8 @@ def apply_bank_updates(bank, engine, pending: list, device, routed: bool = False
     """
     if bank is not None and engine.was_step_applied():
         if routed:
-            bank.update_routed(torch.cat([ids for ids, _ in pending]), torch.cat([f for _, f in pending]))
+            bank.update_routed(torch.cat([ids for ids, _ in pending]), torch.cat([f for _, f in pending]),
+                               id_group=host_group())
         else:
             for ids, feats in pending:  # host ids: the bank checks them without a device sync
                 bank.update(ids, feats)
