@@ -494,14 +494,14 @@ class PretrainRun(Run):
             with sections("crd_and_bank"):
                 host_cand_ids = self.candidates_for(local_ids, step)
                 candidates = self.bank.gather(host_cand_ids)
-                cand_ids = host_cand_ids.to(device)
+                cand_ids = host_cand_ids.to(device, non_blocking=True)
         pending, crd_inputs = [], None
         for epoch, ids in group:
             host = self.ctx["collator"]([self.block() for _ in ids.tolist()], ids, epoch)
             rows = masked_rows(host["labels"])  # on the host, as in the training loop
-            labels = host["labels"].reshape(-1)[rows].to(device)
+            labels = host["labels"].reshape(-1)[rows].to(device, non_blocking=True)
             self.tokens += int(host["attention_mask"].sum())
-            rows = rows.to(device)
+            rows = rows.to(device, non_blocking=True)
             batch = to_device(host, device)
             t_out = None
             if self.runner is not None:

@@ -177,7 +177,8 @@ def crd_loss_classes(h_t: torch.Tensor, h_s: torch.Tensor, class_negatives: torc
         n = F.normalize(class_negatives.to(device=t.device, dtype=torch.float32), dim=-1)
         pos = (t * s).sum(dim=-1)                                              # [B]
         every = torch.einsum("bm,ckm->bck", t, n)                              # [B, C, K]
-        neg = every.gather(1, classes.to(t.device).view(-1, 1, 1).expand(-1, 1, every.shape[2])).squeeze(1)
+        rows = classes.to(t.device, non_blocking=True).view(-1, 1, 1).expand(-1, 1, every.shape[2])
+        neg = every.gather(1, rows).squeeze(1)                                 # [B, K]: each anchor's class
         logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / float(tau)       # [B, K+1]
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, target, reduction="mean")

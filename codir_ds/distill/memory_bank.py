@@ -246,7 +246,7 @@ class ShardedMemoryBank:
         _all_gather_single(all_feats, feat_send, group=self.group)
         all_ids = all_ids.cpu()
         keep = (all_ids >= 0) & (all_ids % w == self.rank)
-        self.update(all_ids[keep], all_feats[keep.to(self.device)])
+        self.update(all_ids[keep], all_feats[keep.to(self.device, non_blocking=True)])
 
     @torch.no_grad()
     def read(self, ids) -> torch.Tensor:
@@ -275,7 +275,7 @@ class ShardedMemoryBank:
         if ids.numel() == 0:
             return torch.empty(0, self.dim, dtype=torch.float32, device=self.device)
         if self.world_size == 1:
-            return self.rows[ids.to(self.device)].clone()
+            return self.rows[ids.to(self.device, non_blocking=True)].clone()
         w = self.world_size
         uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted, same on all ranks
         owner = uniq % w
@@ -292,10 +292,12 @@ class ShardedMemoryBank:
         mine = uniq[owner == self.rank]
         send = torch.zeros(max_count, self.dim, dtype=torch.float32, device=self.device)
         if mine.numel():
-            send[: mine.numel()] = self.rows[(mine // w).to(self.device)]
+            send[: mine.numel()] = self.rows[(mine // w).to(self.device, non_blocking=True)]
         recv = torch.empty(w * max_count, self.dim, dtype=torch.float32, device=self.device)
         _all_gather_single(recv, send, group=self.group)
-        return recv[source.to(self.device)][inverse.to(self.device)]
+        # index copies to the device without a stream sync (non_blocking; a no-op on the CPU)
+        source, inverse = source.to(self.device, non_blocking=True), inverse.to(self.device, non_blocking=True)
+        return recv[source][inverse]
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -322,7 +322,7 @@ def run_cotrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, sta
         else:  # the MLM and KD terms are means over the GLOBAL batch's masked tokens, as in run_pretrain
             hosts = [collator([corpus[i] for i in ids.tolist()], ids, epoch) for epoch, ids in group]
             row_sets = [masked_rows(h["labels"]) for h in hosts]
-            step_masked = torch.tensor(float(sum(len(r) for r in row_sets)), device=device)
+            step_masked = torch.tensor(float(sum(len(r) for r in row_sets))).to(device, non_blocking=True)
             if world > 1:
                 dist.all_reduce(step_masked)
             per_token = accum * world / step_masked.clamp(min=1.0)
@@ -333,10 +333,10 @@ def run_cotrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, sta
                 labels, token_scale = batch["labels"], None
                 inputs["token_type_ids"] = batch.get("token_type_ids")
             else:  # vocabulary logits at the masked positions only
-                labels = host["labels"].reshape(-1)[rows].to(device)
+                labels = host["labels"].reshape(-1)[rows].to(device, non_blocking=True)
                 tokens += int(host["attention_mask"].sum())
                 token_scale = per_token * len(rows)
-                inputs["rows"] = rows.to(device)
+                inputs["rows"] = rows.to(device, non_blocking=True)
             t_out = runner(**inputs) if runner is not None else None  # one-way variant only
             large_logits = engine_large(**inputs)["logits"]
             small_logits = engine(**inputs)["logits"]

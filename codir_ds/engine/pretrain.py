@@ -292,22 +292,22 @@ def run_pretrain(cfg: ExperimentConfig, ds_config_path: str, output_dir: str, re
             cand_ids = batch_negatives(torch.cat([ids for _, ids in group]), mcfg.num_negatives, tcfg.seed,
                                        step, world, device, ids_group)
             candidates = bank.gather(cand_ids)
-            cand_ids = cand_ids.to(device)
+            cand_ids = cand_ids.to(device, non_blocking=True)
         # Dynamic masking on the host, for the whole step: the MLM/KD terms are means over the
         # masked tokens of the GLOBAL batch (one all-reduce of the count, no host sync), so the
         # gradient does not depend on how tokens fall into micro-batches and ranks.
         hosts = [collator([corpus[i] for i in ids.tolist()], ids, epoch) for epoch, ids in group]
         row_sets = [masked_rows(h["labels"]) for h in hosts]  # host-side: nonzero() on a GPU would sync
-        step_masked = torch.tensor(float(sum(len(r) for r in row_sets)), device=device)
+        step_masked = torch.tensor(float(sum(len(r) for r in row_sets))).to(device, non_blocking=True)
         if world > 1:
             dist.all_reduce(step_masked)
         per_token = accum * world / step_masked.clamp(min=1.0)
         pending = []
         for host, rows, (epoch, ids) in zip(hosts, row_sets, group):
-            labels = host["labels"].reshape(-1)[rows].to(device)
+            labels = host["labels"].reshape(-1)[rows].to(device, non_blocking=True)
             tokens += int(host["attention_mask"].sum())
             token_scale = per_token * len(rows)
-            rows = rows.to(device)
+            rows = rows.to(device, non_blocking=True)
             batch = to_device(host, device)
             t_out = runner(batch["input_ids"], batch["attention_mask"], rows) if runner is not None else None
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
