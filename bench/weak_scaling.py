@@ -293,16 +293,10 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def error_summary(text: str) -> str:
-    """The line that says why a run failed: its ``error:`` line, else the last exception line, else the last line."""
-    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln).strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln]
-    for ln in reversed(lines):
-        if ln.startswith("error:"):
-            return ln
-    for ln in reversed(lines):
-        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", ln):
-            return ln
-    return lines[-1] if lines else "no output"
+    """The line that says why a run failed (``bench/compare.py``'s rule), read past the launcher's ``[rankN]:``."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare import error_summary as summary
+    return summary("\n".join(re.sub(r"^\[rank\d+\]:\s*", "", ln) for ln in text.splitlines()))
 
 
 def run_world_size(args: argparse.Namespace, item: dict) -> dict:
