@@ -320,6 +320,27 @@ class Run:
     def block(self):
         return synthetic_block(self.ctx["tokenizer"], self.ctx["ordinary"], self.args.seq_len, self.gen)
 
+    def method_config(self, name: str):
+        """The run's ``MethodConfig``: default weights, the bench's K, m and bank momentum."""
+        from codir_ds.config import MethodConfig
+        return MethodConfig(name=name, num_negatives=self.args.num_negatives, projection_dim=PROJECTION_DIM,
+                            bank_momentum=BANK_MOMENTUM)
+
+    def new_bank(self):
+        """This rank's shard of a ``--num_examples``-row bank, on the run's device."""
+        from codir_ds.distill.memory_bank import ShardedMemoryBank
+        return ShardedMemoryBank(self.args.num_examples, PROJECTION_DIM, BANK_MOMENTUM,
+                                 seed=self.ctx["tcfg"].seed).to(self.device)
+
+    def start_batches(self) -> None:
+        """``self.batches`` (this rank's micro-batches of ids, epoch after epoch) and ``self.accum``."""
+        from codir_ds.data.sampler import OwnedShardSampler
+        from codir_ds.engine.pretrain import micro_batches
+        ds, ctx = self.ctx["ds"], self.ctx
+        self.batches = micro_batches(OwnedShardSampler(self.args.num_examples, ds["train_micro_batch_size_per_gpu"],
+                                                       ctx["rank"], ctx["world"], ctx["tcfg"].seed))
+        self.accum = ds["gradient_accumulation_steps"]
+
     def timed_step(self, step: int) -> None:
         if step == self.args.warmup:
             self.sections.reset()
@@ -406,10 +427,9 @@ class Run:
 
     def close(self) -> None:
         import torch
-        for attr in ("engine",):
-            engine = getattr(self, attr, None)
-            if engine is not None and hasattr(engine, "destroy"):
-                engine.destroy()
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
         self.__dict__.clear()
         gc.collect()
         if torch.cuda.is_available():
@@ -430,17 +450,13 @@ class PretrainRun(Run):
 
     def __init__(self, name: str, args, ctx: dict):
         super().__init__(name, args, ctx)
-        from codir_ds.config import MethodConfig
-        from codir_ds.data.sampler import OwnedShardSampler
-        from codir_ds.distill.memory_bank import ShardedMemoryBank
         from codir_ds.distill.objectives import build_pretrain_objective
-        from codir_ds.engine.pretrain import build_pretrain_module, micro_batches
+        from codir_ds.engine.pretrain import build_pretrain_module
         from codir_ds.engine.session import set_seed
         from codir_ds.engine.teacher import MLMTeacherRunner
 
-        rank, world, device, tcfg = ctx["rank"], ctx["world"], self.device, ctx["tcfg"]
-        self.mcfg = MethodConfig(name=name, num_negatives=args.num_negatives, projection_dim=PROJECTION_DIM,
-                                 bank_momentum=BANK_MOMENTUM)
+        tcfg = ctx["tcfg"]
+        self.mcfg = self.method_config(name)
         self.objective = build_pretrain_objective(self.mcfg)
         teacher = ctx["teacher"] if self.objective.uses_teacher else None
         set_seed(tcfg.seed)  # identical student / head initialisation on every rank (and for every objective)
@@ -453,13 +469,9 @@ class PretrainRun(Run):
         self.runner = (MLMTeacherRunner(teacher, t_layers, self.mcfg.pooling,
                                         logits=self.objective.uses_teacher_logits) if teacher is not None else None)
         self.uses_crd = self.objective.uses_crd
-        self.bank = (ShardedMemoryBank(args.num_examples, PROJECTION_DIM, BANK_MOMENTUM, seed=tcfg.seed).to(device)
-                     if self.uses_crd else None)
-        self.batches = micro_batches(OwnedShardSampler(args.num_examples, ctx["ds"]["train_micro_batch_size_per_gpu"],
-                                                       rank, world, tcfg.seed))
-        self.accum = ctx["ds"]["gradient_accumulation_steps"]
-        set_seed(tcfg.seed * 1000 + rank)  # dropout differs across ranks, as in run_pretrain
-        self.crd_inputs = None
+        self.bank = self.new_bank() if self.uses_crd else None
+        self.start_batches()
+        set_seed(tcfg.seed * 1000 + ctx["rank"])  # dropout differs across ranks, as in run_pretrain
 
     def candidates_for(self, local_ids, step: int):
         """``batch_negatives`` ids, filled up to ``--global_negatives`` as if the global batch were that large."""
@@ -557,20 +569,15 @@ class FinetuneRun(Run):
 
     def __init__(self, name: str, args, ctx: dict):
         super().__init__(name, args, ctx)
-        from codir_ds.config import MethodConfig
-        from codir_ds.data.sampler import OwnedShardSampler
         from codir_ds.distill.heads import DistillationModule
-        from codir_ds.distill.memory_bank import ShardedMemoryBank
         from codir_ds.distill.negatives import LabelNegativeSampler
         from codir_ds.distill.objectives import build_objective
-        from codir_ds.engine.pretrain import micro_batches
         from codir_ds.engine.session import set_seed
         from codir_ds.engine.teacher import TeacherRunner
         from codir_ds.models.loading import resolve_layers
 
-        rank, world, device, tcfg = ctx["rank"], ctx["world"], self.device, ctx["tcfg"]
-        self.mcfg = MethodConfig(name=name, num_negatives=args.num_negatives, projection_dim=PROJECTION_DIM,
-                                 bank_momentum=BANK_MOMENTUM)
+        tcfg = ctx["tcfg"]
+        self.mcfg = self.method_config(name)
         self.objective = build_objective(self.mcfg)
         self.uses_crd = self.objective.uses_crd
         teacher = ctx["teacher"]
@@ -589,12 +596,10 @@ class FinetuneRun(Run):
         self.labels = ctx["labels"]
         self.bank = self.neg_sampler = None
         if self.uses_crd:
-            self.bank = ShardedMemoryBank(args.num_examples, PROJECTION_DIM, BANK_MOMENTUM, seed=tcfg.seed).to(device)
+            self.bank = self.new_bank()
             self.neg_sampler = LabelNegativeSampler(self.labels, args.num_negatives, seed=tcfg.seed)
-        self.batches = micro_batches(OwnedShardSampler(args.num_examples, ctx["ds"]["train_micro_batch_size_per_gpu"],
-                                                       rank, world, tcfg.seed))
-        self.accum = ctx["ds"]["gradient_accumulation_steps"]
-        set_seed(tcfg.seed * 1000 + rank)
+        self.start_batches()
+        set_seed(tcfg.seed * 1000 + ctx["rank"])
 
     def host_batch(self, ids):
         import torch
@@ -670,9 +675,6 @@ class ReferenceRun(Run):
         super().__init__(name, args, ctx)
         import torch
         import torch.nn.functional as F
-        from codir_ds.config import MethodConfig
-        from codir_ds.data.sampler import OwnedShardSampler
-        from codir_ds.engine.pretrain import micro_batches
         from codir_ds.engine.session import set_seed
 
         if ctx["world"] != 1:
@@ -681,8 +683,7 @@ class ReferenceRun(Run):
         self.finetune = args.task == "finetune"
         self.codir = name == "ref_codir"
         self.uses_crd = self.codir
-        self.mcfg = MethodConfig(name="codir" if self.codir else "kd", num_negatives=args.num_negatives,
-                                 projection_dim=PROJECTION_DIM, bank_momentum=BANK_MOMENTUM)
+        self.mcfg = self.method_config("codir" if self.codir else "kd")
         set_seed(tcfg.seed)
         build = build_cls_model if self.finetune else build_mlm_model
         self.student = build(args.student_layers, args.student_hidden, args.student_heads, args,
@@ -697,8 +698,7 @@ class ReferenceRun(Run):
         self.opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         self.dtype = ctx["dtype"]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.accum = ctx["ds"]["gradient_accumulation_steps"]
-        self.batches = micro_batches(OwnedShardSampler(args.num_examples, args.micro_batch, 0, 1, tcfg.seed))
+        self.start_batches()  # one process: rank 0 of 1
         self.neg_gen = torch.Generator().manual_seed(tcfg.seed + 7)
         if self.finetune:
             labels = ctx["labels"]
