@@ -46,8 +46,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from codir_ds.config import (FINETUNE_OBJECTIVES, TEACHER_OBJECTIVES, ExperimentConfig, MethodConfig,  # noqa: E402
-                             load_config)
+from codir_ds.config import ExperimentConfig, MethodConfig, load_config  # noqa: E402
+from codir_ds.distill.methods import get_method, method_names  # noqa: E402
 from codir_ds.engine.rundir import RESUMABLE_CHANGES  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
 from codir_ds.pipeline import cpu_threads_per_rank, deepspeed_command, free_port  # noqa: E402
@@ -109,23 +109,18 @@ PRESETS = {
 }
 
 _M = MethodConfig()  # the config's defaults, written out per method so that the table header states them
+FINETUNE_METHODS = method_names("finetune")
 
-# Each method's own --set overrides, on top of the size preset and method.name / training.seed.
-# {supplementary} is the other packaged task, {max_train_examples} the preset's training-set cap.
-METHOD_SETTINGS: dict[str, list[str]] = {
-    "ce": [],
-    "kd": [f"method.alpha_kd={_M.alpha_kd}", f"method.kd_temperature={_M.kd_temperature}"],
-    "codir": [f"method.alpha_kd={_M.alpha_kd}", f"method.alpha_crd={_M.alpha_crd}",
-              f"method.num_negatives={_M.num_negatives}", f"method.pooling={_M.pooling}"],
-    "pkd": [f"method.layer_map={_M.layer_map}", f"method.alpha_hidden={_M.alpha_hidden}"],
-    "tinybert": [f"method.layer_map={_M.layer_map}", f"method.alpha_hidden={_M.alpha_hidden}",
-                 f"method.alpha_attention={_M.alpha_attention}"],
-    "distilbert": [f"method.layer_map={_M.layer_map}", f"method.alpha_hidden={_M.alpha_hidden}"],
-    "cr_ild": [f"method.ild_fraction={_M.ild_fraction}", f"method.alpha_consistency={_M.alpha_consistency}",
-               "data.supplementary={supplementary}", "data.supplementary_max_examples={max_train_examples}"],
-    "ctcd": ["method.ctcd_large_init=all-MiniLM-L6-v2", f"method.alpha_small_to_large={_M.alpha_small_to_large}",
-             f"method.alpha_large_to_small={_M.alpha_large_to_small}"],
-}
+
+def registry_settings(method: str) -> list[str]:
+    """A method's own --set overrides (on top of the size preset and method.name / training.seed), from the
+    registry: its headline keys at their defaults (``compare_keys``), then its fixed settings (``compare_sets``,
+    where {supplementary} is the other packaged task and {max_train_examples} the preset's training-set cap)."""
+    cls = get_method(method)
+    return [f"method.{key}={getattr(_M, key)}" for key in cls.compare_keys] + list(cls.compare_sets)
+
+
+METHOD_SETTINGS: dict[str, list[str]] = {name: registry_settings(name) for name in FINETUNE_METHODS}
 
 
 def method_settings(method: str, task: str, common: list[str]) -> list[str]:
@@ -140,7 +135,9 @@ def teacher_label(size: str) -> str:
 
 
 def uses_teacher(method: str) -> bool:
-    return method in TEACHER_OBJECTIVES
+    """Whether the method's comparison runs read the finetuned teacher (model.teacher)."""
+    cls = get_method(method)
+    return cls(MethodConfig(name=method), "finetune").needs.teacher
 
 
 # --------------------------------------------------------------------------- arguments
@@ -159,8 +156,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    ap.add_argument("--methods", default=",".join(FINETUNE_OBJECTIVES),
-                    help=f"comma-separated, table rows in this order (default: {','.join(FINETUNE_OBJECTIVES)})")
+    ap.add_argument("--methods", default=",".join(FINETUNE_METHODS),
+                    help=f"comma-separated, table rows in this order (default: {','.join(FINETUNE_METHODS)})")
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated integers (default 1,2,3)")
     ap.add_argument("--size", default="cpu", help=f"preset: {', '.join(PRESETS)} (default cpu)")
     ap.add_argument("--out", default=None, help="where <task>.md/.json/.png go (default bench/results/compare_<size>)")
@@ -194,10 +191,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"unknown task {args.task!r}: choose one of {', '.join(TASKS)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
-        raise ArgumentError(f"--methods is empty: list some of {','.join(FINETUNE_OBJECTIVES)}")
+        raise ArgumentError(f"--methods is empty: list some of {','.join(FINETUNE_METHODS)}")
     for m in methods:
-        if m not in FINETUNE_OBJECTIVES:
-            raise ArgumentError(f"unknown method {m!r}: choose from {','.join(FINETUNE_OBJECTIVES)}")
+        if m not in FINETUNE_METHODS:
+            raise ArgumentError(f"unknown method {m!r}: choose from {','.join(FINETUNE_METHODS)}")
     if len(set(methods)) != len(methods):
         raise ArgumentError(f"--methods lists a method twice: {args.methods}")
     args.methods = methods

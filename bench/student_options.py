@@ -2,7 +2,8 @@
 
     python bench/student_options.py --output bench/results/cpu_student_options.json
 
-Each variant is one ``run_finetune`` (codir_ds/engine/finetune.py: DeepSpeed engine from
+Each variant is one finetuning run of ``codir_ds.recipes.recipe_for(cfg, "finetune", ...)`` (``FinetuneRecipe``
+in codir_ds/recipes/finetune.py: ``setup()`` then ``train()``; DeepSpeed engine from
 ``--deepspeed_config``, the repository's optimizer and schedule, collator, evaluation, checkpoint and
 export) in its own Python process (1 rank), on ``configs/fine_movie_snippets_cpu.yaml``: the student is
 the packaged MiniLM's layers 0 and 3 (2 layers x 384, 12 heads), batches of ``--batch`` padded to their longest sequence (<= ``--max_length`` tokens), fp32. The default
@@ -70,57 +71,54 @@ def run_variant(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import torch._dynamo.utils as dynamo_utils
 
-    import codir_ds.engine.finetune as finetune
     from codir_ds.config import load_config
+    from codir_ds.recipes import recipe_for
 
     marks: list[float] = []
     opt_times: list[float] = []  # per optimizer step: ZeRO calls the base optimizer once per parameter group
     opt_pending = [0.0]
-    orig_after_step = finetune.after_step
-
-    def timed_after_step(step, *args, **kwargs):
-        marks.append(time.perf_counter())
-        opt_times.append(opt_pending[0])
-        opt_pending[0] = 0.0
-        return orig_after_step(step, *args, **kwargs)
-
-    finetune.after_step = timed_after_step
-    start = {}
-    info = {}
-
-    def probe(event: str, objs: dict) -> None:
-        if event != "setup":
-            return
-        opt = objs["optimizer"]
-        base = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch AdamW
-        group = base.param_groups[0]
-        student = objs["engine"].module.student
-        info.update(student_parameters=sum(p.numel() for p in student.parameters()),
-                    optimizer=f"{type(opt).__name__}({type(base).__name__})", fused=bool(group.get("fused")),
-                    foreach=bool(group.get("foreach")), compiled=bool(objs["engine"].is_compiled))
-        orig_step = base.step
-
-        def timed_step(*args, **kwargs):
-            t = time.perf_counter()
-            out = orig_step(*args, **kwargs)
-            opt_pending[0] += time.perf_counter() - t
-            return out
-
-        base.step = timed_step
-        start["t"] = time.perf_counter()
 
     cfg = load_config(str(REPO / "configs" / "fine_movie_snippets_cpu.yaml"), spec["sets"])
     t_run = time.perf_counter()
-    results = finetune.run_finetune(cfg, spec["deepspeed_config"], spec["output_dir"], overwrite=True, probe=probe)
+    recipe = recipe_for(cfg, "finetune", spec["deepspeed_config"], spec["output_dir"], overwrite=True)
+    recipe.setup()  # checks, models, engine, components: everything before the first step
+
+    opt = recipe.optimizer
+    base = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch AdamW
+    group = base.param_groups[0]
+    student = recipe.engine.module.student
+    info = {"student_parameters": sum(p.numel() for p in student.parameters()),
+            "optimizer": f"{type(opt).__name__}({type(base).__name__})", "fused": bool(group.get("fused")),
+            "foreach": bool(group.get("foreach")), "compiled": bool(recipe.engine.is_compiled)}
+    orig_step = base.step
+
+    def timed_step(*args, **kwargs):
+        t = time.perf_counter()
+        out = orig_step(*args, **kwargs)
+        opt_pending[0] += time.perf_counter() - t
+        return out
+
+    base.step = timed_step
+    orig_after_step = recipe.after_step
+
+    def timed_after_step():  # once per optimizer step, right after it (Recipe.train's loop)
+        marks.append(time.perf_counter())
+        opt_times.append(opt_pending[0])
+        opt_pending[0] = 0.0
+        return orig_after_step()
+
+    recipe.after_step = timed_after_step
+    start = time.perf_counter()
+    results = recipe.train()
     t_end = time.perf_counter()
-    steps = [b - a for a, b in zip([start["t"]] + marks[:-1], marks)]
+    steps = [b - a for a, b in zip([start] + marks[:-1], marks)]
     w = spec["warmup"]
     timed = steps[w:]
     spent = {k: round(v, 2) for k, v in dynamo_utils.calculate_time_spent().items()}
     counters = dynamo_utils.counters
     return {
         **info,
-        "setup_seconds": round(start["t"] - t_run, 2),
+        "setup_seconds": round(start - t_run, 2),
         "warmup_step_seconds": [round(s, 3) for s in steps[:w]],
         "timed_step_seconds": [round(s, 4) for s in timed],
         "timed_optimizer_step_seconds": [round(s, 5) for s in opt_times[w:]],

@@ -1,33 +1,62 @@
-"""Pre-training throughput: N optimizer steps of mlm / kd / codir on the real training components.
+"""Throughput of the codir-ds training step: N optimizer steps of mlm / kd / codir through the recipes' own code.
 
     python bench/throughput.py --teacher_layers 12 --teacher_hidden 768 --teacher_heads 12 \
         --student_layers 6 --student_hidden 768 --student_heads 12 --seq_len 128 \
         --micro_batch 32 --precision bf16 --steps 20 [--output bench/results/x.json]
     deepspeed --num_gpus 8 bench/throughput.py ...      (rank 0 reports)
 
-One optimizer step is the step of ``codir_ds.engine.pretrain.run_pretrain``: the rank's
-``grad_accum`` micro-batches from ``OwnedShardSampler``; for codir ``batch_negatives`` +
-``ShardedMemoryBank.gather`` once per step; per micro step ``MLMCollator`` masking,
-``MLMTeacherRunner`` (kd/codir), the DeepSpeed engine's forward of ``PretrainModule``,
-``self_mask``, the ``build_pretrain_objective`` loss, ``engine.backward`` and
-``engine.step``; after an applied step the positives' ``bank.update``. Teacher and student
-are random-weight BERT masked-LM models; the blocks are random ordinary tokens between
-[CLS] and [SEP] (no corpus is read). Prints one JSON object on stdout (see bench/README.md).
+What is timed is the code users run: one optimizer step is ``recipe.train_step(batches)`` of
+``codir_ds.recipes.pretrain.PretrainRecipe`` (``--task pretrain``) or
+``codir_ds.recipes.finetune.FinetuneRecipe`` (``--task finetune``), with the micro-batches drawn
+from the recipe's own sampler as ``Recipe.train`` draws them, and the loop's ``progress.step``
+and ``check_skipped`` after it (not ``after_step``: logging, evaluation, checkpoints). The
+bench subclasses the recipes (``bench_recipe_class``) only where they read files: ``check_inputs``
+gives a synthetic corpus / task instead of loading one, and ``setup_models`` runs the recipe's own
+``setup_models`` with its two model loaders replaced by random-weight BERT models of the requested
+sizes (``build_student`` and ``load_mlm_teacher`` / ``load_teacher``); the trained module, the
+DeepSpeed engine, optimizer and schedule, sampler, collator, teacher runner, memory bank and
+negatives are the recipe's. Pre-training: blocks of random ordinary tokens between [CLS] and
+[SEP]; finetuning: texts of ``seq_len - 2`` random whole-word vocabulary entries (the recipe's
+``ClassificationCollator`` tokenizes them to exactly ``seq_len`` tokens) with random labels.
+
+The per-section breakdown is measured by timing wrappers around the recipe's components
+(``runner``, ``engine.forward`` / ``backward`` / ``step``, ``method.loss``, the bank and
+negatives calls), never by a copy of the step. ``--no_breakdown`` installs no timing wrapper,
+only pass-through ones that add no device work (token count, last loss, bank rows gathered;
+``--global_negatives`` also wraps ``batch_negatives`` to fill the candidates).
+
+The plain references ``ref_kd`` / ``ref_codir`` (Hugging Face models, a plain PyTorch loop, no
+codir-ds code in the step) run side by side for ratios. With tiny models their difference is the
+framework's per-micro-step overhead (``overhead_ms_per_micro_step`` in the report: codir-ds's
+median micro-step time minus the reference's), measurable on a CPU:
+
+    python bench/throughput.py --task finetune --teacher_layers 1 --teacher_hidden 16 --teacher_heads 2 \
+        --student_layers 1 --student_hidden 16 --student_heads 2 --seq_len 16 --micro_batch 2 \
+        --grad_accum 4 --num_examples 256 --num_negatives 15 --precision fp32 --steps 20 --warmup 3 \
+        --objectives kd,ref_kd,codir,ref_codir --no_breakdown
+
+(finetuning: in pre-training the reference computes full-vocabulary logits at every position, so
+the difference there is not framework overhead alone; drop ``--no_breakdown`` to see where it goes).
+
+Prints one JSON object on stdout (see bench/README.md).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -40,6 +69,17 @@ REFERENCE_NAMES = ("ref_kd", "ref_codir")
 PROJECTION_DIM = 128   # m: bank row / projection size (CoDIR)
 BANK_MOMENTUM = 0.5    # beta of Eq. 5
 BREAKDOWN_KEYS = ("teacher_forward", "student_forward_backward", "crd_and_bank", "optimizer_step", "other")
+# What each section times: wrappers around the recipe's components (see RecipeRun.install_hooks).
+BREAKDOWN_HOOKS = {
+    "teacher_forward": "recipe.runner (MLMTeacherRunner / TeacherRunner) calls",
+    "student_forward_backward": "recipe.engine.forward, recipe.method.loss and recipe.engine.backward calls",
+    "crd_and_bank": "codir: batch_negatives, bank.gather and self_mask (pretrain) or "
+                    "neg_sampler.class_negatives (finetune), and recipe.apply_bank_updates",
+    "optimizer_step": "recipe.engine.step calls",
+    "other": "the rest of the step: sampler, synthetic data, collation (finetune: tokenization) and masking, "
+             "host-to-device copies, loss inputs, monitor, check_skipped",
+}
+PRETRAIN_SEQ_RANGE = (8, 512)  # corpus.block_size's range
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name, most specific first; fp32 runs use
 # the plain FP32 (non-TF32) peak, as PyTorch does not use TF32 for fp32 matmuls by default.
@@ -124,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
     if args.seq_len < 3:
         raise BenchError(f"--seq_len must be >= 3 ([CLS], one token, [SEP]), got {args.seq_len}")
+    lo, hi = PRETRAIN_SEQ_RANGE
+    if args.task == "pretrain" and not lo <= args.seq_len <= hi:
+        raise BenchError(f"--seq_len {args.seq_len}: pre-training blocks are {lo}..{hi} tokens (corpus.block_size)")
     for who in ("teacher", "student"):
         h, n = getattr(args, f"{who}_hidden"), getattr(args, f"{who}_heads")
         if h % n:
@@ -233,55 +276,114 @@ def build_cls_model(layers: int, hidden: int, heads: int, args, tokenizer):
 
 
 def ds_config_for(args, world: int):
-    """The DeepSpeed JSON with this run's batch and precision, through the repo's own checks."""
+    """``(raw JSON with this run's precision, prepared config, dtype, TrainingConfig)``.
+
+    The raw JSON is what the recipes read (``--deepspeed_config`` with the ``fp16`` / ``bf16``
+    blocks set by ``--precision``, checked by ``read_ds_config``'s own ``check_deepspeed_keys``
+    before torch.distributed starts); the prepared one is what ``prepare_ds_config`` makes of it
+    with this run's batch (the recipes call it themselves, in ``Recipe.check_inputs``).
+    """
     from codir_ds.config import TrainingConfig
-    from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
-    ds = read_ds_config(args.deepspeed_config)
+    from codir_ds.engine.ds_config import check_deepspeed_keys, prepare_ds_config, read_ds_config
+    raw = read_ds_config(args.deepspeed_config)
     if args.precision == "fp16":
-        fp16 = dict(ds.get("fp16") or {})
+        fp16 = dict(raw.get("fp16") or {})
         fp16["enabled"] = True
         for k, v in (("loss_scale", 0), ("initial_scale_power", 16), ("loss_scale_window", 1000),
                      ("hysteresis", 2), ("min_loss_scale", 1)):
             fp16.setdefault(k, v)
-        ds["fp16"], ds["bf16"] = fp16, {"enabled": False}
+        raw["fp16"], raw["bf16"] = fp16, {"enabled": False}
     elif args.precision == "bf16":
-        ds["fp16"], ds["bf16"] = {"enabled": False}, {"enabled": True}
+        raw["fp16"], raw["bf16"] = {"enabled": False}, {"enabled": True}
     else:
-        ds["fp16"], ds["bf16"] = {"enabled": False}, {"enabled": False}
+        raw["fp16"], raw["bf16"] = {"enabled": False}, {"enabled": False}
+    check_deepspeed_keys(raw, args.deepspeed_config)
     tcfg = TrainingConfig(seed=args.seed, max_steps=args.warmup + args.steps,
                           train_batch_size=args.micro_batch * args.grad_accum * world,
                           micro_batch_size=args.micro_batch, fp16_fallback="fp32")
-    ds, dtype, warning = prepare_ds_config(ds, world, tcfg)
+    ds, dtype, warning = prepare_ds_config(raw, world, tcfg)
     if warning:  # fp16 is refused on CPU before this point, so this does not happen
         raise BenchError(warning)
-    return ds, dtype, tcfg
+    return raw, ds, dtype, tcfg
+
+
+def experiment_config(name: str, args, ctx: dict):
+    """The objective's ``ExperimentConfig``, through the repo's own loading and validation.
+
+    Default method weights (alpha_kd 0.7, alpha_crd 0.1, rho 2, tau 0.07, mean pooling over all
+    layers) with the bench's K, m and bank momentum; the run's batch, seed and step count; no
+    progress bar, no TensorBoard. ``model.teacher`` only names the random teacher: nothing is
+    loaded from it (see ``bench_recipe_class``).
+    """
+    from codir_ds.config import load_config
+    sets = [f"name=bench_{name}", f"method.name={name}", f"method.num_negatives={args.num_negatives}",
+            f"method.projection_dim={PROJECTION_DIM}", f"method.bank_momentum={BANK_MOMENTUM}",
+            f"model.tokenizer={ctx['tokenizer_dir']}", f"model.student_layers={args.student_layers}",
+            f"model.student_hidden={args.student_hidden}", f"model.student_heads={args.student_heads}",
+            f"data.max_length={args.seq_len}", f"training.seed={args.seed}",
+            f"training.max_steps={args.warmup + args.steps}",
+            f"training.train_batch_size={ctx['ds']['train_batch_size']}",
+            f"training.micro_batch_size={args.micro_batch}", "training.fp16_fallback=fp32",
+            "logging.progress_bar=false", "logging.tensorboard=false"]
+    if args.task == "pretrain":
+        sets.append(f"corpus.block_size={args.seq_len}")
+    if name != "mlm":
+        sets.append("model.teacher=bench-random-teacher")
+    return load_config(None, sets)
 
 
 class Sections:
-    """Per-section wall time; syncs the device around each section (CUDA, breakdown mode)."""
+    """Per-section wall time of wrapped calls; syncs the device around each section (CUDA, breakdown mode).
+
+    A call made while another section runs (``bank.gather`` inside ``class_negatives``) counts
+    in that section only.
+    """
 
     def __init__(self, sync, enabled: bool):
         self.sync, self.enabled = sync, enabled
         self.acc = dict.fromkeys(BREAKDOWN_KEYS[:-1], 0.0)
+        self.active = False
 
-    @contextlib.contextmanager
-    def __call__(self, key: str):
+    def wrap(self, fn, key: str):
+        """``fn`` timed into section ``key`` (``fn`` itself when the breakdown is off)."""
         if not self.enabled:
-            yield
-            return
-        self.sync()
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
+            return fn
+
+        def timed(*args, **kwargs):
+            if self.active:
+                return fn(*args, **kwargs)
             self.sync()
-            self.acc[key] += time.perf_counter() - t
+            self.active = True
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.acc[key] += time.perf_counter() - t
+                self.active = False
+        return timed
 
     def reset(self) -> None:
         self.acc = dict.fromkeys(self.acc, 0.0)
 
 
-# ----------------------------------------------------------------------------- one objective
+@contextlib.contextmanager
+def patched(module, **attrs):
+    """Module attributes replaced for the duration of the block (refuses a name the module no longer has)."""
+    saved = {}
+    for name, value in attrs.items():
+        if not hasattr(module, name):
+            raise RuntimeError(f"bench/throughput.py: {module.__name__}.{name} no longer exists: update the bench")
+        saved[name] = getattr(module, name)
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+# ----------------------------------------------------------------------------- synthetic inputs
 
 def synthetic_block(tokenizer, ordinary, seq_len: int, gen):
     """[CLS] + random ordinary tokens + [SEP], exactly ``seq_len`` long."""
@@ -289,6 +391,143 @@ def synthetic_block(tokenizer, ordinary, seq_len: int, gen):
     body = ordinary[torch.randint(len(ordinary), (seq_len - 2,), generator=gen)]
     return torch.cat([torch.tensor([tokenizer.cls_token_id]), body, torch.tensor([tokenizer.sep_token_id])])
 
+
+def whole_words(tokenizer) -> list[tuple[int, str]]:
+    """``(id, token)`` of the vocabulary's lower-case ASCII whole words: each one tokenizes to itself, one token."""
+    special = set(tokenizer.all_special_ids)
+    return sorted((i, t) for t, i in tokenizer.get_vocab().items()
+                  if t.isascii() and t.isalpha() and t.islower() and i not in special)
+
+
+class SyntheticCorpus:
+    """Stands in for ``PackedCorpus``: ``num_examples`` training blocks, drawn afresh at each read."""
+
+    def __init__(self, num_blocks: int, seq_len: int, tokenizer, ordinary, seed: int):
+        import torch
+        self.train_ids = range(num_blocks)
+        self.validation_ids = range(num_blocks, num_blocks)
+        self.block_size = seq_len
+        self.path = "synthetic blocks (bench/throughput.py)"
+        self.tokenizer, self.ordinary = tokenizer, ordinary
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.train_ids)
+
+    def __getitem__(self, i: int):
+        return synthetic_block(self.tokenizer, self.ordinary, self.block_size, self.gen)
+
+
+class SyntheticExample:
+    """A finetuning example whose text (``seq_len - 2`` random whole words) is drawn when it is read."""
+    __slots__ = ("id", "label", "source")
+    text_pair = None
+
+    def __init__(self, example_id: int, label: int, source: "SyntheticExamples"):
+        self.id, self.label, self.source = example_id, label, source
+
+    @property
+    def text(self) -> str:
+        return self.source.random_text()
+
+
+class SyntheticExamples:
+    """The synthetic task's training split: ``len(labels)`` examples, made when indexed."""
+
+    def __init__(self, labels: list[int], words: list[str], seq_len: int, seed: int):
+        import numpy as np
+        self.labels, self.words, self.length = labels, words, seq_len - 2
+        self.rng = np.random.default_rng(seed)
+
+    def random_text(self) -> str:
+        words = self.words
+        return " ".join([words[j] for j in self.rng.integers(len(words), size=self.length).tolist()])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> SyntheticExample:
+        if not 0 <= i < len(self.labels):
+            raise IndexError(i)
+        return SyntheticExample(i, self.labels[i], self)
+
+
+@functools.lru_cache(maxsize=None)
+def bench_recipe_class(task: str):
+    """The stage's own recipe, reading no files: synthetic data and random models of the bench's sizes.
+
+    Only ``check_inputs`` (the corpus / task) and the model loaders that ``setup_models`` calls are
+    replaced; every other phase and ``train_step`` are the recipe's.
+    """
+    from codir_ds.recipes import base as recipes_base
+    from codir_ds.recipes import finetune as finetune_recipes
+    from codir_ds.recipes import pretrain as pretrain_recipes
+    from codir_ds.recipes.base import Recipe
+
+    class SyntheticInputs:
+        loaders_module = None   # the recipe module whose loaders setup_models calls
+        teacher_loader = ""
+
+        def __init__(self, cfg, ds_config_path: str, output_dir: str, inputs: dict):
+            super().__init__(cfg, ds_config_path, output_dir)
+            self.inputs = inputs
+
+        def check_inputs(self) -> None:
+            # The checks every run shares (run directory, DeepSpeed JSON through prepare_ds_config, optimizer,
+            # compile and method checks); the stage's own checks read the corpus / task files: replaced.
+            # read_ds_config gives the JSON with the bench's precision, read and checked by ds_config_for before
+            # torch.distributed started: its DeepSpeedConfig check assumes one process and, once torch.distributed
+            # runs on N > 1 ranks (the bench starts it before the recipes), refuses any JSON.
+            with patched(recipes_base, read_ds_config=lambda path: json.loads(json.dumps(self.inputs["raw_ds"]))):
+                Recipe.check_inputs(self)
+            self.teacher_dir = None
+            self.tokenizer = self.inputs["tokenizer"]
+            self.synthetic_data()
+
+        def setup_models(self) -> None:
+            with patched(self.loaders_module, build_student=self.random_student,
+                         **{self.teacher_loader: self.random_teacher}):
+                super().setup_models()
+            self.n_student = non_embedding_params(self.module.student)
+
+        def random_teacher(self, *_, need_head: bool = True, **__):
+            teacher = self.inputs["teacher"]  # frozen, in the run's dtype, on the device (built once per process)
+            return teacher if need_head else teacher.base_model
+
+        def random_student(self, *_, masked_lm: bool = False, **__):
+            args = self.inputs["args"]
+            build = build_mlm_model if masked_lm else build_cls_model
+            return build(args.student_layers, args.student_hidden, args.student_heads, args, self.tokenizer)
+
+    class BenchPretrainRecipe(SyntheticInputs, pretrain_recipes.PretrainRecipe):
+        loaders_module = pretrain_recipes
+        teacher_loader = "load_mlm_teacher"
+
+        def synthetic_data(self) -> None:
+            c = self.inputs
+            self.corpus = SyntheticCorpus(c["args"].num_examples, c["args"].seq_len, self.tokenizer, c["ordinary"],
+                                          c["args"].seed + self.rank)
+            self.num_train = len(self.corpus.train_ids)
+
+    class BenchFinetuneRecipe(SyntheticInputs, finetune_recipes.FinetuneRecipe):
+        loaders_module = finetune_recipes
+        teacher_loader = "load_teacher"
+
+        def synthetic_data(self) -> None:
+            from codir_ds.data.tasks import TaskData
+            c = self.inputs
+            args = c["args"]
+            train = SyntheticExamples(c["labels"].tolist(), c["words"], args.seq_len, args.seed + self.rank)
+            self.task = TaskData(name="synthetic", is_regression=False,
+                                 label_names=[f"class_{i}" for i in range(args.num_classes)], train=train,
+                                 validation=[], metric_names=["accuracy"])
+            self.supplementary = []
+            self.num_train = len(train)
+
+    return BenchFinetuneRecipe if task == "finetune" else BenchPretrainRecipe
+
+
+# ----------------------------------------------------------------------------- one objective
 
 class Run:
     """One objective's models, engine and data; :meth:`step` runs one optimizer step.
@@ -307,13 +546,8 @@ class Run:
         self.sync = torch.cuda.synchronize if self.is_cuda else (lambda: None)
         self.sections = Sections(self.sync, not args.no_breakdown)
         self.step_times: list[float] = []
-        self.crd_times: list[float] = []
-        self.gather_bytes: list[int] = []
-        self.neg_bytes: list[int] = []
-        self.rows_gathered: list[int] = []
         self.sync_events = 0
         self.tokens = 0
-        self.applied = 0
         self.last_loss = float("nan")
         self.gen = torch.Generator().manual_seed(ctx["tcfg"].seed + ctx["rank"])
 
@@ -326,16 +560,10 @@ class Run:
         return MethodConfig(name=name, num_negatives=self.args.num_negatives, projection_dim=PROJECTION_DIM,
                             bank_momentum=BANK_MOMENTUM)
 
-    def new_bank(self):
-        """This rank's shard of a ``--num_examples``-row bank, on the run's device."""
-        from codir_ds.distill.memory_bank import ShardedMemoryBank
-        return ShardedMemoryBank(self.args.num_examples, PROJECTION_DIM, BANK_MOMENTUM,
-                                 seed=self.ctx["tcfg"].seed).to(self.device)
-
     def start_batches(self) -> None:
         """``self.batches`` (this rank's micro-batches of ids, epoch after epoch) and ``self.accum``."""
         from codir_ds.data.sampler import OwnedShardSampler
-        from codir_ds.engine.pretrain import micro_batches
+        from codir_ds.recipes.base import micro_batches
         ds, ctx = self.ctx["ds"], self.ctx
         self.batches = micro_batches(OwnedShardSampler(self.args.num_examples, ds["train_micro_batch_size_per_gpu"],
                                                        ctx["rank"], ctx["world"], ctx["tcfg"].seed))
@@ -375,11 +603,14 @@ class Run:
         else:
             peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             mem_source = "getrusage_maxrss_process"
+        median = statistics.median(self.step_times)
         result = {
             "samples_per_second": len(self.step_times) * train_batch_size / elapsed,
             "tokens_per_second": tokens_per_s,
             "step_time_mean_s": statistics.fmean(self.step_times),
-            "step_time_median_s": statistics.median(self.step_times),
+            "step_time_median_s": median,
+            # median step time over the micro steps of a step (this rank's grad_accum), in milliseconds
+            "micro_step_time_ms": median / self.accum * 1e3,
             "timed_steps": len(self.step_times),
             "final_loss": self.last_loss,
             "flops_per_token": flops_per_token,
@@ -396,8 +627,163 @@ class Run:
         }
         return result
 
-    def ours_result(self, n_teacher: int, n_student: int) -> dict:
-        result = self.base_result(n_teacher, n_student, self.ctx["ds"]["train_batch_size"])
+    def close(self) -> None:
+        import torch
+        self.__dict__.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class RecipeRun(Run):
+    """A codir-ds objective: the bench recipe (``bench_recipe_class``), set up by its own ``setup()``.
+
+    :meth:`step` is one iteration of ``Recipe.train``'s loop without ``after_step``: this rank's
+    ``accumulation`` micro-batches from the recipe's sampler, ``recipe.train_step(batches)``,
+    ``progress.step += 1`` and ``check_skipped()``. What the report counts (tokens, the last loss,
+    bank rows gathered) is read by pass-through wrappers that add no device work; the breakdown's
+    timing wrappers (``install_hooks``) are installed unless ``--no_breakdown``.
+    """
+
+    def __init__(self, name: str, args, ctx: dict):
+        super().__init__(name, args, ctx)
+        from codir_ds.recipes import pretrain as pretrain_recipes
+        from codir_ds.recipes.base import micro_batches
+        cls = bench_recipe_class(args.task)
+        self.recipe = r = cls(experiment_config(name, args, ctx), ctx["ds_config_path"],
+                              os.path.join(ctx["run_root"], name), inputs=ctx)
+        r.setup()
+        self.finetune = args.task == "finetune"
+        self.n_student = r.n_student
+        self.n_teacher = ctx["teacher_params"] if r.teacher is not None else 0
+        self.uses_crd = r.bank is not None
+        self.accum = r.accum
+        self.applied = 0
+        self.crd_times: list[float] = []
+        self.gather_bytes: list[int] = []
+        self.neg_bytes: list[int] = []
+        self.rows_gathered: list[int] = []
+        self.step_gathers: list = []   # ids of this step's bank.gather calls
+        self.crd_inputs = None         # (h_t, h_s, negatives) of the last micro step with CRD negatives
+        self.last_terms = None
+        self.pretrain_recipes = pretrain_recipes
+        self.step_patches = {}         # codir_ds.recipes.pretrain functions replaced during train_step
+        self.install_hooks()
+        self.batches = micro_batches(r.sampler)
+        r.train_mode(True)
+
+    def install_hooks(self) -> None:
+        r, sections = self.recipe, self.sections
+        collator = r.collator
+
+        def counting_collator(*a, **k):  # real tokens of the host batch (no device work)
+            batch = collator(*a, **k)
+            self.tokens += int(batch["attention_mask"].sum())
+            return batch
+        r.collator = counting_collator
+        accumulate = r.monitor.accumulate
+
+        def keep_terms(terms, samples):
+            self.last_terms = terms
+            return accumulate(terms, samples)
+        r.monitor.accumulate = keep_terms
+        if r.bank is not None:
+            gather = r.bank.gather
+
+            def recorded_gather(ids):
+                self.step_gathers.append(ids)
+                return gather(ids)
+            r.bank.gather = sections.wrap(recorded_gather, "crd_and_bank")
+            if not self.finetune:
+                batch_negatives = self.pretrain_recipes.batch_negatives
+                if self.args.global_negatives:
+                    batch_negatives = self.filled_negatives(batch_negatives)
+                if self.args.global_negatives or sections.enabled:
+                    self.step_patches["batch_negatives"] = sections.wrap(batch_negatives, "crd_and_bank")
+                if sections.enabled:
+                    self.step_patches["self_mask"] = sections.wrap(self.pretrain_recipes.self_mask, "crd_and_bank")
+        if not sections.enabled:
+            return
+        engine = r.engine
+        engine.forward = sections.wrap(engine.forward, "student_forward_backward")
+        engine.backward = sections.wrap(engine.backward, "student_forward_backward")
+        engine.step = sections.wrap(engine.step, "optimizer_step")
+        loss = r.method.loss
+
+        def keep_crd_inputs(student, teacher, inputs):
+            if inputs.negatives is not None:
+                self.crd_inputs = (student.h_t.detach(), student.h_s.detach(), inputs.negatives)
+            return loss(student, teacher, inputs)
+        r.method.loss = sections.wrap(keep_crd_inputs, "student_forward_backward")
+        if r.runner is not None:
+            r.runner = sections.wrap(r.runner, "teacher_forward")
+        if r.bank is not None:
+            r.apply_bank_updates = sections.wrap(r.apply_bank_updates, "crd_and_bank")
+            if self.finetune:
+                r.neg_sampler.class_negatives = sections.wrap(r.neg_sampler.class_negatives, "crd_and_bank")
+
+    def filled_negatives(self, batch_negatives):
+        """``batch_negatives``, its ids filled up to ``--global_negatives`` as if the global batch were that large."""
+        import torch
+        from codir_ds.distill.memory_bank import derive_seed
+        args = self.args
+
+        def filled(local_ids, num_negatives, seed, step, *rest, **kwargs):
+            cand_ids = batch_negatives(local_ids, num_negatives, seed, step, *rest, **kwargs)
+            want = min(args.global_negatives, num_negatives + 1)
+            if want > cand_ids.numel():  # the same extra ids on every rank: seeded by (seed, step)
+                g = torch.Generator().manual_seed(derive_seed(seed, step, 11))
+                extra = torch.unique(torch.randint(args.num_examples, (2 * want,), generator=g))
+                extra = extra[~torch.isin(extra, cand_ids)]
+                extra = extra[torch.randperm(extra.numel(), generator=g)[: want - cand_ids.numel()]]
+                cand_ids = torch.cat([cand_ids, extra])
+            return cand_ids
+        return filled
+
+    def step(self, step: int, timed: bool) -> None:
+        r = self.recipe
+        self.step_gathers = []
+        batches = [next(self.batches) for _ in range(r.accum)]
+        if self.step_patches:
+            with patched(self.pretrain_recipes, **self.step_patches):
+                r.train_step(batches)
+        else:
+            r.train_step(batches)
+        r.progress.step += 1
+        r.check_skipped()
+        if not timed:
+            return
+        # counted after the step, outside its time
+        self.applied += int(r.engine.was_step_applied())
+        world = self.ctx["world"]
+        if r.bank is not None:
+            self.record_gather(self.step_gathers, r.bank)
+            if not self.finetune:  # batch_negatives: all-gather of every rank's int64 ids of this step
+                local = sum(len(ids) for _, ids in batches)
+                self.neg_bytes.append(world * local * 8 if world > 1 else 0)
+        if self.crd_inputs is not None and self.sections.enabled:
+            h_t, h_s, negatives = self.crd_inputs
+            tau = r.cfg.method.crd_temperature
+            self.crd_times.append(self.accum * time_loss(lambda a, b: negatives.loss(a, b, tau)[0], h_t, h_s,
+                                                         self.sync))
+
+    def record_gather(self, gathered: list, bank) -> None:
+        """Rows of this step's ``bank.gather`` calls and their all-gather buffer: ``[world * max_count, m]`` fp32."""
+        import torch
+        world = self.ctx["world"]
+        ids = torch.cat([torch.as_tensor(i).reshape(-1).cpu() for i in gathered]) if gathered \
+            else torch.zeros(0, dtype=torch.long)
+        self.rows_gathered.append(ids.numel())
+        if world > 1 and ids.numel():
+            uniq = torch.unique(ids)
+            max_count = int(torch.bincount(uniq % world, minlength=world).max())
+            self.gather_bytes.append(world * max_count * bank.dim * 4)
+        else:
+            self.gather_bytes.append(0)
+
+    def result(self) -> dict:
+        self.last_loss = float(self.last_terms["loss/total"])
+        result = self.base_result(self.n_teacher, self.n_student, self.recipe.ds["train_batch_size"])
         result.update({
             "steps_applied": self.applied,
             "breakdown_s": None,
@@ -407,8 +793,9 @@ class Run:
             else 0,
             # bank rows fetched per step: the step's candidates (pretrain) or C x K (finetune)
             "bank_rows_gathered_per_step": round(statistics.fmean(self.rows_gathered)) if self.rows_gathered else 0,
+            "overhead_ms_per_micro_step": None,  # set in run() when the plain reference ran alongside
         })
-        if not self.args.no_breakdown:
+        if self.sections.enabled:
             steps = len(self.step_times)
             per_step = {k: v / steps for k, v in self.sections.acc.items()}
             per_step["other"] = max(0.0, result["step_time_mean_s"] - sum(per_step.values()))
@@ -416,245 +803,12 @@ class Run:
             result["crd_loss_fwd_bwd_s"] = statistics.fmean(self.crd_times) if self.crd_times else 0.0
         return result
 
-    def record_gather(self, cand_ids, bank) -> None:
-        """All-gather bytes of ``bank.gather(cand_ids)``: one ``[world * max_count, m]`` fp32 buffer."""
-        import torch
-        world = self.ctx["world"]
-        self.rows_gathered.append(cand_ids.numel())
-        uniq = torch.unique(cand_ids)
-        max_count = int(torch.bincount(uniq % world, minlength=world).max())
-        self.gather_bytes.append(world * max_count * bank.dim * 4 if world > 1 else 0)
-
     def close(self) -> None:
-        import torch
-        engine = getattr(self, "engine", None)
-        if engine is not None and hasattr(engine, "destroy"):
-            engine.destroy()
-        self.__dict__.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _engine(module, args, ctx, total_steps: int):
-    import deepspeed
-    from codir_ds.engine.session import optimizer_and_schedule
-    opt, sched = optimizer_and_schedule(module, ctx["tcfg"], total_steps, ctx["ds"])
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ctx["ds"])
-    engine.train()
-    return engine
-
-
-class PretrainRun(Run):
-    """One step of ``run_pretrain``'s loop (see the module docstring)."""
-
-    def __init__(self, name: str, args, ctx: dict):
-        super().__init__(name, args, ctx)
-        from codir_ds.distill.objectives import build_pretrain_objective
-        from codir_ds.engine.pretrain import build_pretrain_module
-        from codir_ds.engine.session import set_seed
-        from codir_ds.engine.teacher import MLMTeacherRunner
-
-        tcfg = ctx["tcfg"]
-        self.mcfg = self.method_config(name)
-        self.objective = build_pretrain_objective(self.mcfg)
-        teacher = ctx["teacher"] if self.objective.uses_teacher else None
-        set_seed(tcfg.seed)  # identical student / head initialisation on every rank (and for every objective)
-        student = build_mlm_model(args.student_layers, args.student_hidden, args.student_heads, args,
-                                  ctx["tokenizer"])
-        module, t_layers = build_pretrain_module(student, teacher, self.mcfg, self.objective)
-        self.n_student = non_embedding_params(student)
-        self.n_teacher = ctx["teacher_params"] if teacher is not None else 0
-        self.engine = _engine(module, args, ctx, args.warmup + args.steps)
-        self.runner = (MLMTeacherRunner(teacher, t_layers, self.mcfg.pooling,
-                                        logits=self.objective.uses_teacher_logits) if teacher is not None else None)
-        self.uses_crd = self.objective.uses_crd
-        self.bank = self.new_bank() if self.uses_crd else None
-        self.start_batches()
-        set_seed(tcfg.seed * 1000 + ctx["rank"])  # dropout differs across ranks, as in run_pretrain
-
-    def candidates_for(self, local_ids, step: int):
-        """``batch_negatives`` ids, filled up to ``--global_negatives`` as if the global batch were that large."""
-        import torch
-        from codir_ds.distill.memory_bank import derive_seed
-        from codir_ds.engine.pretrain import batch_negatives
-        from codir_ds.engine.session import host_group
-        args, tcfg = self.args, self.ctx["tcfg"]
-        cand_ids = batch_negatives(local_ids, self.mcfg.num_negatives, tcfg.seed, step, self.ctx["world"],
-                                   self.device, host_group())
-        want = min(args.global_negatives, self.mcfg.num_negatives + 1)
-        if want > cand_ids.numel():  # the same extra ids on every rank: seeded by (seed, step)
-            g = torch.Generator().manual_seed(derive_seed(tcfg.seed, step, 11))
-            extra = torch.unique(torch.randint(args.num_examples, (2 * want,), generator=g))
-            extra = extra[~torch.isin(extra, cand_ids)]
-            extra = extra[torch.randperm(extra.numel(), generator=g)[: want - cand_ids.numel()]]
-            cand_ids = torch.cat([cand_ids, extra])
-        return cand_ids
-
-    def step(self, step: int, timed: bool) -> None:
-        import torch
-        from codir_ds.data.collate import to_device
-        from codir_ds.distill.losses import crd_loss_shared
-        from codir_ds.engine.pretrain import self_mask
-        from codir_ds.engine.session import apply_bank_updates
-        from codir_ds.models.mlm import masked_rows
-        sections, engine, device, world = self.sections, self.engine, self.device, self.ctx["world"]
-        group = [next(self.batches) for _ in range(self.accum)]  # this rank's micro-batches of one optimizer step
-        cand_ids = candidates = host_cand_ids = None
-        local_ids = torch.cat([ids for _, ids in group])
-        if self.bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
-            with sections("crd_and_bank"):
-                host_cand_ids = self.candidates_for(local_ids, step)
-                candidates = self.bank.gather(host_cand_ids)
-                cand_ids = host_cand_ids.to(device, non_blocking=True)
-        pending, crd_inputs = [], None
-        for epoch, ids in group:
-            host = self.ctx["collator"]([self.block() for _ in ids.tolist()], ids, epoch)
-            rows = masked_rows(host["labels"])  # on the host, as in the training loop
-            labels = host["labels"].reshape(-1)[rows].to(device, non_blocking=True)
-            self.tokens += int(host["attention_mask"].sum())
-            rows = rows.to(device, non_blocking=True)
-            batch = to_device(host, device)
-            t_out = None
-            if self.runner is not None:
-                with sections("teacher_forward"):
-                    t_out = self.runner(batch["input_ids"], batch["attention_mask"], rows)
-            with sections("student_forward_backward"):
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
-                             teacher_features=t_out.features if t_out is not None else None)
-            exclude = None
-            if self.bank is not None:
-                with sections("crd_and_bank"):
-                    exclude = self_mask(batch["ids"], cand_ids)
-            with sections("student_forward_backward"):
-                total, terms = self.objective(out["logits"], labels,
-                                              teacher_logits=t_out.logits if t_out is not None else None,
-                                              h_t=out.get("h_t"), h_s=out.get("h_s"), candidates=candidates,
-                                              exclude=exclude)
-                engine.backward(total)
-            with sections("optimizer_step"):
-                engine.step()
-            if self.bank is not None:
-                pending.append((ids, out["h_s"].detach()))
-                crd_inputs = (out["h_t"].detach(), out["h_s"].detach(), exclude)
-        if self.bank is not None:
-            with sections("crd_and_bank"):
-                apply_bank_updates(self.bank, engine, pending, device)
-        self.last_loss = terms["loss/total"]
-        if timed:
-            if self.bank is not None:  # traffic of this step's collectives, counted outside its time
-                self.record_gather(host_cand_ids, self.bank)
-                # batch_negatives: all-gather of every rank's int64 ids of this step (none on 1 rank).
-                self.neg_bytes.append(world * local_ids.numel() * local_ids.element_size() if world > 1 else 0)
-            self.applied += int(engine.was_step_applied())
-            if crd_inputs is not None and not self.args.no_breakdown:
-                h_t, h_s, exclude = crd_inputs
-                self.crd_times.append(self.accum * time_loss(
-                    lambda a, b: crd_loss_shared(a, b, candidates, exclude, self.mcfg.crd_temperature)[0],
-                    h_t, h_s, self.sync))
-
-    def result(self) -> dict:
-        self.last_loss = float(self.last_loss)
-        return self.ours_result(self.n_teacher, self.n_student)
-
-
-class FinetuneRun(Run):
-    """One step of ``run_finetune``'s loop for ``kd`` / ``codir`` (sequence classification).
-
-    CRD: per optimizer step one ``LabelNegativeSampler.class_negatives`` (a collective
-    ``bank.gather`` of ``C x K`` rows, shared by every micro step and anchor of the step),
-    ``crd_loss_classes`` scoring against the ``[C, K, m]`` sets, and after the step the
-    positives' ``bank.update``.
-    """
-
-    def __init__(self, name: str, args, ctx: dict):
-        super().__init__(name, args, ctx)
-        from codir_ds.distill.heads import DistillationModule
-        from codir_ds.distill.negatives import LabelNegativeSampler
-        from codir_ds.distill.objectives import build_objective
-        from codir_ds.engine.session import set_seed
-        from codir_ds.engine.teacher import TeacherRunner
-        from codir_ds.models.loading import resolve_layers
-
-        tcfg = ctx["tcfg"]
-        self.mcfg = self.method_config(name)
-        self.objective = build_objective(self.mcfg)
-        self.uses_crd = self.objective.uses_crd
-        teacher = ctx["teacher"]
-        set_seed(tcfg.seed)
-        student = build_cls_model(args.student_layers, args.student_hidden, args.student_heads, args,
-                                  ctx["tokenizer"])
-        s_layers = resolve_layers(self.mcfg.student_layers, student, "method.student_layers")
-        t_layers = resolve_layers(self.mcfg.teacher_layers, teacher, "method.teacher_layers")
-        module = DistillationModule(student, s_layers, self.mcfg.pooling,
-                                    teacher_dim=len(t_layers) * args.teacher_hidden if self.uses_crd else None,
-                                    projection_dim=PROJECTION_DIM if self.uses_crd else None)
-        self.n_student = non_embedding_params(student)
-        self.n_teacher = ctx["teacher_params"]
-        self.engine = _engine(module, args, ctx, args.warmup + args.steps)
-        self.runner = TeacherRunner(teacher, t_layers if self.uses_crd else None, self.mcfg.pooling)
-        self.labels = ctx["labels"]
-        self.bank = self.neg_sampler = None
-        if self.uses_crd:
-            self.bank = self.new_bank()
-            self.neg_sampler = LabelNegativeSampler(self.labels, args.num_negatives, seed=tcfg.seed)
-        self.start_batches()
-        set_seed(tcfg.seed * 1000 + ctx["rank"])
-
-    def host_batch(self, ids):
-        import torch
-        input_ids = torch.stack([self.block() for _ in ids.tolist()])
-        return {"ids": ids, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "token_type_ids": torch.zeros_like(input_ids), "labels": self.labels[ids]}
-
-    def step(self, step: int, timed: bool) -> None:
-        from codir_ds.data.collate import to_device
-        from codir_ds.distill.losses import crd_loss_classes
-        from codir_ds.engine.session import apply_bank_updates
-        sections, engine, device = self.sections, self.engine, self.device
-        class_negatives = None
-        if self.uses_crd:
-            with sections("crd_and_bank"):  # collective, once per optimizer step
-                class_negatives = self.neg_sampler.class_negatives(self.bank, step)
-        pending, crd_inputs = [], None
-        for _ in range(self.accum):
-            _, ids = next(self.batches)
-            host = self.host_batch(ids)
-            self.tokens += int(host["attention_mask"].sum())
-            batch = to_device(host, device)
-            with sections("teacher_forward"):
-                t_out = self.runner(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            with sections("student_forward_backward"):
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             token_type_ids=batch["token_type_ids"],
-                             teacher_features=t_out.features if self.uses_crd else None)
-                classes = batch["labels"] if self.uses_crd else None  # the anchors' classes, on the device
-                total, terms = self.objective(out["logits"], batch["labels"], False, teacher_logits=t_out.logits,
-                                              h_t=out.get("h_t"), h_s=out.get("h_s"),
-                                              class_negatives=class_negatives, classes=classes)
-                engine.backward(total)
-            with sections("optimizer_step"):
-                engine.step()
-            if self.uses_crd:
-                pending.append((ids, out["h_s"].detach()))
-                crd_inputs = (out["h_t"].detach(), out["h_s"].detach(), classes)
-        if self.uses_crd:
-            with sections("crd_and_bank"):
-                apply_bank_updates(self.bank, engine, pending, device)
-        self.last_loss = terms["loss/total"]
-        if timed:
-            if self.uses_crd:
-                self.record_gather(self.neg_sampler.sample(step).reshape(-1), self.bank)
-            self.applied += int(engine.was_step_applied())
-            if crd_inputs is not None and not self.args.no_breakdown:
-                h_t, h_s, classes = crd_inputs
-                self.crd_times.append(self.accum * time_loss(
-                    lambda a, b: crd_loss_classes(a, b, class_negatives, classes, self.mcfg.crd_temperature)[0],
-                    h_t, h_s, self.sync))
-
-    def result(self) -> dict:
-        self.last_loss = float(self.last_loss)
-        return self.ours_result(self.n_teacher, self.n_student)
+        r = self.recipe
+        r.monitor.close()
+        if hasattr(r.engine, "destroy"):
+            r.engine.destroy()
+        super().close()
 
 
 class ReferenceRun(Run):
@@ -675,7 +829,7 @@ class ReferenceRun(Run):
         super().__init__(name, args, ctx)
         import torch
         import torch.nn.functional as F
-        from codir_ds.engine.session import set_seed
+        from codir_ds.engine.distributed import set_seed
 
         if ctx["world"] != 1:
             raise BenchError(f"--objectives {name} runs in one process: launch the bench without deepspeed ranks")
@@ -819,19 +973,20 @@ def time_loss(loss_fn, h_t, h_s, sync) -> float:
 
 
 def run_class(name: str, args):
-    if name in REFERENCE_NAMES:
-        return ReferenceRun
-    return FinetuneRun if args.task == "finetune" else PretrainRun
+    return ReferenceRun if name in REFERENCE_NAMES else RecipeRun
 
 
 def run_objectives(args, ctx: dict) -> dict:
     """Every objective's timed steps, one after another or interleaved step by step."""
+    import torch
     total = args.warmup + args.steps
     results = {}
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx["rank"] == 0 else (lambda msg: None)
     if args.schedule == "sequential":
         for name in args.objectives:
             say(f"bench: {args.task} {name} ({args.warmup} warm-up + {args.steps} timed steps)")
+            if torch.cuda.is_available():  # peak memory per objective (plus the shared teacher)
+                torch.cuda.reset_peak_memory_stats()
             run = run_class(name, args)(name, args, ctx)
             for step in range(total):
                 run.timed_step(step)
@@ -859,6 +1014,22 @@ def run_objectives(args, ctx: dict) -> dict:
     return results
 
 
+@contextlib.contextmanager
+def run_root(rank: int, world: int):
+    """A temporary directory shared by the ranks (rank 0 makes it) for the recipes' run directories."""
+    import torch.distributed as dist
+    box = [tempfile.mkdtemp(prefix="codir_bench_") if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    try:
+        yield box[0]
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(box[0], ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 def run(args) -> Optional[dict]:
@@ -876,12 +1047,13 @@ def run(args) -> Optional[dict]:
     from codir_ds.assets import minilm_dir
     from codir_ds.config import MethodConfig
     from codir_ds.data.mlm import MLMCollator
-    from codir_ds.engine.session import dist_env, init_distributed
+    from codir_ds.engine.distributed import dist_env, init_distributed
     from codir_ds.models.loading import load_tokenizer
 
     rank, local_rank, world = dist_env()
-    ds, dtype, tcfg = ds_config_for(args, world)
-    tokenizer = load_tokenizer(minilm_dir())
+    raw_ds, ds, dtype, tcfg = ds_config_for(args, world)
+    tokenizer_dir = minilm_dir()
+    tokenizer = load_tokenizer(tokenizer_dir)
     if args.vocab < len(tokenizer):
         raise BenchError(f"--vocab {args.vocab} is smaller than the tokenizer's {len(tokenizer)} tokens: "
                          f"use --vocab {len(tokenizer)} or more")
@@ -910,17 +1082,28 @@ def run(args) -> Optional[dict]:
         n_teacher = non_embedding_params(teacher)
 
     collator = MLMCollator(tokenizer, MethodConfig().mlm_probability, seed=tcfg.seed)
+    words = whole_words(tokenizer)
+    # The tokens of the synthetic inputs: pre-training blocks draw ordinary tokens; finetuning texts draw
+    # whole words (one token each), and the plain reference draws the same token ids.
+    ordinary = collator.replacements if args.task == "pretrain" else torch.tensor([i for i, _ in words])
     labels = torch.randint(args.num_classes, (args.num_examples,), generator=torch.Generator().manual_seed(tcfg.seed))
-    ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg,
-           "tokenizer": tokenizer, "collator": collator, "ordinary": collator.replacements, "labels": labels,
-           "teacher": teacher, "teacher_params": n_teacher, "peak_tflops": peak}
-    results = run_objectives(args, ctx)
+    with run_root(rank, world) as root:
+        ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg, "args": args,
+               "tokenizer": tokenizer, "tokenizer_dir": str(tokenizer_dir), "collator": collator,
+               "ordinary": ordinary, "words": [w for _, w in words], "labels": labels, "teacher": teacher,
+               "teacher_params": n_teacher, "peak_tflops": peak, "run_root": root, "raw_ds": raw_ds,
+               "ds_config_path": args.deepspeed_config}
+        results = run_objectives(args, ctx)
     # Side by side: codir-ds over the plain reference (>1: codir-ds is faster), and codir's cost over kd.
-    ratios = {}
+    ratios, overhead = {}, {}
     for ours in ("kd", "codir"):
         if ours in results and f"ref_{ours}" in results:
-            ratios[f"{ours}_over_ref_{ours}"] = (results[ours]["samples_per_second"]
-                                                 / results[f"ref_{ours}"]["samples_per_second"])
+            ref = results[f"ref_{ours}"]
+            ratios[f"{ours}_over_ref_{ours}"] = results[ours]["samples_per_second"] / ref["samples_per_second"]
+            # framework overhead per micro step: the difference of the median micro-step times (tiny models:
+            # compute negligible, see the module docstring)
+            overhead[ours] = results[ours]["micro_step_time_ms"] - ref["micro_step_time_ms"]
+            results[ours]["overhead_ms_per_micro_step"] = overhead[ours]
     if "kd" in results and "codir" in results:
         kd, codir = results["kd"], results["codir"]
         ratios["codir_step_time_over_kd"] = codir["step_time_mean_s"] / kd["step_time_mean_s"]
@@ -930,6 +1113,8 @@ def run(args) -> Optional[dict]:
                                                    / kd["step_time_mean_s"])
 
     import transformers
+    stage = "FinetuneRecipe (codir_ds/recipes/finetune.py)" if args.task == "finetune" else \
+        "PretrainRecipe (codir_ds/recipes/pretrain.py)"
     report = {
         "benchmark": f"codir-ds {args.task} throughput (bench/throughput.py)",
         "config": {
@@ -950,7 +1135,11 @@ def run(args) -> Optional[dict]:
             "projection_dim": PROJECTION_DIM, "bank_momentum": BANK_MOMENTUM,
             "deepspeed_config": os.path.relpath(os.path.abspath(args.deepspeed_config), REPO),
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+            # what a timed step is (mlm / kd / codir; the ref_* objectives are the plain loop)
+            "timed_step": f"{stage}.train_step, its micro-batches from the recipe's sampler, then progress.step "
+                          f"and check_skipped (after_step's logging / evaluation / checkpoints not run)",
             "breakdown_timing": not args.no_breakdown,
+            "breakdown_hooks": BREAKDOWN_HOOKS if not args.no_breakdown else None,
             "device": device_name(), "device_type": device.type,
             "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
@@ -962,6 +1151,9 @@ def run(args) -> Optional[dict]:
         "peak_source": peak_source,
         "results": results,
         "ratios": ratios,
+        # codir-ds's micro-step time minus the plain reference's (median step / grad_accum), ms; only the
+        # objectives whose reference ran alongside. Framework overhead when the models are tiny.
+        "overhead_ms_per_micro_step": overhead,
     }
     return report if rank == 0 else None
 

@@ -1,4 +1,4 @@
-"""Locate the offline assets that pip-installable packages ship (see ASSETS.md).
+"""Locate the offline assets that pip-installable packages ship.
 
 The machines this project runs on reach package registries only, so the
 teacher model and the finetuning text come from wheels. Their files are found

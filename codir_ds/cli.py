@@ -11,7 +11,7 @@ from codir_ds.errors import CodirError
 
 def base_parser(description: str, default_config: Optional[str] = None,
                 default_output: bool = False) -> argparse.ArgumentParser:
-    """Arguments every training launcher takes (DESIGN.md launcher contract).
+    """Arguments every training launcher takes (a stable contract: docs/running.md).
 
     ``default_config``: the YAML used when --config is not given. ``default_output``: when
     --output_dir is not given the launcher uses ``runs/<config name>``.

@@ -20,16 +20,9 @@ import yaml
 
 from codir_ds.errors import CodirError
 
-ConfigError = CodirError
+from codir_ds import checks
+from codir_ds.distill.methods import build_method, get_method, method_config_class, method_names, validate_options
 
-OBJECTIVES = ("ce", "mlm", "kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild", "ctcd")
-# Which objectives each stage accepts: finetuning has labels, pre-training has a corpus.
-# PKD and CR-ILD are finetuning methods in their papers; the others have both stages.
-FINETUNE_OBJECTIVES = ("ce", "kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild", "ctcd")
-PRETRAIN_OBJECTIVES = ("mlm", "kd", "codir", "tinybert", "distilbert", "ctcd")
-# Methods whose loss reads the teacher (ctcd only in its one-way variant).
-TEACHER_OBJECTIVES = ("kd", "codir", "pkd", "tinybert", "distilbert", "cr_ild")
-POOLINGS = ("mean", "cls")
 PRECISION_FALLBACKS = ("bf16", "fp32")
 # training.optimizer_impl: AdamW's implementation (auto = fused where the run's device has the kernel, else foreach).
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "plain")
@@ -37,179 +30,172 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "plain")
 
 @dataclass
 class ModelConfig:
-    # Teacher: a local Hugging Face directory, or the packaged name "all-MiniLM-L6-v2".
-    teacher: Optional[str] = None
-    # Expected sha256 of the teacher's model.safetensors (checked at load). The packaged
-    # MiniLM and directories exported by codir-ds are always checked.
-    teacher_sha256: Optional[str] = None
-    # Tokenizer directory; defaults to the teacher's, else the student init directory.
-    tokenizer: Optional[str] = None
-    # Student initialisation from a Hugging Face directory (e.g. the pre-trained teacher body),
-    # copying the layers listed in student_init_layers (all layers when null).
-    student_init: Optional[str] = None
-    student_init_layers: Optional[list[int]] = None
-    # Student built from a config when student_init is null.
-    student_layers: int = 2
-    student_hidden: int = 128
-    student_heads: int = 2
-    student_intermediate: Optional[int] = None  # default 4 x hidden
-    dropout: float = 0.1
-    # Two-stage training: start the student from a previous codir-ds run (its export/
-    # directory) or a Hugging Face directory, all weights included (e.g. stage 2 of
-    # CoDIR-Pre from the stage-1 MLM run, or finetuning a pre-trained student).
-    init_from: Optional[str] = None
+    teacher: Optional[str] = field(default=None, metadata={
+        "help": "Teacher: a local Hugging Face directory, or the packaged name all-MiniLM-L6-v2."})
+    teacher_sha256: Optional[str] = field(default=None, metadata={
+        "help": "Expected sha256 of the teacher's model.safetensors (checked at load). The packaged MiniLM and "
+                "directories exported by codir-ds are always checked."})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "Tokenizer directory; null = the teacher's, else the student init directory."})
+    student_init: Optional[str] = field(default=None, metadata={
+        "help": "Initialise the student from a Hugging Face directory (e.g. the pre-trained teacher body), "
+                "copying the layers listed in student_init_layers."})
+    student_init_layers: Optional[list[int]] = field(default=None, metadata={
+        "help": "0-based Transformer blocks of student_init copied into the student; null = all layers."})
+    student_layers: int = field(default=2, metadata={
+        "help": "Layers of a student built from a config (when student_init and init_from are null)."})
+    student_hidden: int = field(default=128, metadata={
+        "help": "Hidden size of a student built from a config."})
+    student_heads: int = field(default=2, metadata={
+        "help": "Attention heads of a student built from a config (must divide student_hidden)."})
+    student_intermediate: Optional[int] = field(default=None, metadata={
+        "help": "Feed-forward size of a student built from a config; null = 4 x student_hidden."})
+    dropout: float = field(default=0.1, metadata={
+        "help": "Dropout (hidden and attention probabilities) of the student, however it is initialised."})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "Two-stage training: start the student from a previous codir-ds run (its export/ directory) or a "
+                "Hugging Face directory, all weights included (e.g. stage 2 of CoDIR-Pre from the stage-1 MLM run, "
+                "or finetuning a pre-trained student)."})
 
 
 @dataclass
 class DataConfig:
-    # A packaged task (movie_snippets, movie_snippets_regression, trec6), a GLUE task name
-    # (with data.glue_dir), or "files" (data.train_file / data.validation_file).
-    task: str = "movie_snippets"
-    train_file: Optional[str] = None
-    validation_file: Optional[str] = None
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: str = "label"
-    task_type: str = "auto"
-    glue_dir: Optional[str] = None
-    validation_fraction: float = 0.1
-    split_seed: int = 13
-    max_train_examples: Optional[int] = None
-    max_eval_examples: Optional[int] = None
-    max_length: int = 128
-    # CR-ILD: supplementary inputs for the ILD stage (labels unused): a packaged task name
-    # (movie_snippets, trec6, ...), or a .txt (one text per line) / .jsonl / .csv / .tsv file
-    # whose text_column (and text_pair_column when set) is read. null = the task's own inputs only.
-    supplementary: Optional[str] = None
-    supplementary_max_examples: Optional[int] = None
-    # Finetuning: cut micro-batches from windows of group_window batches sorted by token count,
-    # so a batch pads to about its own length (see README, "Padding"). Off: uniformly shuffled batches.
-    group_by_length: bool = False
-    group_window: int = 50
+    task: str = field(default="movie_snippets", metadata={
+        "help": "A packaged task (movie_snippets, movie_snippets_regression, trec6), a GLUE task name (with "
+                "data.glue_dir), or files (data.train_file / data.validation_file)."})
+    train_file: Optional[str] = field(default=None, metadata={
+        "help": "data.task=files: the training file (CSV, TSV or JSONL)."})
+    validation_file: Optional[str] = field(default=None, metadata={
+        "help": "data.task=files: the validation file; null = a seeded split of the training file."})
+    text_column: str = field(default="text", metadata={
+        "help": "Column holding the text (files, and .jsonl/.csv/.tsv supplementary data)."})
+    text_pair_column: Optional[str] = field(default=None, metadata={
+        "help": "Column holding the second text of a sentence pair; null = single sentences."})
+    label_column: str = field(default="label", metadata={
+        "help": "Column holding the label (files)."})
+    task_type: str = field(default="auto", metadata={
+        "help": "auto, classification or regression (files). auto: regression only when the labels are numbers "
+                "and some are not whole."})
+    glue_dir: Optional[str] = field(default=None, metadata={
+        "help": "Directory in the standard GLUE TSV layout, for GLUE task names."})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "Share of the rows held out for validation where the source has no validation split."})
+    split_seed: int = field(default=13, metadata={
+        "help": "Seed of that train/validation split and of the example order."})
+    max_train_examples: Optional[int] = field(default=None, metadata={
+        "help": "Use only the first N training examples (a seeded random subset); null = all."})
+    max_eval_examples: Optional[int] = field(default=None, metadata={
+        "help": "Evaluate on the first N validation examples; null = all."})
+    max_length: int = field(default=128, metadata={
+        "help": "Tokens per example after truncation, special tokens included."})
+    supplementary: Optional[str] = field(default=None, metadata={
+        "help": "CR-ILD: supplementary inputs for the ILD stage (labels unused): a packaged task name "
+                "(movie_snippets, trec6, ...), or a .txt (one text per line) / .jsonl / .csv / .tsv file whose "
+                "text_column (and text_pair_column when set) is read. null = the task's own inputs only."})
+    supplementary_max_examples: Optional[int] = field(default=None, metadata={
+        "help": "CR-ILD: use at most N supplementary inputs; null = all."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Finetuning: cut micro-batches from windows of group_window batches sorted by token count, so a "
+                "batch pads to about its own length. false: uniformly shuffled batches."})
+    group_window: int = field(default=50, metadata={
+        "help": "Batches per length-sorted window (group_by_length)."})
 
 
 @dataclass
 class CorpusConfig:
     """Pre-training text: raw sources -> tokenized, packed blocks cached on disk."""
-    # The packaged name moviedialog, or paths: .txt (one document per line),
-    # .jsonl / .csv / .tsv (columns in text_columns), or a `datasets` save_to_disk directory.
-    sources: list[str] = field(default_factory=lambda: ["moviedialog"])
-    # Columns joined with a space into one document (JSONL/CSV/datasets sources).
-    text_columns: list[str] = field(default_factory=lambda: ["text"])
-    block_size: int = 128           # tokens per packed block, [CLS] and [SEP] included (<= 512)
-    max_documents: Optional[int] = None  # first N documents of all sources together (small runs)
-    validation_blocks: int = 256    # the last N blocks are held out for MLM evaluation
-    # Where tokenized corpora are cached (keyed by sources, tokenizer and block size);
-    # null = $CODIR_DS_CACHE or ~/.cache/codir_ds.
-    cache_dir: Optional[str] = None
-    num_proc: int = 0               # tokenization processes; 0 = all available cores
+    sources: list[str] = field(default_factory=lambda: ["moviedialog"], metadata={
+        "help": "The packaged name moviedialog, or paths: .txt (one document per line), .json / .jsonl / .csv / .tsv "
+                "(columns in text_columns), or a datasets save_to_disk directory."})
+    text_columns: list[str] = field(default_factory=lambda: ["text"], metadata={
+        "help": "Columns joined with a space into one document (JSON/JSONL/CSV/TSV/datasets sources)."})
+    block_size: int = field(default=128, metadata={
+        "help": "Tokens per packed block, [CLS] and [SEP] included (8..512)."})
+    max_documents: Optional[int] = field(default=None, metadata={
+        "help": "Use the first N documents of all sources together (small runs); null = all."})
+    validation_blocks: int = field(default=256, metadata={
+        "help": "The last N blocks are held out for MLM evaluation."})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Where tokenized corpora are cached (keyed by sources, tokenizer and block size); "
+                "null = $CODIR_DS_CACHE, else ~/.cache/codir_ds."})
+    num_proc: int = field(default=0, metadata={
+        "help": "Tokenization processes; 0 = all available cores."})
 
 
-@dataclass
-class MethodConfig:
-    # Objective by name: ce (finetuning), kd (CE + KD), codir (CE + KD + CRD).
-    name: str = "codir"
-    alpha_kd: float = 0.7          # alpha_1 of Eq. 1
-    alpha_crd: float = 0.1         # alpha_2 of Eq. 1
-    kd_temperature: float = 2.0    # rho of Eq. 2
-    kd_t2_scale: bool = True       # multiply the KD term by rho^2 (common practice; explicit here)
-    crd_temperature: float = 0.07  # tau of Eq. 4
-    num_negatives: int = 100       # K
-    bank_momentum: float = 0.5     # beta of Eq. 5
-    projection_dim: int = 128      # m
-    pooling: str = "mean"          # mean (masked mean over real tokens, the paper's choice) or cls
-    # Layers whose pooled features are concatenated: "all" or a list of 1-based layer
-    # indices (0 is the embedding output).
-    teacher_layers: Union[str, list[int]] = "all"
-    student_layers: Union[str, list[int]] = "all"
-    # Regression tasks: targets are cut into this many equal-frequency bins and CRD
-    # negatives come from other bins (see README, "CRD on regression tasks").
-    regression_bins: int = 5
-    # Pre-training: fraction of (non-special) tokens selected for masked-LM prediction;
-    # selected tokens become [MASK] 80%, a random token 10%, unchanged 10%.
-    mlm_probability: float = 0.15
-    # ---- intermediate-layer distillation (pkd, tinybert, distilbert, cr_ild; METHODS.md 4-5)
-    # Which teacher layer feeds which student layer: "default" (the method's own: pkd uniform
-    # over the intermediate layers, tinybert uniform plus embeddings, distilbert and cr_ild
-    # last only), "uniform" (student layer i <- teacher layer i * Lt / Ls), "last" (last <-
-    # last), or a list of [student_layer, teacher_layer] pairs (1-based, 0 = embeddings).
-    layer_map: Union[str, list[list[int]]] = "default"
-    alpha_hidden: float = 1.0     # hidden-state term: pkd normalised [CLS] MSE, tinybert/cr_ild MSE,
-                                  # distilbert cosine loss
-    alpha_attention: float = 1.0  # attention-map MSE (tinybert, cr_ild)
-    # ---- CR-ILD (METHODS.md 2): ILD stage on the first ild_fraction of the steps, then
-    # prediction-layer KD (+ CE) with alpha_kd / kd_temperature.
-    ild_fraction: float = 0.5
-    alpha_consistency: float = 1.0  # final weight of the mixup consistency term
-    consistency_ramp: float = 1.0   # fraction of the ILD stage over which that weight rises 0 -> final
-    mixup_alpha: float = 1.0        # lambda ~ Beta(a, a), then lambda = max(lambda, 1 - lambda)
-    consistency_ema: float = 0.0    # 0: clean targets from the student itself (no grad); in (0, 1):
-                                    # from an EMA copy of the student with this decay
-    # ---- CTCD (METHODS.md 3): a larger and a smaller trainable model trained together.
-    # The larger model: a directory (e.g. all-MiniLM-L6-v2) or null for a random model of
-    # ctcd_large_layers x ctcd_large_hidden / ctcd_large_heads. The smaller model is the student.
-    ctcd_large_init: Optional[str] = None
-    ctcd_large_layers: int = 4
-    ctcd_large_hidden: int = 256
-    ctcd_large_heads: int = 4
-    alpha_small_to_large: float = 0.5   # weight of KD(small -> large) in the larger model's loss
-    alpha_large_to_small: float = 0.5   # weight of KD(large -> small) in the smaller model's loss
-    # One-way variant: the frozen model.teacher distils into both models (alpha_kd each),
-    # and the two models do not distil into each other.
-    ctcd_one_way: bool = False
+# The ``method`` section: ``name`` plus every registered method's options, each declared (with its
+# default and help text) in its method's module under codir_ds/distill/methods/.
+MethodConfig = method_config_class()
 
 
 @dataclass
 class TrainingConfig:
-    seed: int = 42
-    epochs: float = 3.0
-    max_steps: int = -1             # > 0 overrides epochs
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    adam_eps: float = 1e-6
-    # Optional overrides of the DeepSpeed JSON's batch settings (small-batch CPU runs).
-    train_batch_size: Optional[int] = None
-    micro_batch_size: Optional[int] = None
-    # Where the accelerator has no fp16 (CPU), the DeepSpeed JSON's fp16 becomes this.
-    fp16_fallback: str = "bf16"
-    eval_every: int = 0             # steps; 0 = only at the end
-    eval_batch_size: int = 64
-    checkpoint_every: int = 0       # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    # Stop (after saving a checkpoint) once this many optimizer steps are done, as if the
-    # job were preempted; `--resume` continues it. 0 = run to the end. For time-limited jobs.
-    stop_at_step: int = 0
-    # World-size-invariant sampling: one global shuffle per epoch cut into global batches,
-    # each split over ranks and micro steps; bank updates are routed to the owner rank. The
-    # run then depends on the seed and global batch only, not on ranks or accumulation.
-    deterministic: bool = False
-    # Non-finite policy: an optimizer step with non-finite gradients (NaN/inf loss, fp16
-    # overflow) is skipped and counted; this many skipped steps in a row stop the run.
-    max_consecutive_skips: int = 50
-    # Finetuning with kd / codir: keep the frozen teacher's logits and pooled features per
-    # example in memory-mapped files under <run>/teacher_cache/, so that later epochs skip the
-    # teacher forward (see README, "Teacher-output cache").
-    teacher_cache: bool = False
-    # AdamW implementation: auto (fused where the run's device has the fused kernel, else foreach),
-    # fused (one kernel for all parameters; refused where unsupported), foreach, plain (per-parameter loop).
-    optimizer_impl: str = "auto"
-    # Compile the student (and larger CTCD model) with torch.compile(dynamic=True); the first steps and the
-    # first evaluation pay the compilation. Checkpoint and export keys are unchanged.
-    compile: bool = False
+    seed: int = field(default=42, metadata={
+        "help": "Seed of initialisation, sampling, masking, negatives and dropout."})
+    epochs: float = field(default=3.0, metadata={
+        "help": "Passes over the training data (may be fractional); ignored when max_steps > 0."})
+    max_steps: int = field(default=-1, metadata={
+        "help": "Optimizer steps; > 0 overrides epochs."})
+    lr: float = field(default=2e-5, metadata={
+        "help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay (not applied to biases and norm weights)."})
+    warmup_ratio: float = field(default=0.06, metadata={
+        "help": "Share of the steps with linear warm-up; then linear decay to 0."})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98], metadata={
+        "help": "AdamW betas."})
+    adam_eps: float = field(default=1e-6, metadata={
+        "help": "AdamW epsilon."})
+    train_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Override of the DeepSpeed JSON's global batch (small-batch CPU runs); null = the JSON's."})
+    micro_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Override of the DeepSpeed JSON's micro-batch per rank; gradient accumulation is derived. "
+                "null = the JSON's."})
+    fp16_fallback: str = field(default="bf16", metadata={
+        "help": "Where the accelerator has no fp16 (CPU), the DeepSpeed JSON's fp16 becomes this: bf16 or fp32."})
+    eval_every: int = field(default=0, metadata={
+        "help": "Evaluate every N optimizer steps; 0 = only at the end."})
+    eval_batch_size: int = field(default=64, metadata={
+        "help": "Examples per evaluation forward pass."})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "Save a checkpoint every N optimizer steps; 0 = only at the end."})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "How many of the newest complete checkpoints are kept."})
+    stop_at_step: int = field(default=0, metadata={
+        "help": "Stop (after saving a checkpoint) once this many optimizer steps are done, as if the job were "
+                "preempted; --resume continues it. 0 = run to the end. For time-limited jobs."})
+    deterministic: bool = field(default=False, metadata={
+        "help": "World-size-invariant sampling: one global shuffle per epoch cut into global batches, each split "
+                "over ranks and micro steps; bank updates are routed to the owner rank. The run then depends on "
+                "the seed and global batch only, not on ranks or accumulation."})
+    max_consecutive_skips: int = field(default=50, metadata={
+        "help": "Non-finite policy: an optimizer step with non-finite gradients (NaN/inf loss, fp16 overflow) is "
+                "skipped and counted; this many skipped steps in a row stop the run."})
+    teacher_cache: bool = field(default=False, metadata={
+        "help": "Finetuning with kd / codir: keep the frozen teacher's logits and pooled features per example in "
+                "memory-mapped files under <run>/teacher_cache/, so that later epochs skip the teacher forward."})
+    optimizer_impl: str = field(default="auto", metadata={
+        "help": "AdamW implementation: auto (fused where the run's device has the fused kernel, else foreach), "
+                "fused (one kernel for all parameters; refused where unsupported), foreach, plain "
+                "(per-parameter loop)."})
+    compile: bool = field(default=False, metadata={
+        "help": "Compile the student (and the larger CTCD model) with torch.compile(dynamic=True); the first steps "
+                "and the first evaluation pay the compilation. Checkpoint and export keys are unchanged."})
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
-    tensorboard: bool = True
-    progress_bar: bool = True
+    log_every: int = field(default=10, metadata={
+        "help": "Write losses to TensorBoard and the progress bar every N optimizer steps."})
+    tensorboard: bool = field(default=True, metadata={
+        "help": "Write TensorBoard events under <run>/tensorboard/."})
+    progress_bar: bool = field(default=True, metadata={
+        "help": "Show a progress bar (rank 0)."})
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = "codir"
+    name: str = field(default="codir", metadata={
+        "help": "Experiment name; pretrain.py writes to runs/<name> when --output_dir is not given."})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -222,11 +208,6 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- loading
-
-def _fix(key: str) -> str:
-    """The fix clause of a bad-value message."""
-    return f"fix it in the YAML or with --set {key}=..."
-
 
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
@@ -359,44 +340,31 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def _choice(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise CodirError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}: "
-                         f"{_fix(key)}")
-
-
-def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise CodirError(f"config key '{key}' must be a finite number {'>= 0' if allow_zero else '> 0'}, "
-                         f"got {value!r}: {_fix(key)}")
-
-
-def _layers(key: str, value) -> None:
-    if isinstance(value, str):
-        if value != "all":
-            raise CodirError(f"config key '{key}' must be 'all' or a list of layer indices, got {value!r}: {_fix(key)}")
-    elif not value or any(v < 0 for v in value):
-        raise CodirError(f"config key '{key}' must be 'all' or a non-empty list of layer indices >= 0, got {value!r}: "
-                         f"{_fix(key)}")
+_fix = checks.fix
+_choice = checks.choice
+_positive = checks.positive
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Value checks that do not need files or models (those come at load time)."""
+    """Value checks that do not need files or models (those come at load time), section by section."""
+    _validate_choices(cfg)
+    _validate_data(cfg.data)
+    _validate_training(cfg.training)
+    _validate_corpus(cfg.corpus)
+    _validate_model(cfg.model)
+    _validate_method_needs(cfg)
+
+
+def _validate_choices(cfg: ExperimentConfig) -> None:
     m, d, t = cfg.method, cfg.data, cfg.training
-    _choice("method.name", m.name, OBJECTIVES)
-    _choice("method.pooling", m.pooling, POOLINGS)
+    _choice("method.name", m.name, method_names())
     _choice("data.task_type", d.task_type, ("auto", "classification", "regression"))
     _choice("training.fp16_fallback", t.fp16_fallback, PRECISION_FALLBACKS)
     _choice("training.optimizer_impl", t.optimizer_impl, OPTIMIZER_IMPLS)
-    _layers("method.teacher_layers", m.teacher_layers)
-    _layers("method.student_layers", m.student_layers)
-    for key in ("kd_temperature", "crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
-        _positive(f"method.{key}", getattr(m, key))
-    for key in ("alpha_kd", "alpha_crd"):
-        _positive(f"method.{key}", getattr(m, key), allow_zero=True)
-    if not 0.0 <= m.bank_momentum < 1.0:
-        raise CodirError(f"config key 'method.bank_momentum' must be in [0, 1), got {m.bank_momentum}: "
-                         f"{_fix('method.bank_momentum')}")
+    validate_options(m)  # every method option's value check (codir_ds/distill/methods/)
+
+
+def _validate_data(d: DataConfig) -> None:
     if not 0.0 < d.validation_fraction < 1.0:
         raise CodirError(f"config key 'data.validation_fraction' must be in (0, 1), got {d.validation_fraction}: "
                          f"{_fix('data.validation_fraction')}")
@@ -406,6 +374,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise CodirError(f"data.train_file is set but data.task is {d.task!r}: set data.task=files to train on your files")
     if d.task == "files" and not d.train_file:
         raise CodirError("data.task=files needs data.train_file: set data.train_file to a CSV, TSV or JSONL file")
+
+
+def _validate_training(t: TrainingConfig) -> None:
     _positive("training.lr", t.lr)
     _positive("training.epochs", t.epochs, allow_zero=True)
     _positive("training.eval_batch_size", t.eval_batch_size)
@@ -425,7 +396,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise CodirError(f"config key 'training.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}: "
                          f"{_fix('training.warmup_ratio')}")
-    c = cfg.corpus
+
+
+def _validate_corpus(c: CorpusConfig) -> None:
     if not c.sources:
         raise CodirError("corpus.sources is empty: list the packaged moviedialog corpus or your text files")
     if not 8 <= c.block_size <= 512:
@@ -435,10 +408,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("corpus.num_proc", c.num_proc, allow_zero=True)
     if c.max_documents is not None:
         _positive("corpus.max_documents", c.max_documents)
-    if not 0.0 < m.mlm_probability < 1.0:
-        raise CodirError(f"config key 'method.mlm_probability' must be in (0, 1), got {m.mlm_probability}: "
-                         f"{_fix('method.mlm_probability')}")
-    mc = cfg.model
+
+
+def _validate_model(mc: ModelConfig) -> None:
     if mc.init_from and mc.student_init:
         raise CodirError("model.init_from and model.student_init are both set: use init_from to continue a "
                          "previous run's student, student_init to copy layers of another model; not both")
@@ -449,42 +421,40 @@ def validate(cfg: ExperimentConfig) -> None:
             raise CodirError(
                 f"model.student_hidden ({mc.student_hidden}) must be divisible by model.student_heads "
                 f"({mc.student_heads}): change one of them")
-    for key in ("alpha_hidden", "alpha_attention", "alpha_consistency", "alpha_small_to_large",
-                "alpha_large_to_small"):
-        _positive(f"method.{key}", getattr(m, key), allow_zero=True)
-    _positive("method.mixup_alpha", m.mixup_alpha)
-    if isinstance(m.layer_map, str):
-        _choice("method.layer_map", m.layer_map, ("default", "uniform", "last"))
-    elif not m.layer_map or any(len(pair) != 2 or min(pair) < 0 for pair in m.layer_map):
-        raise CodirError(f"config key 'method.layer_map' must be default, uniform, last or a list of [student_layer, "
-                         f"teacher_layer] pairs of indices >= 0, got {m.layer_map!r}: {_fix('method.layer_map')}")
-    for key, ok, allowed in (("ild_fraction", 0.0 <= m.ild_fraction <= 1.0, "[0, 1]"),
-                             ("consistency_ramp", 0.0 < m.consistency_ramp <= 1.0, "(0, 1]"),
-                             ("consistency_ema", 0.0 <= m.consistency_ema < 1.0, "[0, 1)")):
-        if not ok:
-            raise CodirError(f"config key 'method.{key}' must be in {allowed}, got {getattr(m, key)}: "
-                             f"{_fix('method.' + key)}")
-    if m.name == "ctcd" and not m.ctcd_large_init:
-        for key in ("ctcd_large_layers", "ctcd_large_hidden", "ctcd_large_heads"):
-            _positive(f"method.{key}", getattr(m, key))
-        if m.ctcd_large_hidden % m.ctcd_large_heads:
-            raise CodirError(f"method.ctcd_large_hidden ({m.ctcd_large_hidden}) must be divisible by "
-                             f"method.ctcd_large_heads ({m.ctcd_large_heads}): change one of them")
+
+
+def _validate_method_needs(cfg: ExperimentConfig) -> None:
+    """The chosen method's cross-key checks, and the settings only some methods read."""
+    m, d, t, mc = cfg.method, cfg.data, cfg.training, cfg.model
+    method = get_method(m.name)
+    method.validate(cfg)
+    needs = method(m, method.stages[0]).needs
     if d.supplementary_max_examples is not None:
         _positive("data.supplementary_max_examples", d.supplementary_max_examples)
-    if d.supplementary and m.name != "cr_ild":
-        raise CodirError(f"data.supplementary is set but method.name is {m.name}: only cr_ild reads supplementary "
-                         f"data; unset data.supplementary or use method.name=cr_ild")
-    if t.teacher_cache and m.name not in ("kd", "codir"):
+    if d.supplementary and not needs.supplementary_data:
+        readers = _methods_needing("supplementary_data")
+        raise CodirError(f"data.supplementary is set but method.name is {m.name}: only {' and '.join(readers)} reads "
+                         f"supplementary data; unset data.supplementary or use method.name={readers[0]}")
+    if t.teacher_cache and not needs.teacher_cache:
         raise CodirError(f"training.teacher_cache caches per-example teacher logits and pooled features, which "
-                         f"only kd and codir use (method.name is {m.name}): set training.teacher_cache=false")
-    needs_teacher = m.name in TEACHER_OBJECTIVES or (m.name == "ctcd" and m.ctcd_one_way)
-    if needs_teacher and not mc.teacher:
-        raise CodirError(f"method.name={m.name}{' with method.ctcd_one_way' if m.name == 'ctcd' else ''} needs a "
-                         f"teacher: set model.teacher to a directory or 'all-MiniLM-L6-v2'")
+                         f"only {' and '.join(_methods_needing('teacher_cache'))} use (method.name is {m.name}): "
+                         f"set training.teacher_cache=false")
+    if needs.teacher and not mc.teacher:
+        raise CodirError(f"method.name={m.name}{method.teacher_condition} needs a teacher: set model.teacher to a "
+                         f"directory or 'all-MiniLM-L6-v2'")
     if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:
         raise CodirError("no tokenizer: set model.tokenizer, model.teacher, model.student_init or model.init_from "
                          "to a model directory")
+
+
+def _methods_needing(need: str) -> list[str]:
+    """Names of the registered methods whose default config needs ``need`` (a :class:`Needs` field)."""
+    names = []
+    for name in method_names():
+        cls = get_method(name)
+        if getattr(cls(MethodConfig(name=name), cls.stages[0]).needs, need):
+            names.append(name)
+    return names
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

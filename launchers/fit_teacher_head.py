@@ -30,7 +30,7 @@ def main() -> int:
     args = ap.parse_args()
     quiet_environment()
     from codir_ds.config import load_config
-    from codir_ds.engine.fit_head import fit_teacher_head
+    from codir_ds.recipes.fit_head import fit_teacher_head
 
     # Only the corpus, seed and masking rate are used; the teacher is --teacher.
     cfg = load_config(args.config, args.overrides + [f"model.teacher={args.teacher}"])

@@ -1,4 +1,4 @@
-"""Pre-training distillation: mlm (MLM-Pre), kd (KD-Pre) or codir (CoDIR-Pre) on a text corpus.
+"""Pre-training distillation on a text corpus: mlm (MLM-Pre), kd (KD-Pre), codir (CoDIR-Pre), tinybert, distilbert, ctcd.
 
     deepspeed launchers/pretrain.py --deepspeed_config ds_configs/zero2.json
         [--config configs/pre_codir_cpu.yaml] [--output_dir runs/<config name>] [--set key=value ...]
@@ -19,11 +19,12 @@ def main() -> int:
                        default_output=True).parse_args()
     quiet_environment()
     from codir_ds.config import load_config
-    from codir_ds.engine.pretrain import run_pretrain
+    from codir_ds.recipes import recipe_for
 
     cfg = load_config(args.config, args.overrides)
     output_dir = args.output_dir or os.path.join("runs", cfg.name)
-    run_pretrain(cfg, args.deepspeed_config, output_dir, resume=args.resume, overwrite=args.overwrite)
+    # The method picks the recipe: pre-training distillation, or co-training (CTCD: two trainable models).
+    recipe_for(cfg, "pretrain", args.deepspeed_config, output_dir, resume=args.resume, overwrite=args.overwrite).run()
     return 0
 
 

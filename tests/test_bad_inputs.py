@@ -74,12 +74,12 @@ def launcher_error(proc, *fragments) -> str:
 
 def finetune(config: Path, out: Path, *overrides: str, ds: str = DS, resume: bool = False, overwrite: bool = True):
     """What launchers/finetune.py does: load the config (with --set overrides), then run."""
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     return run_finetune(load_config(str(config), list(overrides)), ds, str(out), resume=resume, overwrite=overwrite)
 
 
 def pretrain(config: Path, out: Path, *overrides: str, overwrite: bool = True):
-    from codir_ds.engine.pretrain import run_pretrain
+    from codir_ds.recipes import run_pretrain
     return run_pretrain(load_config(str(config), list(overrides)), DS, str(out), overwrite=overwrite)
 
 
@@ -93,8 +93,7 @@ def refused(call, *fragments) -> str:
 def guarded(monkeypatch, single_process_env):
     """Tripwires on everything that must not be reached when the input is bad."""
     import deepspeed
-    import codir_ds.engine.finetune as finetune_mod
-    import codir_ds.engine.pretrain as pretrain_mod
+    import codir_ds.recipes.base as recipe_base
 
     def tripwire(name):
         def fail(*args, **kwargs):
@@ -102,9 +101,8 @@ def guarded(monkeypatch, single_process_env):
         return fail
 
     monkeypatch.setattr(deepspeed, "initialize", tripwire("deepspeed.initialize"))
-    for mod in (finetune_mod, pretrain_mod):
-        monkeypatch.setattr(mod, "init_distributed", tripwire("init_distributed"))
-        monkeypatch.setattr(mod, "open_run_dir", tripwire("open_run_dir"))
+    monkeypatch.setattr(recipe_base, "init_distributed", tripwire("init_distributed"))
+    monkeypatch.setattr(recipe_base, "open_run_dir", tripwire("open_run_dir"))
 
 
 @pytest.fixture()
@@ -425,7 +423,7 @@ def test_i_pretrain_refuses_an_output_directory_holding_another_run(pre_yaml, ol
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, tiny_teacher):
     """A real 1-rank run stopped at step 4 (checkpoints at steps 2 and 4), as a preempted job leaves it."""
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     root = tmp_path_factory.mktemp("stopped")
     config = write(root / "tiny.yaml", TINY_YAML.format(teacher=tiny_teacher))
     overrides = ["training.checkpoint_every=2", "training.stop_at_step=4"]
@@ -514,7 +512,7 @@ def test_j_checkpoint_that_fails_at_deepspeed_load_leaves_the_run_intact(stopped
 
 def test_j_intact_checkpoint_passes_the_checks_and_resumes(stopped_run, tmp_path, single_process_env):
     """The control: the same checks accept DeepSpeed's and codir-ds's real files."""
-    from codir_ds.engine.rundir import check_resume_checkpoint
+    from codir_ds.engine.checkpointing import check_resume_checkpoint
     run = _copy(stopped_run, tmp_path)
     assert check_resume_checkpoint(run / "checkpoints") == "step_00000004"
     results = _resume(stopped_run, run)()

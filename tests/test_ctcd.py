@@ -78,7 +78,7 @@ def _scalars(run: Path) -> dict:
 
 def _final_weights(run: Path) -> tuple[dict, dict]:
     """Both models' fp32 weights in the run's newest checkpoint (ZeRO partitions merged)."""
-    from codir_ds.engine import checkpoint as ckpt
+    from codir_ds.engine import checkpointing as ckpt
     from codir_ds.engine.export_checkpoint import read_student_state
     root = run / "checkpoints"
     tag = ckpt.latest_tag(root)
@@ -100,11 +100,20 @@ def _method(**kw):
     return MethodConfig(name="ctcd", **kw)
 
 
+def _ctcd(stage: str, **kw):
+    """The ctcd method for ``stage`` with method options ``kw``."""
+    from codir_ds.distill.methods import get_method
+    return get_method("ctcd")(_method(**kw), stage)
+
+
+def _batch(labels, stage: str = "finetune", is_regression: bool = False, token_scale=None):
+    from codir_ds.distill.methods import LossInputs
+    return LossInputs(labels, pretraining=stage == "pretrain", is_regression=is_regression, token_scale=token_scale)
+
+
 # ------------------------------------------------------------------------------------------- unit tests
 
 def test_mutual_kd_terms_equal_hand_computed_values():
-    from codir_ds.engine.cotrain import CoDistillation
-
     large = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
     small = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
     labels = torch.tensor([0, 2])
@@ -126,8 +135,8 @@ def test_mutual_kd_terms_equal_hand_computed_values():
         return -sum(log_softmax(r, 1.0)[y] for r, y in zip(rows, labels.tolist())) / len(rows)
 
     L, S = large.tolist(), small.tolist()
-    co = CoDistillation(_method(alpha_small_to_large=0.3, alpha_large_to_small=0.8, kd_temperature=T), "finetune")
-    loss_large, loss_small, terms = co(large, small, labels)
+    co = _ctcd("finetune", alpha_small_to_large=0.3, alpha_large_to_small=0.8, kd_temperature=T)
+    loss_large, loss_small, terms = co.co_loss(large, small, _batch(labels))
     assert terms["loss/large_kd"].item() == pytest.approx(kl(S, L), rel=1e-5)   # small -> large
     assert terms["loss/small_kd"].item() == pytest.approx(kl(L, S), rel=1e-5)   # large -> small
     assert terms["loss/large_task"].item() == pytest.approx(ce(L), rel=1e-5)
@@ -136,23 +145,55 @@ def test_mutual_kd_terms_equal_hand_computed_values():
     assert terms["loss/total"].item() == pytest.approx(loss_large.item() + loss_small.item(), rel=1e-6)
 
     # Without the rho^2 factor; and regression: the MSE between the two predictions.
-    co = CoDistillation(_method(kd_temperature=T, kd_t2_scale=False), "finetune")
-    assert co(large, small, labels)[2]["loss/small_kd"].item() == pytest.approx(kl(L, S) / (T * T), rel=1e-5)
-    co = CoDistillation(_method(alpha_small_to_large=1.0, alpha_large_to_small=1.0), "finetune", is_regression=True)
+    co = _ctcd("finetune", kd_temperature=T, kd_t2_scale=False)
+    assert co.co_loss(large, small, _batch(labels))[2]["loss/small_kd"].item() == \
+        pytest.approx(kl(L, S) / (T * T), rel=1e-5)
+    co = _ctcd("finetune", alpha_small_to_large=1.0, alpha_large_to_small=1.0)
     pred_l, pred_s, target = torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [1.0]]), torch.tensor([0.0, 2.0])
-    l_large, l_small, terms = co(pred_l, pred_s, target)
+    l_large, l_small, terms = co.co_loss(pred_l, pred_s, _batch(target, is_regression=True))
     assert terms["loss/small_kd"].item() == pytest.approx((1.0 + 4.0) / 2)
     assert l_large.item() == pytest.approx((1.0 + 1.0) / 2 + (1.0 + 4.0) / 2)
     # Pre-training: masked-position vocabulary logits; the global-batch token scale multiplies task and KD.
-    co = CoDistillation(_method(alpha_small_to_large=0.3, alpha_large_to_small=0.8, kd_temperature=T), "pretrain")
-    _, l_small, terms = co(large, small, labels, token_scale=torch.tensor(1.5))
+    co = _ctcd("pretrain", alpha_small_to_large=0.3, alpha_large_to_small=0.8, kd_temperature=T)
+    _, l_small, terms = co.co_loss(large, small, _batch(labels, "pretrain", token_scale=torch.tensor(1.5)))
     assert l_small.item() == pytest.approx(1.5 * (ce(S) + 0.8 * kl(L, S)), rel=1e-5)
+
+
+def test_one_way_teacher_distils_into_both_with_alpha_kd():
+    """ctcd_one_way: both models distil from the teacher's logits with alpha_kd each, not from each other."""
+    from codir_ds.distill.losses import kd_loss
+    from codir_ds.errors import CodirError
+
+    large = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    small = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    teacher = torch.tensor([[1.0, 1.0, -2.0], [0.0, 0.0, 3.0]])
+    labels = torch.tensor([0, 2])
+    co = _ctcd("finetune", ctcd_one_way=True, alpha_kd=0.4, alpha_small_to_large=0.9, alpha_large_to_small=0.9,
+               kd_temperature=2.0)
+    assert co.needs.teacher and co.needs.teacher_logits and co.needs.second_model
+    assert (co.alpha_large, co.alpha_small) == (0.4, 0.4)
+    loss_large, loss_small, terms = co.co_loss(large, small, _batch(labels), teacher_logits=teacher)
+    kd_l, kd_s = 4.0 * kd_loss(large, teacher, 2.0), 4.0 * kd_loss(small, teacher, 2.0)
+    torch.testing.assert_close(terms["loss/large_kd"], kd_l)
+    torch.testing.assert_close(terms["loss/small_kd"], kd_s)
+    torch.testing.assert_close(loss_large, torch.nn.functional.cross_entropy(large, labels) + 0.4 * kd_l)
+    torch.testing.assert_close(loss_small, torch.nn.functional.cross_entropy(small, labels) + 0.4 * kd_s)
+    # One-way with alpha_kd = 0: the teacher is required by the config but never loaded: no KD term.
+    co = _ctcd("finetune", ctcd_one_way=True, alpha_kd=0.0)
+    assert co.needs.teacher and not co.needs.teacher_logits
+    loss_large, _, terms = co.co_loss(large, small, _batch(labels), teacher_logits=None)
+    assert terms["loss/large_kd"].item() == 0.0 and terms["loss/small_kd"].item() == 0.0
+    torch.testing.assert_close(loss_large, torch.nn.functional.cross_entropy(large, labels))
+    # Mutual (default): no teacher at all; the single-model loss() is refused.
+    co = _ctcd("finetune")
+    assert not co.needs.teacher and not co.needs.teacher_logits and co.needs.second_model
+    with pytest.raises(CodirError, match="co_loss"):
+        co.loss(None, None, _batch(labels))
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression", "mlm"])
 def test_soft_targets_are_detached(kind):
     """L_small gives no gradient to the larger model's parameters, and L_large none to the smaller's."""
-    from codir_ds.engine.cotrain import CoDistillation
     from codir_ds.models.mlm import gather_rows, mlm_parts
 
     mlm = kind == "mlm"
@@ -171,9 +212,10 @@ def test_soft_targets_are_detached(kind):
     else:
         logits = [m(input_ids=ids, attention_mask=mask).logits for m in (large, small)]
         labels = torch.tensor([0.5, -1.0, 2.0]) if kind == "regression" else torch.tensor([0, 1, 1])
-    co = CoDistillation(_method(alpha_small_to_large=0.5, alpha_large_to_small=0.5), "pretrain" if mlm else "finetune",
-                        is_regression=kind == "regression")
-    loss_large, loss_small, terms = co(logits[0], logits[1], labels)
+    stage = "pretrain" if mlm else "finetune"
+    co = _ctcd(stage, alpha_small_to_large=0.5, alpha_large_to_small=0.5)
+    loss_large, loss_small, terms = co.co_loss(logits[0], logits[1],
+                                               _batch(labels, stage, is_regression=kind == "regression"))
     assert terms["loss/large_kd"] > 0 and terms["loss/small_kd"] > 0
     for loss, own, other in ((loss_small, small, large), (loss_large, large, small)):
         to_other = torch.autograd.grad(loss, list(other.parameters()), retain_graph=True, allow_unused=True)
@@ -184,26 +226,26 @@ def test_soft_targets_are_detached(kind):
 
 def test_one_cotraining_step_updates_both_models_in_their_own_engines(tmp_path, single_process_env):
     from codir_ds.config import load_config
-    from codir_ds.engine.cotrain import run_cotrain
+    from codir_ds.recipes import CoTrainRecipe
 
     cfg_path = tmp_path / "ctcd.yaml"
     cfg_path.write_text(CTCD_YAML)
-    seen = {}
+    recipe = CoTrainRecipe(load_config(str(cfg_path), ["training.max_steps=1"]), DS, str(tmp_path / "run"), "finetune")
+    recipe.setup()
+    small, large = recipe.module, recipe.module_large
+    small_ptrs = {p.data_ptr() for p in small.parameters()}
+    assert not any(p.data_ptr() in small_ptrs for p in large.parameters())
+    assert recipe.engine is not recipe.engine_large
+    assert recipe.optimizer is not recipe.optimizer_large
 
-    def probe(event, objs):
-        small, large = objs["module"], objs["module_large"]
-        if event == "setup":
-            small_ptrs = {p.data_ptr() for p in small.parameters()}
-            assert not any(p.data_ptr() in small_ptrs for p in large.parameters())
-            assert objs["engine"] is not objs["engine_large"]
-            assert objs["optimizer"] is not objs["optimizer_large"]
-        seen[event] = ({k: v.detach().clone() for k, v in small.student.state_dict().items()},
-                       {k: v.detach().clone() for k, v in large.student.state_dict().items()})
+    def weights():
+        return ({k: v.detach().clone() for k, v in small.student.state_dict().items()},
+                {k: v.detach().clone() for k, v in large.student.state_dict().items()})
 
-    results = run_cotrain(load_config(str(cfg_path), ["training.max_steps=1"]), DS, str(tmp_path / "run"), "finetune",
-                          probe=probe)
+    before_all = weights()
+    results = recipe.train()
     assert results["steps"] == 1
-    for before, after in zip(seen["setup"], seen["done"]):
+    for before, after in zip(before_all, weights()):
         moved = [k for k in before if not torch.equal(before[k], after[k])]
         assert "classifier.weight" in moved and any("encoder.layer.0" in k for k in moved)
         assert len(moved) > len(before) // 2
@@ -215,30 +257,31 @@ def test_one_cotraining_step_updates_both_models_in_their_own_engines(tmp_path, 
 
 def test_one_way_variant_teacher_distils_into_both_and_stays_frozen(tmp_path, tiny_teacher, single_process_env):
     from codir_ds.config import load_config
-    from codir_ds.engine.cotrain import run_cotrain
+    from codir_ds.recipes import CoTrainRecipe
 
     cfg_path = tmp_path / "ctcd.yaml"
     cfg_path.write_text(CTCD_YAML)
-    seen = {}
 
-    def probe(event, objs):
-        teacher = objs["teacher"]
+    def check_frozen(teacher):
         assert teacher is not None and not teacher.training
         assert all(not p.requires_grad for p in teacher.parameters())
         teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
-        for name in ("optimizer", "optimizer_large"):
-            opt = objs[name]
+        for opt in (recipe.optimizer, recipe.optimizer_large):
             optimized = [p for g in opt.optimizer.param_groups for p in g["params"]]
             optimized += [p for g in getattr(opt, "bit16_groups", []) for p in g]
             assert optimized and not any(p.data_ptr() in teacher_ptrs for p in optimized)
-        seen[event] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        return {k: v.clone() for k, v in teacher.state_dict().items()}
 
     cfg = load_config(str(cfg_path), ["method.ctcd_one_way=true", f"model.teacher={tiny_teacher}",
                                       "method.alpha_kd=0.5", "training.max_steps=2"])
-    results = run_cotrain(cfg, DS, str(tmp_path / "run"), "finetune", probe=probe)
+    recipe = CoTrainRecipe(cfg, DS, str(tmp_path / "run"), "finetune")
+    recipe.setup()
+    before = check_frozen(recipe.teacher)
+    results = recipe.train()
+    after = check_frozen(recipe.teacher)
     assert results["steps"] == 2 and results["ctcd"]["one_way"]
-    for k in seen["setup"]:
-        assert torch.equal(seen["setup"][k], seen["done"][k]), k
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
     terms = _scalars(tmp_path / "run")
     assert terms["loss/large_kd"][2] > 0 and terms["loss/small_kd"][2] > 0
     assert (tmp_path / "run" / "export_large" / "config.json").is_file()
@@ -329,7 +372,7 @@ def test_ctcd_resume_equals_uninterrupted_run(ctcd_runs):
 def test_ctcd_resume_on_another_number_of_ranks_converts_both_engines(ctcd_runs, single_process_env, capsys):
     """The 2-rank checkpoint resumed on 1 rank: both engines through DeepSpeed's universal checkpoint."""
     from codir_ds.config import load_config
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
 
     run = ctcd_runs.stopped_copy
     cfg = load_config(str(ctcd_runs.cfg), [a for a in EXACT if a != "--set"])

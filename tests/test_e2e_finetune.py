@@ -97,32 +97,32 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_config):
 
 def test_teacher_is_frozen_never_optimized_and_bit_identical(tmp_path, tiny_config, single_process_env):
     from codir_ds.config import load_config
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import FinetuneRecipe
 
-    seen = {}
-
-    def probe(event, objs):
-        teacher = objs["teacher"]
-        if event == "setup":
-            seen["before"] = {k: v.clone() for k, v in teacher.state_dict().items()}
-            teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
-            trained = list(objs["engine"].module.parameters())
-            assert not any(p.data_ptr() in teacher_ptrs for p in trained)
-            optimized = [p for g in objs["optimizer"].optimizer.param_groups for p in g["params"]]
-            optimized += [p for g in getattr(objs["optimizer"], "bit16_groups", []) for p in g]
-            assert optimized and not any(p.data_ptr() in teacher_ptrs for p in optimized)
-            assert not any(id(p) in {id(t) for t in teacher.parameters()} for p in optimized)
-        else:
-            seen["after"] = {k: v.clone() for k, v in teacher.state_dict().items()}
+    def check_frozen(teacher):
         assert all(not p.requires_grad for p in teacher.parameters())
         assert not teacher.training
 
     cfg = load_config(str(tiny_config), ["training.max_steps=3"])
-    results = run_finetune(cfg, DS, str(tmp_path / "run"), probe=probe)
-    assert results["steps"] == 3
-    assert seen["before"].keys() == seen["after"].keys()
-    for k in seen["before"]:
-        assert torch.equal(seen["before"][k], seen["after"][k]), k
+    recipe = FinetuneRecipe(cfg, DS, str(tmp_path / "run"))
+    recipe.setup()
+    teacher = recipe.teacher
+    check_frozen(teacher)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    trained = list(recipe.engine.module.parameters())
+    assert not any(p.data_ptr() in teacher_ptrs for p in trained)
+    optimized = [p for g in recipe.optimizer.optimizer.param_groups for p in g["params"]]
+    optimized += [p for g in getattr(recipe.optimizer, "bit16_groups", []) for p in g]
+    assert optimized and not any(p.data_ptr() in teacher_ptrs for p in optimized)
+    assert not any(id(p) in {id(t) for t in teacher.parameters()} for p in optimized)
+    results = recipe.train()
+    check_frozen(teacher)
+    assert results["steps"] == 3 and recipe.progress.step == 3
+    after = teacher.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
 
 
 def test_zero3_codir_two_ranks_exports_gathered_student(tmp_path, tiny_config):

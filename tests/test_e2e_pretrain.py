@@ -110,31 +110,29 @@ def test_codir_pretrain_two_ranks_resume_matches_uninterrupted(tmp_path, pre_con
 
 def test_two_stage_init_loads_stage1_weights_and_teacher_stays_frozen(tmp_path, pre_config, single_process_env):
     from codir_ds.config import load_config
-    from codir_ds.engine.pretrain import run_pretrain
+    from codir_ds.recipes import run_pretrain
 
     stage1 = tmp_path / "stage1"
     run_pretrain(load_config(str(pre_config), ["method.name=mlm", "training.max_steps=2"]), DS, str(stage1))
     exported = load_file(stage1 / "export" / "model.safetensors")
-    seen = {}
-
-    def probe(event, objs):
-        teacher = objs["teacher"]
-        assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
-        if event == "setup":
-            student = objs["engine"].module.student.state_dict()
-            seen["student"] = {k: v.clone() for k, v in student.items()}
-            seen["teacher"] = {k: v.clone() for k, v in teacher.state_dict().items()}
-            teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
-            assert not any(p.data_ptr() in teacher_ptrs for p in objs["engine"].module.parameters())
-        else:
-            for k, v in teacher.state_dict().items():
-                assert torch.equal(v, seen["teacher"][k]), k
+    from codir_ds.recipes import PretrainRecipe
 
     cfg = load_config(str(pre_config), [f"model.init_from={stage1}", "training.max_steps=2", "training.lr=1e-4"])
-    results = run_pretrain(cfg, DS, str(tmp_path / "stage2"), probe=probe)
+    recipe = PretrainRecipe(cfg, DS, str(tmp_path / "stage2"))
+    recipe.setup()
+    teacher = recipe.teacher
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    student = {k: v.clone() for k, v in recipe.engine.module.student.state_dict().items()}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    assert not any(p.data_ptr() in teacher_ptrs for p in recipe.engine.module.parameters())
+    results = recipe.train()
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
     assert results["steps"] == 2
     for k, v in exported.items():
-        assert torch.equal(seen["student"][k], v), k
+        assert torch.equal(student[k], v), k
 
 
 def test_pretrain_refuses_headless_teacher_for_kd_and_finetune_objectives(tmp_path, pre_config, tiny_teacher):
@@ -157,7 +155,7 @@ def test_codir_pretrain_with_bare_teacher_body_when_alpha_kd_is_zero(tmp_path, p
                                                                     single_process_env):
     """CoDIR-Pre with alpha_1 = 0 (MLM + CRD) runs on a teacher without an MLM head."""
     from codir_ds.config import load_config
-    from codir_ds.engine.pretrain import run_pretrain
+    from codir_ds.recipes import run_pretrain
 
     cfg = load_config(str(pre_config), [f"model.teacher={tiny_teacher}", "method.alpha_kd=0", "training.max_steps=2"])
     results = run_pretrain(cfg, DS, str(tmp_path / "run"))

@@ -112,7 +112,7 @@ def test_bad_fault_spec_is_a_one_line_error(setup, tmp_path):
 
 def test_rank_removes_deepspeed_shm_buffer_at_exit(monkeypatch):
     """DeepSpeed's CPU comm op never unlinks its 66 MB /dev/shm buffer; codir-ds does at exit."""
-    from codir_ds.engine.session import remove_shm_buffer, shm_buffer_path
+    from codir_ds.engine.distributed import remove_shm_buffer, shm_buffer_path
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")
     monkeypatch.setenv("RANK", "3")

@@ -19,20 +19,20 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, tmp):
-    from codir_ds.engine import session
-    from codir_ds.engine.pretrain import batch_negatives
+    from codir_ds.engine import distributed
+    from codir_ds.distill.negatives import batch_negatives
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        out = {"gloo_default": session.host_group()}  # the default group is already host-side
+        out = {"gloo_default": distributed.host_group()}  # the default group is already host-side
         local = torch.arange(rank, 40, world)[:8]       # this rank's ids of the step
         out["plain"] = batch_negatives(local, 11, seed=3, step=5, world=world, device="cpu")
         real = dist.get_backend
         dist.get_backend = lambda group=None: "nccl"   # as under NCCL: host_group() makes a gloo group
         try:
-            group = session.host_group()
-            out["same_group_again"] = session.host_group() is group
+            group = distributed.host_group()
+            out["same_group_again"] = distributed.host_group() is group
         finally:
             dist.get_backend = real
         out["group_backend"] = dist.get_backend(group)

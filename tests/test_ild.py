@@ -1,5 +1,5 @@
 """Intermediate-layer distillation (pkd, tinybert, distilbert, cr_ild): losses against hand values,
-layer maps, mixup and the consistency ramp, the student module's features, the objectives' sums."""
+layer maps, mixup and the consistency ramp, the student module's features, the methods' loss sums."""
 from __future__ import annotations
 
 import math
@@ -9,29 +9,61 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from codir_ds.config import load_config
+from codir_ds.config import MethodConfig, load_config
 from codir_ds.distill.heads import DistillationModule, build_ild_spec
 from codir_ds.distill.ild import (attention_mse, consistency_weight, cosine_loss, hidden_mse, layer_pairs,
                                   mix_targets, mixup_draw, mixup_embeddings, pkd_loss)
-from codir_ds.distill.objectives import build_objective, build_pretrain_objective
+from codir_ds.distill.methods import (Consistency, LayerFeatures, LossInputs, StudentOutput, TeacherOutput,
+                                      build_method, get_method)
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.errors import CodirError
 
 
 # ----------------------------------------------------------------------------- layer maps
 
+def _pairs(name: str, layer_map, ls: int, lt: int, stage: str = "finetune"):
+    """``method.layer_pairs`` of method ``name`` with ``method.layer_map = layer_map``."""
+    return get_method(name)(MethodConfig(name=name, layer_map=layer_map), stage).layer_pairs(ls, lt)
+
+
 def test_layer_maps_default_uniform_last_and_explicit():
-    assert layer_pairs("default", "pkd", 3, 6) == [(1, 2), (2, 4)]          # PKD-skip, last left to KD
-    assert layer_pairs("default", "pkd", 1, 6) == [(1, 6)]
-    assert layer_pairs("default", "tinybert", 2, 6) == [(0, 0), (1, 3), (2, 6)]
-    assert layer_pairs("default", "distilbert", 2, 6) == [(2, 6)]
-    assert layer_pairs("default", "cr_ild", 4, 12) == [(4, 12)]
-    assert layer_pairs("uniform", "pkd", 3, 6) == [(1, 2), (2, 4), (3, 6)]
-    assert layer_pairs("uniform", "tinybert", 4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
-    assert layer_pairs("last", "tinybert", 2, 6) == [(2, 6)]
-    assert layer_pairs([[1, 5], [0, 0]], "tinybert", 2, 6) == [(1, 5), (0, 0)]
+    assert _pairs("pkd", "default", 3, 6) == [(1, 2), (2, 4)]          # PKD-skip, last left to KD
+    assert _pairs("pkd", "default", 1, 6) == [(1, 6)]
+    assert _pairs("tinybert", "default", 2, 6) == [(0, 0), (1, 3), (2, 6)]
+    assert _pairs("distilbert", "default", 2, 6) == [(2, 6)]
+    assert _pairs("cr_ild", "default", 4, 12) == [(4, 12)]
+    assert _pairs("pkd", "uniform", 3, 6) == [(1, 2), (2, 4), (3, 6)]
+    assert _pairs("tinybert", "uniform", 4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    assert _pairs("tinybert", "last", 2, 6) == [(2, 6)]
+    assert _pairs("tinybert", [[1, 5], [0, 0]], 2, 6) == [(1, 5), (0, 0)]
     with pytest.raises(CodirError, match="method.layer_map"):
-        layer_pairs([[3, 1]], "tinybert", 2, 6)
+        _pairs("tinybert", [[3, 1]], 2, 6)
+    # pre-training methods map their layers the same way
+    assert _pairs("tinybert", "default", 2, 6, "pretrain") == [(0, 0), (1, 3), (2, 6)]
+    assert _pairs("distilbert", "default", 2, 6, "pretrain") == [(2, 6)]
+
+
+def test_default_pairs_are_each_methods_own_map():
+    def default(name, ls, lt):
+        return get_method(name)(MethodConfig(name=name, layer_map="uniform"), "finetune").default_pairs(ls, lt)
+    # the method's own map whatever method.layer_map says
+    assert default("pkd", 3, 6) == [(1, 2), (2, 4)]
+    assert default("pkd", 1, 6) == [(1, 6)]
+    assert default("tinybert", 2, 6) == [(0, 0), (1, 3), (2, 6)]
+    assert default("distilbert", 2, 6) == [(2, 6)]
+    assert default("cr_ild", 4, 12) == [(4, 12)]
+
+
+def test_layer_pairs_takes_the_default_map_it_is_given():
+    default = [(1, 2), (2, 4)]
+    assert layer_pairs("default", default, 3, 6) == [(1, 2), (2, 4)]
+    assert layer_pairs("default", [[0, 0], [2, 6]], 2, 6) == [(0, 0), (2, 6)]      # lists become tuples
+    assert layer_pairs("uniform", default, 3, 6) == [(1, 2), (2, 4), (3, 6)]        # default ignored
+    assert layer_pairs("uniform", default, 4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    assert layer_pairs("last", default, 2, 6) == [(2, 6)]
+    assert layer_pairs([[1, 5], [0, 0]], default, 2, 6) == [(1, 5), (0, 0)]
+    with pytest.raises(CodirError, match="method.layer_map"):
+        layer_pairs([[3, 1]], default, 2, 6)
 
 
 def test_layer_map_config_validation():
@@ -128,7 +160,7 @@ def test_consistency_weight_ramps_linearly_then_holds():
     assert consistency_weight(3, 10, 1.0, 1.0) == pytest.approx(0.3)
 
 
-# ----------------------------------------------------------------------------- module and objectives
+# ----------------------------------------------------------------------------- module and method losses
 
 def _bert(layers: int, hidden: int, heads: int, seed: int) -> BertForSequenceClassification:
     torch.manual_seed(seed)
@@ -147,29 +179,33 @@ def _method(name: str, **sets):
 def test_student_features_projected_to_teacher_width(name):
     student, teacher = _bert(2, 8, 2, 0), _bert(4, 12, 3, 1).requires_grad_(False)
     mcfg = _method(name)
-    objective = build_objective(mcfg)
-    spec = build_ild_spec(objective, mcfg, student, teacher)
+    method = build_method(mcfg, "finetune")
+    spec = build_ild_spec(method, student, teacher)
     module = DistillationModule(student, [1, 2], "mean", ild_spec=spec, teacher_width=12)
     ids = torch.randint(5, 50, (3, 5))
     mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])
     mix = mixup_draw(1.0, 3, 0) if name == "cr_ild" else None
     out = module(ids, mask, ild=True, mix=mix)
     t_out = TeacherRunner(teacher, None, "mean", spec)(ids, mask, ild=True, mix=mix)
-    ild = {**out["ild"], **{k: v for k, v in t_out.ild.items() if k != "mask"}, "cons_weight": 0.5}
+    s_layers, t_layers = out["layers"], t_out.layers
+    assert isinstance(t_layers, LayerFeatures)
     if name == "pkd":
-        assert [x.shape for x in ild["s_cls"]] == [(3, 12)] and [x.shape for x in ild["t_cls"]] == [(3, 12)]
+        assert [x.shape for x in s_layers["cls"]] == [(3, 12)] and [x.shape for x in t_layers.cls] == [(3, 12)]
     else:
-        assert all(s.shape == t.shape == (3, 5, 12) for s, t in zip(ild["s_hidden"], ild["t_hidden"]))
+        assert all(s.shape == t.shape == (3, 5, 12) for s, t in zip(s_layers["hidden"], t_layers.hidden))
     if name in ("tinybert", "cr_ild"):
-        assert [a.shape for a in ild["s_attn"]] == [(3, 2, 5, 5)] * len(spec.attention_pairs)
-        assert [a.shape for a in ild["t_attn"]] == [(3, 3, 5, 5)] * len(spec.attention_pairs)
+        assert [a.shape for a in s_layers["attn"]] == [(3, 2, 5, 5)] * len(spec.attention_pairs)
+        assert [a.shape for a in t_layers.attn] == [(3, 3, 5, 5)] * len(spec.attention_pairs)
     if name == "cr_ild":
-        assert out["ild"]["cons_hidden"].shape == out["ild"]["cons_hidden_target"].shape == (3, 5, 8)
-        assert not out["ild"]["cons_hidden_target"].requires_grad
-        assert torch.equal(out["ild"]["mask"], torch.maximum(mask, mask[mix[1]]))   # union of the pair's masks
-        assert torch.equal(t_out.ild["mask"], out["ild"]["mask"])
-    total, terms = objective(out["logits"], torch.tensor([0, 1, 2]), False, teacher_logits=t_out.logits,
-                             ild=ild, stage="ild")
+        assert out["consistency"]["hidden"].shape == out["consistency"]["hidden_target"].shape == (3, 5, 8)
+        assert not out["consistency"]["hidden_target"].requires_grad
+        assert torch.equal(s_layers["mask"], torch.maximum(mask, mask[mix[1]]))   # union of the pair's masks
+        assert torch.equal(t_layers.mask, s_layers["mask"])
+    else:
+        assert "consistency" not in out
+    student_out = StudentOutput.from_module(out)
+    total, terms = method.loss(student_out, t_out, LossInputs(torch.tensor([0, 1, 2]), stage="ild",
+                                                              consistency_weight=0.5))
     total.backward()
     # The student and its projections get gradients, the teacher none.
     assert student.bert.encoder.layer[-1].output.dense.weight.grad is not None
@@ -178,16 +214,17 @@ def test_student_features_projected_to_teacher_width(name):
         assert module.ild_proj[0].weight.grad is not None
 
 
-def test_objective_sums_terms_with_their_weights():
+def test_method_loss_sums_terms_with_their_weights():
     torch.manual_seed(0)
     logits, t_logits = torch.randn(4, 3), torch.randn(4, 3)
     labels = torch.tensor([0, 1, 2, 0])
     s_h, t_h = [torch.randn(4, 5, 6)], [torch.randn(4, 5, 6)]
     s_a, t_a = [torch.rand(4, 2, 5, 5)], [torch.rand(4, 2, 5, 5)]
     mask = torch.ones(4, 5, dtype=torch.long)
-    ild = {"s_hidden": s_h, "t_hidden": t_h, "s_attn": s_a, "t_attn": t_a, "mask": mask}
-    obj = build_objective(_method("tinybert", alpha_kd=0.7, alpha_hidden=0.3, alpha_attention=2.0))
-    total, terms = obj(logits, labels, False, teacher_logits=t_logits, ild=ild)
+    student = StudentOutput(logits, layers=LayerFeatures(mask, hidden=s_h, attn=s_a))
+    teacher = TeacherOutput(t_logits, layers=LayerFeatures(mask, hidden=t_h, attn=t_a))
+    obj = build_method(_method("tinybert", alpha_kd=0.7, alpha_hidden=0.3, alpha_attention=2.0), "finetune")
+    total, terms = obj.loss(student, teacher, LossInputs(labels))
     kd = F.kl_div(F.log_softmax(logits / 2, -1), F.log_softmax(t_logits / 2, -1), reduction="batchmean",
                   log_target=True) * 4
     want = F.cross_entropy(logits, labels) + 0.7 * kd + 0.3 * F.mse_loss(s_h[0], t_h[0]) + \
@@ -196,18 +233,21 @@ def test_objective_sums_terms_with_their_weights():
     assert set(terms) >= {"loss/task", "loss/kd", "loss/hidden_mse", "loss/attention_mse"}
 
     # CR-ILD: the ILD stage has no task / KD term; the KD stage has no ILD term.
-    cr = build_objective(_method("cr_ild", alpha_hidden=1.0, alpha_attention=0.0))
+    cr = build_method(_method("cr_ild", alpha_hidden=1.0, alpha_attention=0.0), "finetune")
     cons = torch.randn(4, 5, 6)
-    ild_cr = {**ild, "cons_hidden": cons, "cons_hidden_target": torch.zeros(4, 5, 6), "cons_weight": 0.25}
-    total, terms = cr(logits, labels, False, teacher_logits=t_logits, ild=ild_cr, stage="ild")
+    student_cr = StudentOutput(logits, layers=LayerFeatures(mask, hidden=s_h, attn=s_a),
+                               consistency=Consistency(cons, torch.zeros(4, 5, 6)))
+    total, terms = cr.loss(student_cr, teacher, LossInputs(labels, stage="ild", consistency_weight=0.25))
     want = F.mse_loss(s_h[0], t_h[0]) + 0.25 * cons.pow(2).mean()
     assert total.item() == pytest.approx(want.item(), rel=1e-5) and "loss/task" not in terms
-    total, terms = cr(logits, labels, False, teacher_logits=t_logits, ild=None, stage="kd")
+    total, terms = cr.loss(StudentOutput(logits), TeacherOutput(t_logits), LossInputs(labels, stage="kd"))
     assert total.item() == pytest.approx((F.cross_entropy(logits, labels) + 0.7 * kd).item(), rel=1e-5)
 
     # DistilBERT pre-training: MLM + KD + cosine on the last hidden states.
-    pre = build_pretrain_objective(_method("distilbert", alpha_kd=0.5, alpha_hidden=1.0))
-    total, terms = pre(logits, labels, teacher_logits=t_logits, ild={"s_hidden": s_h, "t_hidden": t_h, "mask": mask})
+    pre = build_method(_method("distilbert", alpha_kd=0.5, alpha_hidden=1.0), "pretrain")
+    total, terms = pre.loss(StudentOutput(logits, layers=LayerFeatures(mask, hidden=s_h)),
+                            TeacherOutput(t_logits, layers=LayerFeatures(mask, hidden=t_h)),
+                            LossInputs(labels, pretraining=True))
     cos = (1 - F.cosine_similarity(s_h[0], t_h[0], dim=-1)).mean()
     assert total.item() == pytest.approx((F.cross_entropy(logits, labels) + 0.5 * kd + cos).item(), rel=1e-5)
     assert math.isfinite(terms["loss/cosine"].item())

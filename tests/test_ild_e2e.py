@@ -84,7 +84,7 @@ def test_ild_method_pretrains_on_two_ranks(tmp_path, tiny_mlm_teacher, corpus_fi
 def test_cr_ild_resume_equals_uninterrupted(tmp_path, tiny_config, single_process_env):
     """Stopped inside the ILD stage (EMA, supplementary data, mixup draws) and resumed: same weights."""
     from codir_ds.config import load_config
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     sets = ["method.name=cr_ild", "data.supplementary=trec6", "data.supplementary_max_examples=40",
             "method.consistency_ema=0.9", "method.ild_fraction=0.75", "model.dropout=0.0",
             "training.max_steps=4", "training.checkpoint_every=1"]
@@ -108,7 +108,7 @@ def test_cr_ild_resume_equals_uninterrupted(tmp_path, tiny_config, single_proces
 def test_tinybert_resume_with_projections_equals_uninterrupted(tmp_path, tiny_config, single_process_env):
     """A narrower student (16 vs the teacher's 32): the learned ILD projections are checkpointed and resumed."""
     from codir_ds.config import load_config
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     sets = ["method.name=tinybert", "model.student_hidden=16", "model.student_heads=1", "model.dropout=0.0",
             "training.max_steps=4", "training.checkpoint_every=2"]
     run_finetune(load_config(str(tiny_config), sets), DS, str(tmp_path / "full"))

@@ -156,18 +156,14 @@ def test_grouped_finetune_pads_less_and_resumes_exactly(tmp_path, tiny_config, s
     """data.group_by_length through run_finetune: grouped batches, fewer padded tokens, stop + resume = uninterrupted."""
     from safetensors.torch import load_file
     from codir_ds.config import load_config
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     from conftest import REPO
     ds = str(REPO / "ds_configs" / "zero2.json")
     sets = ["data.group_by_length=true", "data.group_window=4", "data.max_train_examples=128"]
-    seen = {}
-
-    def probe(event, objects):
-        if event == "setup":
-            seen["sampler"] = objects["sampler"]
-
-    full = run_finetune(load_config(str(tiny_config), sets), ds, str(tmp_path / "full"), probe=probe)
-    sampler = seen["sampler"]
+    from codir_ds.recipes import FinetuneRecipe
+    recipe = FinetuneRecipe(load_config(str(tiny_config), sets), ds, str(tmp_path / "full"))
+    full = recipe.run()
+    sampler = recipe.sampler
     assert sampler.lengths is not None and sampler.lengths.numel() == 128
     # the grouped epoch pads to fewer tokens than the same sampler without grouping
     from codir_ds.data.sampler import OwnedShardSampler

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from codir_ds.distill import memory_bank as mb
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.negatives import LabelNegativeSampler
+from oracles import negatives_for_batch
 
 N, M, BETA, SEED = 37, 6, 0.75, 5
 
@@ -190,8 +191,8 @@ def _worker(rank, world, port, tmp):
         # finetuning negatives: same sets on both ranks, local labels differ
         labels = torch.arange(N) % 3
         neg = LabelNegativeSampler(labels, num_negatives=5, seed=1)
-        out["neg_fixed"] = neg.negatives_for_batch(bank, 4, torch.tensor([0, 1, 2]))
-        out["neg_local"] = neg.negatives_for_batch(bank, 4, torch.tensor([rank, 2, rank]))
+        out["neg_fixed"] = negatives_for_batch(neg, bank, 4, torch.tensor([0, 1, 2]))
+        out["neg_local"] = negatives_for_batch(neg, bank, 4, torch.tensor([rank, 2, rank]))
         # 1-rank checkpoint (one dict covering all ids, and as a list) into 2 ranks
         single = torch.load(os.path.join(tmp, "single.pt"))
         b2 = ShardedMemoryBank(N, M, BETA, seed=123)

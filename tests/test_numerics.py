@@ -1,6 +1,6 @@
 """Numerics: fp16 loss scaling (on CPU by patching the accelerator), skipped steps, the non-finite policy.
 
-Policy under test (README "Non-finite losses"): a step whose gradients are not finite is
+Policy under test (docs/scale_out.md, non-finite policy): a step whose gradients are not finite is
 skipped (weights, optimizer, LR schedule and memory bank unchanged) and counted; after
 ``training.max_consecutive_skips`` skipped steps in a row the run stops with an error.
 """
@@ -31,7 +31,7 @@ def _ds(tmp_path, fp16: bool, stage: int = 2, scale_power: int = 8):
 
 @pytest.fixture()
 def fp16_on_cpu(monkeypatch):
-    """DEEPSPEED_CPU.md: the fp16 path runs on CPU once the accelerator claims fp16 support."""
+    """DeepSpeed on CPU: the fp16 path runs once the accelerator claims fp16 support."""
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
     monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
@@ -39,54 +39,48 @@ def fp16_on_cpu(monkeypatch):
 
 
 def _nan_at(monkeypatch, micro_steps: set):
-    """Make the total loss NaN at the given (0-based) micro steps of the run."""
-    import codir_ds.engine.finetune as ft
-    real = ft.build_objective
+    """Make the total loss NaN at the given (0-based) micro steps of the run (the tiny config's method: codir)."""
+    from codir_ds.distill.methods.codir import CoDIR
+    real = CoDIR.loss
     calls = {"n": 0}
 
-    def build(mcfg):
-        obj = real(mcfg)
+    def poisoned(self, *a, **k):
+        total, terms = real(self, *a, **k)
+        if calls["n"] in micro_steps:
+            total = total * float("nan")
+        calls["n"] += 1
+        return total, terms
 
-        class Poisoned:
-            def __getattr__(self, name):
-                return getattr(obj, name)
-
-            def __call__(self, *a, **k):
-                total, terms = obj(*a, **k)
-                if calls["n"] in micro_steps:
-                    total = total * float("nan")
-                calls["n"] += 1
-                return total, terms
-        return Poisoned()
-
-    monkeypatch.setattr(ft, "build_objective", build)
+    monkeypatch.setattr(CoDIR, "loss", poisoned)
 
 
 def _record_bank_steps(monkeypatch):
     """Per optimizer step: (applied, bank rows unchanged by it, loss scale)."""
-    import codir_ds.engine.finetune as ft
-    real = ft.apply_bank_updates
+    from codir_ds.recipes.base import Recipe
+    real = Recipe.apply_bank_updates
     log = []
 
-    def wrapped(bank, engine, pending, device, routed=False):
-        before = bank.rows.clone()
-        real(bank, engine, pending, device, routed=routed)
-        log.append((engine.was_step_applied(), torch.equal(before, bank.rows),
-                    getattr(engine.optimizer, "cur_scale", None)))
+    def wrapped(self, pending):
+        before = self.bank.rows.clone()
+        real(self, pending)
+        log.append((self.engine.was_step_applied(), torch.equal(before, self.bank.rows),
+                    getattr(self.engine.optimizer, "cur_scale", None)))
 
-    monkeypatch.setattr(ft, "apply_bank_updates", wrapped)
+    monkeypatch.setattr(Recipe, "apply_bank_updates", wrapped)
     return log
 
 
-def _weights_finite(objs):
-    return all(torch.isfinite(p).all() for p in objs["engine"].module.parameters())
+def _weights_finite(recipe):
+    return all(torch.isfinite(p).all() for p in recipe.engine.module.parameters())
 
 
-def _run(tiny_config, ds, out, overrides=(), probe=None):
+def _run(tiny_config, ds, out, overrides=()):
+    """``(results, recipe)`` of a finetuning run of the tiny config."""
     from codir_ds.config import load_config
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import FinetuneRecipe
     cfg = load_config(str(tiny_config), ["training.max_steps=6", "logging.log_every=1", *overrides])
-    return run_finetune(cfg, ds, str(out), probe=probe)
+    recipe = FinetuneRecipe(cfg, ds, str(out))
+    return recipe.run(), recipe
 
 
 def test_fp16_overflow_steps_are_skipped_and_leave_the_bank_alone(tmp_path, tiny_config, single_process_env,
@@ -94,19 +88,16 @@ def test_fp16_overflow_steps_are_skipped_and_leave_the_bank_alone(tmp_path, tiny
     # 2**12 as the first loss scale overflows fp16 gradients: DeepSpeed halves the scale
     # and skips until it fits.
     log = _record_bank_steps(monkeypatch)
-    seen = {}
-    results = _run(tiny_config, _ds(tmp_path, fp16=True, scale_power=12), tmp_path / "run",
-                   overrides=["training.max_steps=12"],
-                   probe=lambda ev, o: seen.update({ev: (_weights_finite(o), o["engine"].skipped_steps,
-                                                        o["engine"].module.student.dtype)}))
-    assert results["precision"] == "float16" and seen["done"][2] == torch.float16
+    results, recipe = _run(tiny_config, _ds(tmp_path, fp16=True, scale_power=12), tmp_path / "run",
+                           overrides=["training.max_steps=12"])
+    assert results["precision"] == "float16" and recipe.engine.module.student.dtype == torch.float16
     skipped = [entry for entry in log if not entry[0]]
     assert skipped and len(skipped) < len(log)  # some overflowed, training went on
     assert all(unchanged for applied, unchanged, _ in log if not applied)  # no bank update on a skipped step
     assert all(not unchanged for applied, unchanged, _ in log if applied)
     scales = [s for _, _, s in log]
     assert scales[0] < 2 ** 12 and scales == sorted(scales, reverse=True)
-    assert seen["done"][0] and seen["done"][1] == len(skipped)
+    assert _weights_finite(recipe) and recipe.engine.skipped_steps == len(skipped)
     assert math.isfinite(results["final"]["accuracy"])
 
 
@@ -117,12 +108,10 @@ def test_nan_loss_step_is_skipped_in_every_precision(tmp_path, tiny_config, sing
     log = _record_bank_steps(monkeypatch)
     ds = {"fp16": _ds(tmp_path, True), "fp32-zero2": _ds(tmp_path, False, 2),
           "fp32-zero0": _ds(tmp_path, False, 0)}[precision]
-    seen = {}
-    results = _run(tiny_config, ds, tmp_path / "run",
-                   probe=lambda ev, o: seen.update({ev: (_weights_finite(o), o["engine"].skipped_steps)}))
+    results, recipe = _run(tiny_config, ds, tmp_path / "run")
     assert [applied for applied, _, _ in log] == [True, True, False, True, True, True]
     assert log[2][1]  # the bank did not move on the skipped step
-    assert seen["done"] == (True, 1)
+    assert (_weights_finite(recipe), recipe.engine.skipped_steps) == (True, 1)
     assert results["steps"] == 6 and math.isfinite(results["final"]["accuracy"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"))

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from codir_ds.config import TrainingConfig, load_config
-from codir_ds.engine import session
-from codir_ds.engine.session import (GuardedAdamW, check_student_options, optimizer_and_schedule,
-                                     resolve_optimizer_impl)
+from codir_ds.engine import compile as compile_mod
+from codir_ds.engine import optim
+from codir_ds.engine.compile import check_compile
+from codir_ds.engine.optim import GuardedAdamW, check_optimizer_impl, optimizer_and_schedule, resolve_optimizer_impl
 from codir_ds.errors import CodirError
 
 from conftest import REPO
@@ -29,7 +30,7 @@ def _one_line(info) -> str:
 @pytest.fixture()
 def no_fused_on_cpu(monkeypatch):
     """A torch whose fused AdamW exists only on CUDA (torch < 2.4)."""
-    monkeypatch.setattr(session, "fused_adamw_devices", lambda: ["cuda"])
+    monkeypatch.setattr(optim, "fused_adamw_devices", lambda: ["cuda"])
 
 
 # ----------------------------------------------------------------------------- config validation
@@ -61,36 +62,38 @@ def test_fused_where_unsupported_is_refused_auto_falls_back_to_foreach(no_fused_
 
 
 def test_torch_here_has_fused_adamw_on_cpu():
-    assert "cpu" in session.fused_adamw_devices()
+    assert "cpu" in optim.fused_adamw_devices()
     assert resolve_optimizer_impl("auto", "cpu") == "fused"
 
 
 def test_start_up_checks(monkeypatch, no_fused_on_cpu):
     ok = TrainingConfig()
-    check_student_options(ok, ZERO2)
+    check_optimizer_impl(ok, ZERO2)
+    check_compile(ok, ZERO2)
     with pytest.raises(CodirError) as info:  # the run's device is the CPU here
-        check_student_options(TrainingConfig(optimizer_impl="fused"), ZERO2)
+        check_optimizer_impl(TrainingConfig(optimizer_impl="fused"), ZERO2)
     assert "training.optimizer_impl=fused" in _one_line(info)
     # ZeRO optimizer offload: the optimizer runs on the CPU whatever the accelerator
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    assert session.optimizer_device_type(offload) == "cpu"
+    assert optim.optimizer_device_type(offload) == "cpu"
     compiled = TrainingConfig(compile=True)
-    check_student_options(compiled, ZERO2)
+    check_optimizer_impl(compiled, ZERO2)
+    check_compile(compiled, ZERO2)
     with pytest.raises(CodirError) as info:
-        check_student_options(compiled, {"zero_optimization": {"stage": 3}})
+        check_compile(compiled, {"zero_optimization": {"stage": 3}})
     msg = _one_line(info)
     assert "training.compile" in msg and "ZeRO-3" in msg and "training.compile=false" in msg
     with pytest.raises(CodirError) as info:
-        check_student_options(compiled, {**ZERO2, "compile": {"deepcompile": True}})
+        check_compile(compiled, {**ZERO2, "compile": {"deepcompile": True}})
     assert "deepcompile" in _one_line(info)
-    monkeypatch.setattr(session.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
     with pytest.raises(CodirError) as info:
-        check_student_options(compiled, ZERO2)
+        check_compile(compiled, ZERO2)
     assert "C++ compiler" in _one_line(info)
 
 
 def test_unsupported_combinations_fail_before_anything_is_written(tmp_path, tiny_config, no_fused_on_cpu):
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     z3 = tmp_path / "zero3.json"
     z3.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero3.json").read_text()),
                               "fp16": {"enabled": False}}))
@@ -187,15 +190,14 @@ def test_compiled_finetune_resumes_keeps_keys_and_matches_eager(tmp_path, tiny_c
     Checkpoint and export keys are the eager run's (no ``_orig_mod.``), and the per-step losses
     agree with the eager run's (on the CPU the compiled student draws its dropout masks from ATen's RNG).
     """
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import FinetuneRecipe, run_finetune
     sets = ["logging.log_every=1", "training.optimizer_impl=fused"]
     eager = run_finetune(load_config(str(tiny_config), sets), DS, str(tmp_path / "eager"))
-    seen = {}
     comp_sets = sets + ["training.compile=true"]
-    stopped = run_finetune(load_config(str(tiny_config), comp_sets + ["training.stop_at_step=3"]), DS,
-                           str(tmp_path / "compiled"),
-                           probe=lambda ev, o: seen.setdefault("compiled", o["engine"].is_compiled))
-    assert stopped == {"stopped_at_step": 3} and seen["compiled"]
+    recipe = FinetuneRecipe(load_config(str(tiny_config), comp_sets + ["training.stop_at_step=3"]), DS,
+                            str(tmp_path / "compiled"))
+    stopped = recipe.run()
+    assert stopped == {"stopped_at_step": 3} and recipe.engine.is_compiled
     mid_module, mid_shapes = _model_state_keys(tmp_path / "compiled")
     compiled = run_finetune(load_config(str(tiny_config), comp_sets), DS, str(tmp_path / "compiled"), resume=True)
     assert compiled["steps"] == eager["steps"] == 6

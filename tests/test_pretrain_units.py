@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from codir_ds.assets import minilm_dir
 from codir_ds.data.mlm import IGNORE_INDEX, MLMCollator
-from codir_ds.distill.losses import crd_loss, crd_loss_shared
-from codir_ds.distill.objectives import build_pretrain_objective
-from codir_ds.engine.pretrain import batch_negatives, self_mask
+from codir_ds.distill.losses import crd_loss, crd_loss_shared, kd_loss
+from codir_ds.distill.methods import LossInputs, StudentOutput, TeacherOutput, build_method
+from codir_ds.distill.negatives import BatchNegatives, batch_negatives, self_mask
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, export_student, load_tokenizer
 from codir_ds.models.mlm import gather_rows, load_mlm_teacher, masked_rows
@@ -149,7 +149,9 @@ def test_kd_on_masked_positions_only(tok):
     labels = batch["labels"].reshape(-1)[rows]
     assert out["logits"].shape == (rows.numel(), student.config.vocab_size) == t_out.logits.shape
     cfg = SimpleNamespace(name="kd", alpha_kd=0.5, kd_temperature=2.0, kd_t2_scale=True, crd_temperature=0.07)
-    total, terms = build_pretrain_objective(cfg)(out["logits"], labels, teacher_logits=t_out.logits)
+    method = build_method(cfg, "pretrain")
+    assert method.needs.teacher_logits
+    total, terms = method.loss(StudentOutput.from_module(out), t_out, LossInputs(labels, pretraining=True))
 
     full_s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     full_t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -167,9 +169,60 @@ def test_kd_on_masked_positions_only(tok):
 def test_mlm_objective_without_masked_tokens_is_zero():
     cfg = SimpleNamespace(name="mlm")
     logits = torch.zeros(0, 10, requires_grad=True)
-    total, terms = build_pretrain_objective(cfg)(logits, torch.zeros(0, dtype=torch.long))
+    total, terms = build_method(cfg, "pretrain").loss(StudentOutput(logits), None,
+                                                      LossInputs(torch.zeros(0, dtype=torch.long), pretraining=True))
     assert total.item() == 0.0
     total.backward()
+
+
+def test_token_scale_multiplies_mlm_and_kd():
+    """The global-batch token scale multiplies the masked-LM and KD means (not alpha_kd)."""
+    torch.manual_seed(3)
+    logits, t_logits = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11)
+    labels = torch.randint(0, 11, (5,))
+    scale = torch.tensor(1.5)
+    cfg = SimpleNamespace(name="kd", alpha_kd=0.5, kd_temperature=2.0, kd_t2_scale=True)
+    total, terms = build_method(cfg, "pretrain").loss(StudentOutput(logits), TeacherOutput(t_logits),
+                                                      LossInputs(labels, pretraining=True, token_scale=scale))
+    mlm, kd = F.cross_entropy(logits, labels), kd_loss(logits, t_logits, 2.0) * 4.0
+    assert set(terms) == {"loss/mlm", "loss/kd", "loss/total"}
+    assert torch.allclose(terms["loss/mlm"], 1.5 * mlm.detach(), atol=1e-6)
+    assert torch.allclose(terms["loss/kd"], 1.5 * kd.detach(), atol=1e-6)
+    assert torch.allclose(total, 1.5 * mlm + 0.5 * 1.5 * kd, atol=1e-6)
+    # MLM alone: scaled the same way
+    total, terms = build_method(SimpleNamespace(name="mlm"), "pretrain").loss(
+        StudentOutput(logits), None, LossInputs(labels, pretraining=True, token_scale=scale))
+    assert set(terms) == {"loss/mlm", "loss/total"} and torch.allclose(total, 1.5 * mlm, atol=1e-6)
+
+
+def test_codir_pretrain_with_in_batch_negatives():
+    """CoDIR-Pre: MLM + KD + CRD against the shared in-batch candidates; alpha_kd = 0 needs no teacher logits."""
+    torch.manual_seed(4)
+    b, g, m = 4, 6, 8
+    logits, t_logits = torch.randn(7, 11), torch.randn(7, 11)
+    labels = torch.randint(0, 11, (7,))
+    h_t, h_s, cand = torch.randn(b, m), torch.randn(b, m), torch.randn(g, m)
+    exclude = self_mask(torch.tensor([2, 9, 4, 30]), torch.tensor([0, 2, 4, 6, 8, 9]))
+    neg = BatchNegatives(cand, exclude)
+    crd, pos, mean_neg = crd_loss_shared(h_t, h_s, cand, exclude, 0.07)
+    cfg = SimpleNamespace(name="codir", alpha_kd=0.5, alpha_crd=0.2, kd_temperature=2.0, kd_t2_scale=True,
+                          crd_temperature=0.07)
+    method = build_method(cfg, "pretrain")
+    assert method.needs.teacher and method.needs.teacher_logits and method.needs.bank
+    total, terms = method.loss(StudentOutput(logits, h_s=h_s, h_t=h_t), TeacherOutput(t_logits),
+                               LossInputs(labels, pretraining=True, negatives=neg))
+    want = F.cross_entropy(logits, labels) + 0.5 * 4.0 * kd_loss(logits, t_logits, 2.0) + 0.2 * crd
+    assert torch.allclose(total, want, atol=1e-6)
+    assert torch.allclose(terms["loss/crd"], crd) and torch.allclose(terms["bank/pos_sim"], pos.mean())
+    assert torch.allclose(terms["bank/neg_sim"], mean_neg.mean())
+    # alpha_kd = 0: the teacher's MLM head is not needed; no KD term, no teacher logits read
+    cfg.alpha_kd = 0.0
+    method = build_method(cfg, "pretrain")
+    assert method.needs.teacher and not method.needs.teacher_logits
+    total, terms = method.loss(StudentOutput(logits, h_s=h_s, h_t=h_t), TeacherOutput(None),
+                               LossInputs(labels, pretraining=True, negatives=neg))
+    assert "loss/kd" not in terms
+    assert torch.allclose(total, F.cross_entropy(logits, labels) + 0.2 * crd, atol=1e-6)
 
 
 def test_headless_teacher_is_refused_for_kd(tok, tiny_teacher, tiny_mlm_teacher):

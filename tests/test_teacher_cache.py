@@ -42,7 +42,7 @@ def test_teacher_cache_only_for_kd_and_codir():
 @pytest.mark.parametrize("method", ["kd", "codir"])
 def test_cached_run_equals_uncached_run(tmp_path, tiny_config, single_process_env, method):
     """3 epochs: epochs 2 and 3 come from the cache; weights match the run without it."""
-    from codir_ds.engine.finetune import run_finetune
+    from codir_ds.recipes import run_finetune
     sets = [f"method.name={method}", "model.dropout=0.0", "training.max_steps=-1", "training.epochs=3",
             "training.deterministic=true"]
     plain = run_finetune(load_config(str(tiny_config), sets), DS, str(tmp_path / "plain"))

@@ -590,7 +590,8 @@ def _float_labels(values: list, column: str, key: str, path: Any) -> list[float]
     return out
 
 
-def _load_files(cfg: Any, fraction: Any, seed: Any):
+def _files_settings(cfg: Any) -> tuple:
+    """The 'files' task's data.* settings: (train_file, val_file, text_col, pair_col, label_col, task_type)."""
     train_file = _get(cfg, "train_file")
     if train_file is None:
         raise CodirError(
@@ -605,51 +606,67 @@ def _load_files(cfg: Any, fraction: Any, seed: Any):
         raise CodirError(
             f"data.task_type {task_type!r} is not valid: set data.task_type to auto, classification or regression"
         )
+    return train_file, val_file, text_col, pair_col, label_col, task_type
 
-    def read(path_value: Any, key: str):
-        table, _ = _read_table(path_value, key)
-        texts = _texts(_column(table, text_col, "text_column", key, path_value), text_col, key, path_value)
-        pairs: list[Optional[str]]
-        if pair_col is not None:
-            pair_values = _column(table, str(pair_col), "text_pair_column", key, path_value)
-            pairs = list(_texts(pair_values, str(pair_col), key, path_value))
-        else:
-            pairs = [None] * len(texts)
-        labels = _column(table, label_col, "label_column", key, path_value)
-        _check_labels(labels, label_col, key, path_value)
-        return texts, pairs, labels
 
-    train_texts, train_pairs, train_labels = read(train_file, "train_file")
-    val_data = read(val_file, "validation_file") if val_file is not None else None
+def _read_labelled_file(path_value: Any, key: str, text_col: str, pair_col: Any, label_col: str):
+    """Read one data file and check its columns; returns (texts, pairs or Nones, raw labels)."""
+    table, _ = _read_table(path_value, key)
+    texts = _texts(_column(table, text_col, "text_column", key, path_value), text_col, key, path_value)
+    pairs: list[Optional[str]]
+    if pair_col is not None:
+        pair_values = _column(table, str(pair_col), "text_pair_column", key, path_value)
+        pairs = list(_texts(pair_values, str(pair_col), key, path_value))
+    else:
+        pairs = [None] * len(texts)
+    labels = _column(table, label_col, "label_column", key, path_value)
+    _check_labels(labels, label_col, key, path_value)
+    return texts, pairs, labels
 
+
+def _is_regression_task(task_type: str, train_labels: list) -> bool:
+    """Regression if configured so, or (auto) if the training labels include non-integer numbers."""
     if task_type == "auto":
         # Only non-integer numbers mean regression: integer labels (0/1, 1..5 stars) are classes.
-        is_regression = all(_is_number(v) for v in train_labels) and any(
+        return all(_is_number(v) for v in train_labels) and any(
             isinstance(v, float) and not v.is_integer() for v in train_labels
         )
-    else:
-        is_regression = task_type == "regression"
+    return task_type == "regression"
 
+
+def _class_ids(train_labels: list, val_labels: Optional[list], val_file: Any):
+    """Map class labels to ids; returns (label_names, train_y, val_y or None)."""
+    # Classes come from the whole train file (before any seeded split), sorted, index = class id.
+    classes = {_class_key(v) for v in train_labels}
+    label_names = sorted(classes, key=_class_sort_key(classes))
+    index = {n: i for i, n in enumerate(label_names)}
+    train_y = [index[_class_key(v)] for v in train_labels]
+    if val_labels is None:
+        return label_names, train_y, None
+    unseen = sorted({_class_key(v) for v in val_labels} - set(index))
+    if unseen:
+        shown = ", ".join(repr(u) for u in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+        raise CodirError(
+            f"data.validation_file {str(val_file)!r} has labels not in data.train_file: {shown}: "
+            "add examples of these labels to the training file or remove them from the validation file"
+        )
+    return label_names, train_y, [index[_class_key(v)] for v in val_labels]
+
+
+def _load_files(cfg: Any, fraction: Any, seed: Any):
+    train_file, val_file, text_col, pair_col, label_col, task_type = _files_settings(cfg)
+    columns = (text_col, pair_col, label_col)
+    train_texts, train_pairs, train_labels = _read_labelled_file(train_file, "train_file", *columns)
+    val_data = _read_labelled_file(val_file, "validation_file", *columns) if val_file is not None else None
+    val_labels = val_data[2] if val_data is not None else None
+
+    is_regression = _is_regression_task(task_type, train_labels)
     label_names: list[str] = []
     if is_regression:
         train_y: list = _float_labels(train_labels, label_col, "train_file", train_file)
-        val_y = _float_labels(val_data[2], label_col, "validation_file", val_file) if val_data else None
+        val_y = _float_labels(val_labels, label_col, "validation_file", val_file) if val_labels is not None else None
     else:
-        # Classes come from the whole train file (before any seeded split), sorted, index = class id.
-        classes = {_class_key(v) for v in train_labels}
-        label_names = sorted(classes, key=_class_sort_key(classes))
-        index = {n: i for i, n in enumerate(label_names)}
-        train_y = [index[_class_key(v)] for v in train_labels]
-        val_y = None
-        if val_data:
-            unseen = sorted({_class_key(v) for v in val_data[2]} - set(index))
-            if unseen:
-                shown = ", ".join(repr(u) for u in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
-                raise CodirError(
-                    f"data.validation_file {str(val_file)!r} has labels not in data.train_file: {shown}: "
-                    "add examples of these labels to the training file or remove them from the validation file"
-                )
-            val_y = [index[_class_key(v)] for v in val_data[2]]
+        label_names, train_y, val_y = _class_ids(train_labels, val_labels, val_file)
 
     train_rows: list[_Row] = list(zip(train_texts, train_pairs, train_y))
     if val_data is None:

@@ -67,32 +67,30 @@ def use_eager_attention(model: nn.Module) -> None:
 
 def ild_features(hidden_states, attentions, mask: torch.Tensor, spec: ILDSpec, layers_from: str,
                  projections: Optional[nn.ModuleList] = None) -> dict:
-    """The mapped features of one side (``layers_from`` "student" or "teacher") as the objective wants them."""
+    """The mapped layers of one side (``layers_from`` "student" or "teacher"), as the fields of
+    :class:`~codir_ds.distill.methods.base.LayerFeatures`: ``mask`` and ``cls`` or ``hidden`` (and ``attn``)."""
     idx = spec.student_layers if layers_from == "student" else spec.teacher_layers
-    prefix = "s_" if layers_from == "student" else "t_"
     out = {"mask": mask}
     if spec.kind == "cls":
         feats = [hidden_states[i][:, 0] for i in idx]
-        key = prefix + "cls"
     else:
         feats = [hidden_states[i] for i in idx]
-        key = prefix + "hidden"
     if projections is not None:
         feats = [proj(f.to(proj.weight.dtype)) for proj, f in zip(projections, feats)]
-    out[key] = feats
+    out[spec.kind] = feats
     if spec.attention:
         a_idx = [s if layers_from == "student" else t for s, t in spec.attention_pairs]
-        out[prefix + "attn"] = [attentions[i - 1] for i in a_idx]
+        out["attn"] = [attentions[i - 1] for i in a_idx]
     return out
 
 
-def build_ild_spec(objective, mcfg, student, teacher) -> Optional[ILDSpec]:
-    """The layer pairs and features pkd / tinybert / distilbert / cr_ild distil (None for other methods)."""
-    if not objective.uses_ild:
+def build_ild_spec(method, student, teacher) -> Optional[ILDSpec]:
+    """The layer pairs and features an ILD method distils (None when the method reads no layers)."""
+    needs = method.needs
+    if needs.layer_pairs is None:
         return None
-    pairs = layer_pairs(mcfg.layer_map, objective.name, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    return ILDSpec(pairs, "cls" if objective.name == "pkd" else "hidden", attention=objective.uses_attention,
-                   consistency=objective.name == "cr_ild" and mcfg.alpha_consistency > 0)
+    pairs = method.layer_pairs(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    return ILDSpec(pairs, needs.layer_pairs, attention=needs.attention_maps, consistency=needs.consistency)
 
 
 class DistillationModule(nn.Module):
@@ -100,7 +98,7 @@ class DistillationModule(nn.Module):
 
     ``forward`` returns a dict with ``logits`` ``[B, C]``; with CRD heads and
     ``teacher_features`` ``[B, Lt*d_t]`` also ``h_s`` and ``h_t`` ``[B, m]``; with ``ild=True``
-    an ``ild`` dict of the student's mapped features (:func:`ild_features`), projected to the
+    ``layers``, the student's mapped layers (:func:`ild_features`), projected to the
     teacher's width by one learned linear map per layer pair when the widths differ. With
     ``mix=(lam, partner)`` the student runs on mixed word embeddings (CR-ILD) and, for the
     consistency term, also on the clean inputs without gradient (itself, or ``clean_model``:
@@ -153,17 +151,18 @@ class DistillationModule(nn.Module):
             result["h_s"] = self.proj_s(pooled)
             result["h_t"] = self.proj_t(teacher_features)
         if ild:
-            result["ild"] = self._ild(out, mask)
+            result["layers"] = self._ild(out, mask)
             if mix is not None and self.ild_spec.consistency:
                 with torch.no_grad():
                     clean = (clean_model or self.student)(
                         input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         output_hidden_states=True, output_attentions=attn)
-                result["ild"]["cons_hidden"] = out.hidden_states[-1]
-                result["ild"]["cons_hidden_target"] = mix_targets(clean.hidden_states[-1], lam, partner)
+                cons = {"hidden": out.hidden_states[-1],
+                        "hidden_target": mix_targets(clean.hidden_states[-1], lam, partner)}
                 if attn:
-                    result["ild"]["cons_attn"] = out.attentions[-1]
-                    result["ild"]["cons_attn_target"] = mix_targets(clean.attentions[-1], lam, partner)
+                    cons["attn"] = out.attentions[-1]
+                    cons["attn_target"] = mix_targets(clean.attentions[-1], lam, partner)
+                result["consistency"] = cons
         return result
 
 
@@ -173,8 +172,8 @@ class PretrainModule(DistillationModule):
     ``forward`` returns ``logits`` ``[M, V]`` at the flat masked positions ``rows`` only
     (see :func:`codir_ds.models.mlm.masked_rows`) and, with CRD heads and
     ``teacher_features``, ``h_s`` / ``h_t`` ``[B, m]`` pooled from the same masked input;
-    with ``ild=True`` the mapped hidden states / attention of the masked input (tinybert,
-    distilbert pre-training).
+    with ``ild=True`` the mapped layers (``layers``) of the masked input (tinybert, distilbert
+    pre-training).
     """
 
     def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
@@ -189,5 +188,5 @@ class PretrainModule(DistillationModule):
             result["h_s"] = self.proj_s(pooled)
             result["h_t"] = self.proj_t(teacher_features)
         if ild:
-            result["ild"] = self._ild(out, attention_mask)
+            result["layers"] = self._ild(out, attention_mask)
         return result

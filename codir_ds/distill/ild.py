@@ -1,6 +1,6 @@
 """Intermediate-layer distillation (ILD): layer maps and the losses of PKD, TinyBERT, DistilBERT and CR-ILD.
 
-All losses are computed in fp32 whatever the inputs' dtype (``METHODS.md`` sections 2, 4, 5).
+All losses are computed in fp32 whatever the inputs' dtype (docs/methods/: pkd, tinybert, distilbert, cr_ild).
 Positions are restricted to real tokens with the attention mask ``[B, L]`` (1 = real).
 
 - :func:`pkd_loss`: PKD's "patient" loss, the squared distance between L2-normalised
@@ -25,32 +25,22 @@ import torch.nn.functional as F
 
 from codir_ds.errors import CodirError
 
-ILD_METHODS = ("pkd", "tinybert", "distilbert", "cr_ild")
-
-
 def _no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def layer_pairs(spec: Union[str, Sequence[Sequence[int]]], method: str, student_layers: int,
+def layer_pairs(spec: Union[str, Sequence[Sequence[int]]], default: Sequence[tuple[int, int]], student_layers: int,
                 teacher_layers: int) -> list[tuple[int, int]]:
     """``[(student_layer, teacher_layer), ...]`` for ``method.layer_map`` (0 = embedding output).
 
-    - ``default``: the method's own map: pkd ``uniform`` without the last layer (PKD-skip; the
-      last layer is covered by KD; a 1-layer student keeps its only layer), tinybert ``uniform``
-      plus the embeddings ``(0, 0)``, distilbert and cr_ild ``last``.
+    - ``default``: the method's own map, given as ``default`` (see each ILD method's ``default_pairs``).
     - ``uniform``: student layer ``i`` <- teacher layer ``i * Lt // Ls`` for ``i = 1..Ls``.
     - ``last``: ``[(Ls, Lt)]``.
     - a list of pairs, checked against both depths.
     """
     ls, lt = student_layers, teacher_layers
     if spec == "default":
-        if method == "pkd":
-            pairs = [(i, i * lt // ls) for i in range(1, ls)] or [(ls, lt)]
-        elif method == "tinybert":
-            pairs = [(0, 0)] + [(i, i * lt // ls) for i in range(1, ls + 1)]
-        else:
-            pairs = [(ls, lt)]
+        pairs = [tuple(p) for p in default]
     elif spec == "uniform":
         pairs = [(i, i * lt // ls) for i in range(1, ls + 1)]
     elif spec == "last":

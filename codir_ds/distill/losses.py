@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crd_loss", "crd_loss_classes", "crd_loss_shared", "crd_scores", "kd_loss"]
+__all__ = ["crd_loss", "crd_loss_classes", "crd_loss_shared", "kd_loss"]
 
 
 def _no_autocast(device: torch.device):
@@ -40,7 +40,7 @@ def _check_crd_shapes(h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Ten
 def _cosine_scores(
     h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Shared maths of :func:`crd_scores` and :func:`crd_loss`.
+    """Cosine-similarity maths of :func:`crd_loss`.
 
     Returns ``pos [B]`` = cos(h_t, h_s) and ``neg [B, K]`` = cos(h_t, n_j), fp32,
     differentiable with respect to all three inputs. Must be called with autocast
@@ -55,28 +55,6 @@ def _cosine_scores(
     pos = (t * s).sum(dim=-1)  # [B]
     neg = torch.einsum("bm,bkm->bk", t, n)  # [B, K]
     return pos, neg
-
-
-def crd_scores(
-    h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor, tau: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities behind the CRD loss, for monitoring.
-
-    Args:
-        h_t: ``[B, m]`` projected teacher features of the positives (any float dtype).
-        h_s: ``[B, m]`` projected student features of the positives.
-        negatives: ``[B, K, m]`` student features of the negatives (memory-bank rows).
-        tau: temperature; not applied (kept in the signature so call sites of
-            ``crd_loss`` and ``crd_scores`` look alike), must be > 0.
-
-    Returns:
-        ``(pos_sim [B], neg_sim [B, K])``: fp32 cosine similarities in [-1, 1],
-        *not* divided by τ, detached.
-    """
-    if not tau > 0:
-        raise ValueError(f"crd: temperature tau must be > 0, got {tau}")
-    with torch.no_grad(), _no_autocast(h_t.device):
-        return _cosine_scores(h_t, h_s, negatives)
 
 
 def crd_loss(

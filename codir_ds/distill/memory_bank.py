@@ -19,7 +19,7 @@ bank to the GPU with ``.to(device)``.
 from __future__ import annotations
 
 import hashlib
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -318,6 +318,55 @@ class ShardedMemoryBank:
             "updates": self.updates.to("cpu", copy=True),
         }
 
+    def _read_shard(self, k: int, sh: dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate saved shard ``k``; returns its (ids, rows as CPU float32, update counts)."""
+        missing = {"num_examples", "dim", "ids", "rows"} - set(sh)
+        if missing:
+            raise BankStateError(
+                f"memory bank checkpoint: shard {k} lacks keys {sorted(missing)}; "
+                f"is it a ShardedMemoryBank.state_dict()?"
+            )
+        if int(sh["num_examples"]) != self.num_examples or int(sh["dim"]) != self.dim:
+            raise BankStateError(
+                f"memory bank checkpoint: shard {k} is for num_examples={sh['num_examples']}, "
+                f"dim={sh['dim']} but this bank has num_examples={self.num_examples}, "
+                f"dim={self.dim}; the dataset or projection size changed since the checkpoint"
+            )
+        ids = _as_ids(sh["ids"], "checkpoint ids")
+        rows = torch.as_tensor(sh["rows"])
+        if rows.shape != (ids.numel(), self.dim):
+            raise BankStateError(
+                f"memory bank checkpoint: shard {k} has {ids.numel()} ids but rows of shape "
+                f"{tuple(rows.shape)} (expected [{ids.numel()}, {self.dim}])"
+            )
+        upd = sh.get("updates")  # absent in checkpoints written before the counter existed
+        updates = (torch.zeros(ids.numel(), dtype=torch.long) if upd is None
+                   else torch.as_tensor(upd, dtype=torch.long).reshape(-1))
+        return ids, rows.to("cpu", torch.float32), updates
+
+    def _check_cover(self, ids: torch.Tensor, single: bool) -> None:
+        """Raise unless the saved ``ids`` cover each of ``num_examples`` ids exactly once."""
+        counts = torch.bincount(ids, minlength=self.num_examples)
+        if not bool((counts == 1).all()):
+            missing_ids = (counts == 0).nonzero().flatten()[:5].tolist()
+            dup_ids = (counts > 1).nonzero().flatten()[:5].tolist()
+            hint = (
+                "pass the list of the shards saved by every rank"
+                if single
+                else "pass every rank's shard of one checkpoint, each once"
+            )
+            raise BankStateError(
+                f"memory bank checkpoint: shards must cover each of the {self.num_examples} ids "
+                f"exactly once (missing e.g. {missing_ids}, duplicated e.g. {dup_ids}); {hint}"
+            )
+
+    def _keep_owned(self, ids: torch.Tensor, rows: torch.Tensor, updates: torch.Tensor) -> None:
+        """Re-shard: keep the saved rows/counters of the ids this rank owns now, in owned order."""
+        pos = torch.empty(self.num_examples, dtype=torch.long)
+        pos[ids] = torch.arange(ids.numel())
+        self.rows = rows[pos[self._owned]].to(self.device)
+        self.updates = updates[pos[self._owned]].to(self.device)
+
     @torch.no_grad()
     def load_state_dict(self, state: Union[dict, Sequence[dict]]) -> None:
         """Restore rows from a checkpoint, re-sharding if the world size changed.
@@ -337,61 +386,14 @@ class ShardedMemoryBank:
         shards: List[dict] = [state] if single else list(state)
         if not shards:
             raise BankStateError("memory bank checkpoint: empty list of shards")
-        all_ids, all_rows, all_updates = [], [], []
-        for k, sh in enumerate(shards):
-            missing = {"num_examples", "dim", "ids", "rows"} - set(sh)
-            if missing:
-                raise BankStateError(
-                    f"memory bank checkpoint: shard {k} lacks keys {sorted(missing)}; "
-                    f"is it a ShardedMemoryBank.state_dict()?"
-                )
-            if int(sh["num_examples"]) != self.num_examples or int(sh["dim"]) != self.dim:
-                raise BankStateError(
-                    f"memory bank checkpoint: shard {k} is for num_examples={sh['num_examples']}, "
-                    f"dim={sh['dim']} but this bank has num_examples={self.num_examples}, "
-                    f"dim={self.dim}; the dataset or projection size changed since the checkpoint"
-                )
-            ids = _as_ids(sh["ids"], "checkpoint ids")
-            rows = torch.as_tensor(sh["rows"])
-            if rows.shape != (ids.numel(), self.dim):
-                raise BankStateError(
-                    f"memory bank checkpoint: shard {k} has {ids.numel()} ids but rows of shape "
-                    f"{tuple(rows.shape)} (expected [{ids.numel()}, {self.dim}])"
-                )
-            all_ids.append(ids)
-            all_rows.append(rows.to("cpu", torch.float32))
-            upd = sh.get("updates")  # absent in checkpoints written before the counter existed
-            all_updates.append(torch.zeros(ids.numel(), dtype=torch.long) if upd is None
-                               else torch.as_tensor(upd, dtype=torch.long).reshape(-1))
-        ids = torch.cat(all_ids)
-        rows = torch.cat(all_rows)
-        updates = torch.cat(all_updates)
+        parts = [self._read_shard(k, sh) for k, sh in enumerate(shards)]
+        ids, rows, updates = (torch.cat(list(t)) for t in zip(*parts))
         self._check_range(ids, "checkpoint")
-
-        if single and torch.equal(torch.sort(ids).values, self._owned):
-            # Same layout as this rank: no need for the other ranks' shards.
-            pos = torch.empty(self.num_examples, dtype=torch.long)
-            pos[ids] = torch.arange(ids.numel())
-            self.rows = rows[pos[self._owned]].to(self.device)
-            self.updates = updates[pos[self._owned]].to(self.device)
-            return
-        counts = torch.bincount(ids, minlength=self.num_examples)
-        if not bool((counts == 1).all()):
-            missing_ids = (counts == 0).nonzero().flatten()[:5].tolist()
-            dup_ids = (counts > 1).nonzero().flatten()[:5].tolist()
-            hint = (
-                "pass the list of the shards saved by every rank"
-                if single
-                else "pass every rank's shard of one checkpoint, each once"
-            )
-            raise BankStateError(
-                f"memory bank checkpoint: shards must cover each of the {self.num_examples} ids "
-                f"exactly once (missing e.g. {missing_ids}, duplicated e.g. {dup_ids}); {hint}"
-            )
-        pos = torch.empty(self.num_examples, dtype=torch.long)
-        pos[ids] = torch.arange(ids.numel())
-        self.rows = rows[pos[self._owned]].to(self.device)
-        self.updates = updates[pos[self._owned]].to(self.device)
+        # One shard holding exactly this rank's owned ids (same layout): no need for the other ranks' shards.
+        same_layout = single and torch.equal(torch.sort(ids).values, self._owned)
+        if not same_layout:
+            self._check_cover(ids, single)
+        self._keep_owned(ids, rows, updates)
 
     def __repr__(self) -> str:
         return (

@@ -23,11 +23,40 @@ positive sample"):
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
+from codir_ds.distill.losses import crd_loss_classes, crd_loss_shared
 from codir_ds.distill.memory_bank import derive_seed
 
-__all__ = ["LabelNegativeSampler"]
+__all__ = ["BatchNegatives", "ClassNegatives", "LabelNegativeSampler", "batch_negatives", "self_mask"]
+
+
+@dataclass
+class ClassNegatives:
+    """Finetuning's CRD negatives: ``rows`` ``[C, K, m]`` bank rows per class (one
+    :meth:`LabelNegativeSampler.class_negatives` gather per optimizer step), shared by the anchors
+    of each class; ``classes`` ``[B]`` are the anchors' classes."""
+    rows: torch.Tensor
+    classes: torch.Tensor
+
+    def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
+        """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_classes`)."""
+        return crd_loss_classes(h_t, h_s, self.rows, self.classes, tau)
+
+
+@dataclass
+class BatchNegatives:
+    """Pre-training's in-batch CRD negatives: ``candidates`` ``[G, m]`` bank rows of the global
+    mini-batch and ``exclude`` ``[B, G]`` (True at each anchor's own row)."""
+    candidates: torch.Tensor
+    exclude: torch.Tensor
+
+    def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
+        """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_shared`)."""
+        return crd_loss_shared(h_t, h_s, self.candidates, self.exclude, tau)
 
 
 class LabelNegativeSampler:
@@ -97,11 +126,6 @@ class LabelNegativeSampler:
         idx = torch.where(idx >= start, idx + self._class_count.unsqueeze(1), idx)
         return self._by_label[idx]
 
-    def ids_for_batch(self, step: int, batch_labels: torch.Tensor) -> torch.Tensor:
-        """``[B, K]`` negative ids for positives with labels ``batch_labels [B]``."""
-        labels = self._check_batch_labels(batch_labels)
-        return self.sample(step)[labels]
-
     def class_negatives(self, bank, step: int) -> torch.Tensor:
         """Negative features ``[C, K, m]`` (fp32, bank device) of every class for ``step``. COLLECTIVE.
 
@@ -116,22 +140,35 @@ class LabelNegativeSampler:
         neg_ids = self.sample(step)  # [C, K], same on every rank
         return bank.gather(neg_ids.reshape(-1)).reshape(self.num_classes, self.num_negatives, -1)
 
-    def negatives_for_batch(self, bank, step: int, batch_labels: torch.Tensor) -> torch.Tensor:
-        """Negative features ``[B, K, m]`` (fp32, bank device) for this rank's positives.
 
-        COLLECTIVE (calls ``bank.gather``): every rank of the bank's group must
-        call it for the same ``step``; the local ``batch_labels [B]`` may differ
-        per rank (and B may be 0).
-        """
-        labels = self._check_batch_labels(batch_labels)
-        feats = self.class_negatives(bank, step)
-        return feats[labels.to(feats.device)]
+def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step: int,
+                    world: int, device=None, group=None) -> torch.Tensor:
+    """Ids of the global mini-batch whose bank rows are this step's negatives. COLLECTIVE.
 
-    def _check_batch_labels(self, batch_labels: torch.Tensor) -> torch.Tensor:
-        labels = torch.as_tensor(batch_labels).reshape(-1).to("cpu", torch.long)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"label negatives: batch labels must be in [0, {self.num_classes}), got "
-                f"{labels.unique().tolist()[:10]}"
-            )
-        return labels
+    Every rank contributes the ids of all its micro-batches of this optimizer step; the
+    result is identical on every rank. When the global batch has more than
+    ``num_negatives + 1`` examples, a subset of that size (seeded by ``(seed, step)``, so
+    no communication is needed to agree on it) is used. Each anchor's own row is excluded
+    later, so every anchor is contrasted with ``min(num_negatives, G - 1)`` negatives
+    (one more when it is not in the sampled subset). The ids come back on the CPU. With
+    ``group`` (a gloo group, :func:`~codir_ds.engine.distributed.host_group`) the all-gather runs
+    on the host ids: no host-device sync. Without it, it runs on ``device`` (NCCL needs
+    accelerator tensors) and the copy back to the CPU waits for the device.
+    """
+    if world > 1:
+        local = local_ids.cpu() if group is not None else local_ids.to(device or "cpu")
+        out = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(out, local, group=group)
+        ids = torch.cat(out).cpu()
+    else:
+        ids = local_ids
+    ids = torch.sort(ids).values  # the same set gives the same subset whatever the rank layout
+    if ids.numel() > num_negatives + 1:
+        g = torch.Generator().manual_seed(derive_seed(seed, step, 7))
+        ids = ids[torch.randperm(ids.numel(), generator=g)[: num_negatives + 1]]
+    return ids
+
+
+def self_mask(anchor_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, G]`` True where candidate g is anchor b's own example: a positive is never its own negative."""
+    return anchor_ids.to(candidate_ids.device)[:, None] == candidate_ids[None, :]

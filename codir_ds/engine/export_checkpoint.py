@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from codir_ds.engine import checkpoint as ckpt
+from codir_ds.engine import checkpointing as ckpt
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import export_student, load_tokenizer, read_manifest
 

@@ -1,13 +1,19 @@
-"""Run directories: refuse to clobber an earlier run, allow an explicit resume."""
+"""Run directories: refuse to clobber an earlier run, allow an explicit resume, set one up on every rank."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
-import zipfile
+import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 import yaml
 
+from codir_ds.config import ExperimentConfig, save_config
+from codir_ds.engine.checkpointing.integrity import check_resume_checkpoint
 from codir_ds.errors import CodirError
 
 # Keys that may change between a run and its resumption.
@@ -57,7 +63,6 @@ def check_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> s
         if not isinstance(old, dict):
             raise CodirError(f"--resume: the saved config '{saved}' is not a mapping: restore it or start the run "
                              f"again with --overwrite")
-        from codir_ds.config import ExperimentConfig
         changed = _diff(_with_defaults(old, ExperimentConfig().to_dict()), cfg_dict)
         if changed:
             raise CodirError(f"--resume: the config differs from the saved run's in {', '.join(changed)}: resume "
@@ -88,75 +93,34 @@ def clear_run_dir(out: Path) -> None:
             p.unlink()
 
 
-# --------------------------------------------------------------------------- checkpoint integrity
-
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives (DeepSpeed's files and codir_rank_*.pt alike)
-
-
-def _archive_problem(path: Path, full: bool) -> Optional[str]:
-    """Why ``path`` is not an intact torch.save archive, or None.
-
-    Always checked: non-empty, zip magic, central directory present (a truncated file has
-    none). ``full`` also verifies every member's CRC-32, which reads the whole file: torch.load
-    itself does not check CRCs and would load flipped bytes as wrong numbers.
-    """
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return "empty (0 bytes)"
-        with open(path, "rb") as f:
-            if f.read(4) != ZIP_MAGIC:
-                return "not a PyTorch archive (it does not start like one)"
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                if info.header_offset + info.compress_size > size:
-                    return f"truncated (member '{info.filename}' runs past the end of the file)"
-            if full:
-                bad = z.testzip()
-                if bad is not None:
-                    return f"corrupted (CRC mismatch in member '{bad}')"
-    except zipfile.BadZipFile as e:
-        return f"truncated or corrupted ({e})"
-    except (OSError, EOFError, ValueError, RuntimeError) as e:  # zlib/struct errors while reading members
-        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    return None
-
-
-def damaged_checkpoint_fix(ckpt_root: Path, tag: str) -> str:
-    """The fix for a damaged checkpoint ``tag``: fall back to the previous complete one, or start over."""
-    from codir_ds.engine import checkpoint as ckpt
-
-    earlier = [t for t in ckpt.complete_tags(ckpt_root) if t < tag]
-    if earlier:
-        return f"delete '{ckpt_root / tag}' to resume from the previous checkpoint '{earlier[-1]}'"
-    return "no earlier checkpoint is left: start the run again with --overwrite"
-
-
-def check_resume_checkpoint(ckpt_root: Path) -> str:
-    """Before anything is started on --resume: the checkpoint to load exists and its files are intact.
-
-    Returns its tag. Every rank checks the same files and so reaches the same verdict without
-    communicating. The per-rank codir files and DeepSpeed's model states, which every rank
-    loads anyway, are CRC-checked in full; the other DeepSpeed files (optimizer partitions)
-    are checked for truncation only (reading the central directory), to keep the cost small.
-    Nothing is modified: a damaged checkpoint is reported, never deleted.
-    """
-    from codir_ds.engine import checkpoint as ckpt
-
-    tag = ckpt.latest_tag(ckpt_root)
-    if tag is None:
-        raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
-    tag_dir = ckpt_root / tag
-    fix = damaged_checkpoint_fix(ckpt_root, tag)
-    files = sorted(tag_dir.rglob("*.pt"))
-    if not any(f.name.startswith("codir_rank_") for f in files):
-        raise CodirError(f"--resume: checkpoint '{tag_dir}' has no codir_rank_*.pt files (incomplete, or not a "
-                         f"codir-ds checkpoint): {fix}")
-    if not any(f.name.endswith("model_states.pt") for f in files):
-        raise CodirError(f"--resume: checkpoint '{tag_dir}' has no DeepSpeed *model_states.pt file (incomplete, or "
-                         f"not a DeepSpeed checkpoint): {fix}")
-    for f in files:
-        problem = _archive_problem(f, full=f.name.startswith("codir_rank_") or f.name.endswith("model_states.pt"))
-        if problem:
-            raise CodirError(f"--resume: checkpoint file '{f}' is {problem}: {fix}")
-    return tag
+def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank: int,
+                 warning: Optional[str]) -> None:
+    """Rank 0 creates (or clears, with --overwrite) the run directory and records the config. Collective."""
+    if rank == 0:
+        if warning:
+            print(f"warning: {warning}", flush=True)
+        if mode == "overwrite":
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if mode != "resume":
+            save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    # Every rank must see the same run directory: checkpoints are written by all ranks and
+    # published by rank 0, so a node-local --output_dir would lose shards silently.
+    token = [os.urandom(8).hex() if rank == 0 else None]  # not the seeded RNGs
+    dist.broadcast_object_list(token, src=0)
+    marker = run_dir / f".codir_shared_check_{token[0]}"
+    if rank == 0:
+        marker.write_text(token[0])
+    dist.barrier()
+    deadline = time.monotonic() + 15.0  # network filesystems may show a new file late
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    from deepspeed.accelerator import get_accelerator
+    ok = torch.tensor([1 if marker.is_file() else 0], device=get_accelerator().current_device_name())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    if not int(ok):
+        raise CodirError(f"--output_dir '{run_dir}' is not on a filesystem shared by every node: put it on shared "
+                         f"storage (every rank writes its checkpoint files there)")

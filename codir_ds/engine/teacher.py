@@ -1,28 +1,22 @@
 """The frozen teacher's forward pass: inference mode, run's precision, pooled features."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from codir_ds.distill.heads import ILDSpec, ild_features, use_eager_attention
 from codir_ds.distill.ild import mixup_embeddings
+from codir_ds.distill.methods.base import LayerFeatures, TeacherOutput
 from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
 
 
-@dataclass
-class TeacherOutput:
-    logits: Optional[torch.Tensor]            # [B, C] (finetuning) or [M, V] at masked positions (pre-training)
-    features: Optional[torch.Tensor] = None   # [B, Lt*d_t] pooled layers (CRD only)
-    ild: Optional[dict] = None                # mapped layers' features (pkd, tinybert, distilbert, cr_ild)
-
-
-def _clone_ild(ild: Optional[dict]) -> Optional[dict]:
-    if ild is None:
+def _clone_layers(feats: Optional[dict]) -> Optional[LayerFeatures]:
+    """The mapped layers as :class:`LayerFeatures`, cloned out of inference mode."""
+    if feats is None:
         return None
-    return {k: ([t.clone() for t in v] if isinstance(v, list) else v) for k, v in ild.items()}
+    return LayerFeatures(**{k: ([t.clone() for t in v] if isinstance(v, list) else v) for k, v in feats.items()})
 
 
 class TeacherRunner:
@@ -58,7 +52,7 @@ class TeacherRunner:
                         if self.layers is not None else None)
             feats = ild_features(out.hidden_states, out.attentions, mask, self.ild_spec, "teacher") if ild else None
         return TeacherOutput(logits=out.logits.clone(), features=None if features is None else features.clone(),
-                             ild=_clone_ild(feats))
+                             layers=_clone_layers(feats))
 
 
 class MLMTeacherRunner:
@@ -91,4 +85,4 @@ class MLMTeacherRunner:
             feats = ild_features(out.hidden_states, out.attentions, attention_mask, self.ild_spec, "teacher") \
                 if ild else None
         return TeacherOutput(logits=None if logits is None else logits.clone(),
-                             features=None if features is None else features.clone(), ild=_clone_ild(feats))
+                             features=None if features is None else features.clone(), layers=_clone_layers(feats))

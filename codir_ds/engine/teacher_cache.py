@@ -24,14 +24,13 @@ intermediate-layer methods need whole hidden-state sequences and always run the 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from codir_ds.engine.teacher import TeacherOutput
+from codir_ds.distill.methods.base import TeacherOutput
 
 CACHE_DIR = "teacher_cache"
 
@@ -101,7 +100,3 @@ class TeacherCache:
             if arr is not None:
                 total += Path(arr.filename).stat().st_blocks * 512
         return total
-
-
-def remove_cache(run_dir: Path) -> None:
-    shutil.rmtree(Path(run_dir) / CACHE_DIR, ignore_errors=True)

@@ -282,3 +282,9 @@ def export_student(model: torch.nn.Module, tokenizer, out_dir: Path, extra: Opti
     manifest = {"sha256": digest, **(extra or {})}
     (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return digest
+
+
+def position_limit(config) -> int:
+    """Longest sequence a model's position embeddings allow (RoBERTa-style models reserve 2)."""
+    offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer") else 0
+    return int(getattr(config, "max_position_embeddings", 512)) - offset

@@ -7,7 +7,6 @@ carry a label. That is what the MLM loss and the KD term need, and it skips
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -37,12 +36,6 @@ def masked_rows(labels: torch.Tensor) -> torch.Tensor:
 def gather_rows(sequence: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[B, T, d]`` -> ``[M, d]`` at flat positions ``rows``."""
     return sequence.reshape(-1, sequence.shape[-1]).index_select(0, rows)
-
-
-def head_missing(path: Path) -> list[str]:
-    """MLM-head parameters that the weights in ``path`` do not provide (empty when it has a head)."""
-    _, info = AutoModelForMaskedLM.from_pretrained(str(path), output_loading_info=True)
-    return sorted(info["missing_keys"])
 
 
 def load_mlm_teacher(spec: str, dtype: torch.dtype, sha256: Optional[str] = None,

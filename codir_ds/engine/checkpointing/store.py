@@ -1,20 +1,6 @@
-"""Checkpoints: DeepSpeed state plus every rank's own state, published atomically.
-
-Layout under ``<run>/checkpoints/``::
-
-    step_00000120/              DeepSpeed tag folder (model, optimizer, ZeRO shards, scheduler)
-        codir_rank_00000.pt     per-rank: bank shard, sampler position, RNG states, counters
-        codir_rank_00001.pt
-        COMPLETE                written by rank 0 once every rank has finished its files
-    latest                      tag of the newest COMPLETE checkpoint (replaced atomically)
-
-DeepSpeed writes its client state from rank 0 only, so per-rank state (bank shards,
-sampler positions, RNG) goes to per-rank files. Resuming on another number of ranks
-converts the DeepSpeed state once to ``step_XXXXXXXX_universal/`` (DeepSpeed's
-universal checkpoint) and re-shards the bank and sampler from all rank files. A checkpoint is visible to resume
-only after ``COMPLETE`` and ``latest`` are written, so a crash mid-save leaves the
-previous checkpoint as the one that loads.
-"""
+"""Writing, publishing, pruning and loading checkpoints: tag and rank-file names, RNG states, atomic
+writes, ``COMPLETE``/``latest``. ``UNIVERSAL_SUFFIX`` lives here because finding complete tags and pruning
+must tell universal conversions apart (:mod:`.universal` converts)."""
 from __future__ import annotations
 
 import os
@@ -30,8 +16,10 @@ import torch.distributed as dist
 from codir_ds.engine.faults import maybe_fault
 from codir_ds.errors import CodirError
 
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -133,71 +121,15 @@ def latest_tag(ckpt_root: Path) -> Optional[str]:
     return tags[-1] if tags else None
 
 
-def saved_world_size(tag_dir: Path) -> int:
-    """Number of ranks that wrote checkpoint ``tag_dir`` (one per-rank state file each)."""
-    return len(list(tag_dir.glob("codir_rank_*.pt")))
-
-
-def is_zero_checkpoint(tag_dir: Path) -> bool:
-    """True when the optimizer state is partitioned over ranks (ZeRO stage >= 1)."""
-    return any(tag_dir.glob("*optim_states.pt"))
-
-
-UNIVERSAL_SUFFIX = "_universal"
-
-
-def convert_to_universal(ckpt_root: Path, tag: str, out_root: Optional[Path] = None) -> str:
-    """DeepSpeed's universal-checkpoint conversion of ``tag``; returns the universal tag.
-
-    Runs ``python -m deepspeed.checkpoint.ds_to_universal`` into ``<tag>_universal.tmp``
-    and publishes it with one rename, so a crash never leaves a half-converted folder
-    under the final name. An earlier finished conversion is reused. The result goes to
-    ``out_root`` (default ``ckpt_root``): an extra engine's tag ``<step>/<name>`` is converted
-    into ``<step>_universal/``, never into the published step folder itself.
-    """
-    import subprocess
-    import sys
-    out_root = ckpt_root if out_root is None else out_root
-    out_tag = tag + UNIVERSAL_SUFFIX
-    final = out_root / out_tag
-    if (final / COMPLETE).is_file():
-        return out_tag
-    tmp = out_root / (out_tag + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(final, ignore_errors=True)
-    source = ckpt_root / tag
-    view = None
-    if any(p.is_dir() for p in source.iterdir()):
-        # The converter walks sub-folders and would count an extra engine's files (CTCD's large/)
-        # as this engine's: it reads a folder of links to the top-level files instead.
-        view = out_root / (out_tag + ".input")
-        shutil.rmtree(view, ignore_errors=True)
-        view.mkdir(parents=True)
-        for f in source.iterdir():
-            if f.is_file():
-                (view / f.name).symlink_to(f.resolve())
-        source = view
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
-           "--num_merge_workers", "1"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    finally:
-        if view is not None:
-            shutil.rmtree(view, ignore_errors=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CodirError(f"converting checkpoint '{ckpt_root / tag}' to DeepSpeed's universal format for a new "
-                         f"number of ranks failed ({last}): resume with the original number of ranks")
-    (out_root / "latest_universal").unlink(missing_ok=True)  # written by the converter; codir-ds uses its own
-    _atomic_write_text(tmp / COMPLETE, "ok\n")
-    os.replace(tmp, final)
-    return out_tag
+def damaged_checkpoint_fix(ckpt_root: Path, tag: str) -> str:
+    """The fix for a damaged checkpoint ``tag``: fall back to the previous complete one, or start over."""
+    earlier = [t for t in complete_tags(ckpt_root) if t < tag]
+    if earlier:
+        return f"delete '{ckpt_root / tag}' to resume from the previous checkpoint '{earlier[-1]}'"
+    return "no earlier checkpoint is left: start the run again with --overwrite"
 
 
 def _fix(tag_dir: Path) -> str:
-    from codir_ds.engine.rundir import damaged_checkpoint_fix
     if tag_dir.parent.name.startswith("step_"):  # an extra engine's tag inside a step folder
         tag_dir = tag_dir.parent
     base = tag_dir.name.split(UNIVERSAL_SUFFIX)[0]

@@ -1,0 +1,216 @@
+"""What a distillation method is: its config, what it needs from a run, and its loss.
+
+A method is a :class:`Method` subclass registered by name (:func:`register_method`). The
+recipes never branch on a method's name: they read its :class:`Needs` (which teacher
+outputs to compute, whether there is a memory bank, a second model, stages, ...), build
+what it asks for, and call :meth:`Method.loss` with typed outputs of the student
+(:class:`StudentOutput`) and the frozen teacher (:class:`TeacherOutput`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+
+from codir_ds import checks
+from codir_ds.distill.losses import kd_loss
+
+STAGES = ("finetune", "pretrain")
+
+
+def option(default=None, help: str = "", default_factory=None):  # noqa: A002 - "help" as in argparse
+    """A method config field with its help text (shown by ``docs/configuration.md``)."""
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PretrainingConfig:
+    """Options of every pre-training method."""
+    mlm_probability: float = option(0.15, "pre-training: fraction of (non-special) tokens selected for masked-LM "
+                                          "prediction; selected tokens become [MASK] 80%, a random token 10%, "
+                                          "unchanged 10%")
+
+    @staticmethod
+    def check(m) -> None:
+        checks.in_range("method.mlm_probability", m.mlm_probability, 0.0 < m.mlm_probability < 1.0, "(0, 1)")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs a recipe to build and compute, for one stage (finetune / pretrain)."""
+    teacher: bool = False            # a frozen teacher is loaded (and its vocabulary checked)
+    teacher_logits: bool = False     # ... and its logits are computed (pre-training: its MLM head is loaded)
+    pooled_layers: bool = False      # CRD: pooled per-layer features of both models, projected by phi_s / phi_t
+    bank: bool = False               # CRD: the sharded memory bank (negatives, momentum updates)
+    layer_pairs: Optional[str] = None  # ILD: "cls" ([CLS] rows) or "hidden" (sequences) of mapped layer pairs
+    attention_maps: bool = False     # ILD: attention maps of the mapped layers (eager attention)
+    consistency: bool = False        # CR-ILD: mixup consistency targets from clean inputs
+    second_model: bool = False       # CTCD: a second trainable model, its own engine (co-training recipe)
+    staged: bool = False             # CR-ILD: an ILD stage on mixed inputs, then prediction-layer KD
+    supplementary_data: bool = False  # data.supplementary joins the ILD stage's batches
+    teacher_cache: bool = False      # per-example teacher outputs that training.teacher_cache may keep
+
+
+@dataclass
+class LayerFeatures:
+    """Mapped intermediate layers of one model (ILD methods), in layer-pair order.
+
+    ``mask`` ``[B, L]`` (1 = real token; the union of both masks on mixed inputs); ``cls``: ``[B, d]``
+    [CLS] rows (pkd); ``hidden``: ``[B, L, d]`` states (student's projected to the teacher's width);
+    ``attn``: ``[B, H, L, L]`` attention probabilities of the Transformer-layer pairs.
+    """
+    mask: torch.Tensor
+    cls: Optional[list] = None
+    hidden: Optional[list] = None
+    attn: Optional[list] = None
+
+
+@dataclass
+class Consistency:
+    """CR-ILD's consistency pairs: the student's last layer on mixed inputs and its (no-grad) targets."""
+    hidden: torch.Tensor
+    hidden_target: torch.Tensor
+    attn: Optional[torch.Tensor] = None
+    attn_target: Optional[torch.Tensor] = None
+
+
+@dataclass
+class StudentOutput:
+    """The trained module's outputs: logits (``[B, C]``, or ``[M, V]`` at masked positions), CRD's
+    projected features ``h_s`` / ``h_t`` ``[B, m]``, mapped layers, consistency pairs."""
+    logits: torch.Tensor
+    h_s: Optional[torch.Tensor] = None
+    h_t: Optional[torch.Tensor] = None
+    layers: Optional[LayerFeatures] = None
+    consistency: Optional[Consistency] = None
+
+    @classmethod
+    def from_module(cls, out: dict) -> "StudentOutput":
+        """From the engine's output dict (plain containers, so that ZeRO-3 hooks reach every tensor)."""
+        layers = LayerFeatures(**out["layers"]) if "layers" in out else None
+        cons = Consistency(**out["consistency"]) if "consistency" in out else None
+        return cls(out["logits"], out.get("h_s"), out.get("h_t"), layers, cons)
+
+
+@dataclass
+class TeacherOutput:
+    """The frozen teacher's outputs, computed without autograd."""
+    logits: Optional[torch.Tensor]            # [B, C] (finetuning) or [M, V] at masked positions (pre-training)
+    features: Optional[torch.Tensor] = None   # [B, Lt*d_t] pooled layers (CRD only)
+    layers: Optional[LayerFeatures] = None    # mapped layers (ILD methods)
+
+
+@dataclass
+class LossInputs:
+    """Everything of a micro-batch a loss reads besides the two models' outputs.
+
+    ``labels``: ``[B]`` classes / targets (finetuning) or ``[M]`` token ids at the masked positions
+    (pre-training, ``pretraining=True``); ``token_scale``: pre-training's factor that turns a
+    micro-batch mean into the global batch's per-token mean; ``negatives``: CRD negatives (an
+    object with ``loss(h_t, h_s, tau) -> (loss, pos_sim, neg_sim)``, see
+    :mod:`codir_ds.distill.negatives`); ``stage`` and ``consistency_weight``: staged methods'.
+    """
+    labels: torch.Tensor
+    pretraining: bool = False
+    is_regression: bool = False
+    token_scale: Optional[torch.Tensor] = None
+    negatives: Optional[object] = None
+    stage: str = "train"
+    consistency_weight: float = 0.0
+
+
+def task_loss(logits: torch.Tensor, batch: LossInputs) -> tuple[torch.Tensor, str]:
+    """L_task and its log name: masked-LM cross-entropy (times ``token_scale``), or CE / MSE on labels."""
+    logits32 = logits.float()
+    if batch.pretraining:
+        if batch.labels.numel():
+            mlm = F.cross_entropy(logits32, batch.labels)
+        else:  # no masked token in this micro-batch: contribute nothing, keep the graph connected
+            mlm = logits32.sum() * 0.0
+        if batch.token_scale is not None:
+            mlm = mlm * batch.token_scale
+        return mlm, "loss/mlm"
+    if batch.is_regression:
+        return F.mse_loss(logits32.squeeze(-1), batch.labels.float()), "loss/task"
+    return F.cross_entropy(logits32, batch.labels), "loss/task"
+
+
+def soft_kd(logits: torch.Tensor, target: torch.Tensor, temperature: float, t2_scale: bool,
+            is_regression: bool = False) -> torch.Tensor:
+    """KD towards ``target`` logits: KL(softmax(z_t/rho) || softmax(z_s/rho)) [times rho^2], fp32.
+
+    On regression tasks (one output, where a softmax is constant) the MSE between the predictions.
+    """
+    if is_regression:
+        return F.mse_loss(logits.float(), target.float())
+    kd = kd_loss(logits.float(), target, temperature)
+    return kd * temperature ** 2 if t2_scale else kd
+
+
+class Method:
+    """Base of every method: ``name``, ``config`` (its option dataclass), supported ``stages``.
+
+    Subclasses override :meth:`needs` and :meth:`loss`; staged methods also :meth:`stage_at`.
+    ``compare_keys`` / ``compare_sets``: the settings ``bench/compare.py`` writes out for it.
+    """
+    name: ClassVar[str] = ""
+    config: ClassVar[Optional[type]] = None
+    stages: ClassVar[tuple[str, ...]] = STAGES
+    summary: ClassVar[str] = ""
+    compare_keys: ClassVar[tuple[str, ...]] = ()
+    compare_sets: ClassVar[tuple[str, ...]] = ()
+    teacher_condition: ClassVar[str] = ""   # when the teacher is needed only with some option, e.g. " with ..."
+
+    def __init__(self, cfg, stage: str = "finetune"):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.cfg = cfg
+        self.stage = stage
+        self.pretraining = stage == "pretrain"
+        self.needs = self.requirements()
+
+    def requirements(self) -> Needs:
+        """What this method needs in ``self.stage`` with ``self.cfg``."""
+        return Needs()
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Cross-key checks of the whole experiment config when this method is chosen (one-line errors)."""
+
+    def stage_at(self, step: int, total_steps: int) -> str:
+        """The stage optimizer step ``step`` (0-based) belongs to; one stage unless the method is staged."""
+        return "train"
+
+    def uses_layers(self, stage: str) -> bool:
+        """Whether the mapped layers' features are computed in ``stage``."""
+        return self.needs.layer_pairs is not None
+
+    def mixes_inputs(self, stage: str) -> bool:
+        """Whether ``stage`` trains on mixup inputs (plus ``data.supplementary`` examples)."""
+        return False
+
+    def consistency_weight(self, step: int, total_steps: int) -> float:
+        """Weight of a consistency term at optimizer step ``step`` (0 for methods without one)."""
+        return 0.0
+
+    @property
+    def ema_decay(self) -> float:
+        """Decay of an EMA copy of the student that provides targets (0 = none)."""
+        return 0.0
+
+    def check_engine(self, ds: dict) -> None:
+        """Start-up check against the resolved DeepSpeed config (one-line error)."""
+
+    def loss(self, student: StudentOutput, teacher: Optional[TeacherOutput],
+             batch: LossInputs) -> tuple[torch.Tensor, dict]:
+        """``(total, terms)``: the loss to back-propagate and detached fp32 scalars to log."""
+        raise NotImplementedError
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.config)] if cls.config is not None else []

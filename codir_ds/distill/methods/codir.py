@@ -1,0 +1,71 @@
+"""``codir``: CoDIR (Sun et al., 2020), L = L_task + alpha_1 * L_KD + alpha_2 * L_CRD (Eq. 1).
+
+L_CRD (Eq. 4) is InfoNCE at temperature tau between the teacher's projected pooled layers
+``h_t`` (the positive's anchor), the student's ``h_s`` and K negatives read from the sharded
+memory bank: finetuning draws, per class, K rows of examples with another label (regression:
+another target bin); pre-training uses the rows of the current global mini-batch. Scores and
+loss are fp32 whatever the training precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from codir_ds import checks
+from codir_ds.distill.methods.base import Needs, option
+from codir_ds.distill.methods.kd import KDConfig, KDMethod
+from codir_ds.distill.methods.registry import register_method
+from codir_ds.errors import CodirError
+
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class CRDConfig(KDConfig):
+    alpha_crd: float = option(0.1, "alpha_2 of Eq. 1: weight of the contrastive (CRD) term")
+    crd_temperature: float = option(0.07, "tau of Eq. 4: temperature of the contrastive scores")
+    num_negatives: int = option(100, "K: negatives per positive (pre-training: at most the global batch - 1)")
+    bank_momentum: float = option(0.5, "beta of Eq. 5: momentum of the memory bank's row updates, in [0, 1)")
+    projection_dim: int = option(128, "m: width of the contrastive space (phi_s, phi_t)")
+    pooling: str = option("mean", "layer summary: mean (masked mean over real tokens, the paper's choice) or cls")
+    teacher_layers: Union[str, list[int]] = option(
+        "all", "teacher layers whose pooled features are concatenated: 'all' or 1-based layer indices "
+               "(0 = the embedding output)")
+    student_layers: Union[str, list[int]] = option("all", "student layers, as teacher_layers")
+    regression_bins: int = option(5, "regression tasks: targets are cut into this many equal-frequency bins and "
+                                     "CRD negatives come from other bins")
+
+    @staticmethod
+    def check(m) -> None:
+        checks.choice("method.pooling", m.pooling, POOLINGS)
+        checks.layers("method.teacher_layers", m.teacher_layers)
+        checks.layers("method.student_layers", m.student_layers)
+        for key in ("crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
+            checks.positive(f"method.{key}", getattr(m, key))
+        checks.positive("method.alpha_crd", m.alpha_crd, allow_zero=True)
+        checks.in_range("method.bank_momentum", m.bank_momentum, 0.0 <= m.bank_momentum < 1.0, "[0, 1)")
+
+
+@register_method
+class CoDIR(KDMethod):
+    name = "codir"
+    config = CRDConfig
+    summary = "KD plus contrastive distillation of pooled intermediate layers against memory-bank negatives"
+    compare_keys = ("alpha_kd", "alpha_crd", "num_negatives", "pooling")
+
+    def requirements(self) -> Needs:
+        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits, pooled_layers=True, bank=True,
+                     teacher_cache=True)
+
+    def loss(self, student, teacher, batch):
+        terms: dict = {}
+        total = self.supervised(student, teacher, batch, terms)
+        if batch.negatives is None:
+            raise CodirError("codir: no CRD negatives were given to the loss")
+        crd, pos, neg = batch.negatives.loss(student.h_t, student.h_s, self.cfg.crd_temperature)
+        total = total + self.cfg.alpha_crd * crd
+        terms["loss/crd"] = crd.detach()
+        terms["bank/pos_sim"] = pos.mean()
+        terms["bank/neg_sim"] = neg.mean()
+        terms["loss/total"] = total.detach()
+        return total, terms

@@ -1,0 +1,100 @@
+"""The method registry: methods by name, and the ``method.*`` config section built from their configs."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Optional
+
+from codir_ds.errors import CodirError
+
+_METHODS: dict = {}
+
+
+def register_method(cls):
+    """Class decorator: make ``cls`` (a :class:`~codir_ds.distill.methods.base.Method`) available by ``cls.name``."""
+    if not cls.name or cls.name in _METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names(stage: Optional[str] = None) -> tuple[str, ...]:
+    """Registered names (in registration order), those that support ``stage`` when given."""
+    return tuple(n for n, c in _METHODS.items() if stage is None or stage in c.stages)
+
+
+def get_method(name: str):
+    """The method class registered as ``name``."""
+    if name not in _METHODS:
+        raise CodirError(f"unknown method {name!r}: choose one of {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def build_method(method_cfg, stage: str):
+    """The method named by ``method_cfg.name``, for ``stage`` (finetune / pretrain), refused where unsupported."""
+    cls = get_method(method_cfg.name)
+    if stage not in cls.stages:
+        other = "launchers/pretrain.py for pre-training" if stage == "finetune" else \
+            "launchers/finetune.py for finetuning"
+        what = "finetuning" if stage == "finetune" else "pre-training"
+        raise CodirError(f"method.name={method_cfg.name} is not a {what} objective: use one of "
+                         f"{', '.join(method_names(stage))} here, or {other}")
+    return cls(method_cfg, stage)
+
+
+def option_groups() -> list[type]:
+    """Every option dataclass of the registered methods (bases first, each once), then the shared ones."""
+    from codir_ds.distill.methods.base import PretrainingConfig
+    groups: list[type] = []
+    for cls in _METHODS.values():
+        if cls.config is None:
+            continue
+        for klass in reversed(cls.config.__mro__):
+            if dataclasses.is_dataclass(klass) and klass not in groups:
+                groups.append(klass)
+    groups.append(PretrainingConfig)
+    return groups
+
+
+def _owners(group: type) -> tuple[str, ...]:
+    from codir_ds.distill.methods.base import PretrainingConfig
+    if group is PretrainingConfig:
+        return method_names("pretrain")
+    return tuple(n for n, c in _METHODS.items() if c.config is not None and issubclass(c.config, group))
+
+
+def method_config_class() -> type:
+    """The ``method`` section's dataclass: ``name`` plus every registered method's options.
+
+    A key belongs to the option dataclass that declares it; its metadata carries its help text
+    and the methods that read it (``"methods"``). Keys keep their flat names (``method.alpha_kd``).
+    """
+    fields = [("name", str, dataclasses.field(default="codir", metadata={
+        "help": "the method: " + ", ".join(f"{n} ({c.summary})" for n, c in _METHODS.items()),
+        "methods": method_names()}))]
+    seen = {"name"}
+    for group in option_groups():
+        hints = typing.get_type_hints(group)
+        own = [f for f in dataclasses.fields(group) if f.name in group.__dict__.get("__annotations__", {})]
+        for f in own:
+            if f.name in seen:
+                raise ValueError(f"method option {f.name!r} is declared twice ({group.__name__})")
+            seen.add(f.name)
+            kwargs = {"metadata": {**f.metadata, "methods": _owners(group)}}
+            if f.default_factory is not dataclasses.MISSING:
+                kwargs["default_factory"] = f.default_factory
+            else:
+                kwargs["default"] = f.default
+            fields.append((f.name, hints[f.name], dataclasses.field(**kwargs)))
+    cls = dataclasses.make_dataclass("MethodConfig", fields)
+    cls.__module__ = "codir_ds.config"  # where it is published (pickling, repr)
+    cls.__doc__ = "The ``method`` section: the method's name and every method's options (see docs/methods/)."
+    return cls
+
+
+def validate_options(m) -> None:
+    """Every option group's value checks (all keys, whatever the chosen method), then nothing else."""
+    for group in option_groups():
+        check = group.__dict__.get("check")
+        if check is not None:
+            check.__func__(m) if isinstance(check, staticmethod) else check(m)

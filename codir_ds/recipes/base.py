@@ -1,0 +1,314 @@
+"""What every training recipe shares: the phases of a run and their bookkeeping.
+
+A recipe is one kind of run (finetuning, pre-training, co-training). ``run()`` is::
+
+    setup()      check every input (nothing written yet) -> models -> distributed -> run directory
+                 -> sampler and step count -> DeepSpeed engine(s) -> teacher runner, bank, caches
+                 -> resume (or seed) -> monitor
+    train()      while steps remain: train_step(one optimizer step's micro-batches), non-finite
+                 policy, log / evaluate / checkpoint (after_step); then finish(): final
+                 evaluation, checkpoint, export, results.json
+
+Subclasses implement the stage-specific phases (``check_inputs``, ``setup_models``,
+``setup_engines``, ``setup_components``, ``train_step``, ``evaluate``, ``finish``). The base owns
+the run directory, checkpoints and resume, the monitor, the non-finite policy and bank updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from codir_ds.config import ExperimentConfig
+from codir_ds.data.sampler import build_sampler
+from codir_ds.distill.methods import build_method
+from codir_ds.engine.checkpointing import resume_latest, resume_plan, save_run_checkpoint
+from codir_ds.engine.compile import check_compile
+from codir_ds.engine.distributed import dist_env, host_group, init_distributed, set_seed
+from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
+from codir_ds.engine.faults import check_fault_spec, maybe_fault
+from codir_ds.engine.monitor import Monitor
+from codir_ds.engine.optim import check_optimizer_impl
+from codir_ds.engine.rundir import check_run_dir, open_run_dir
+from codir_ds.errors import CodirError
+
+
+@dataclass
+class ModelProgress:
+    """One trained model's evaluation record and non-finite-step counter."""
+    best: Optional[dict] = None
+    history: list = field(default_factory=list)
+    consecutive_skips: int = 0
+
+
+@dataclass
+class Progress(ModelProgress):
+    """Where a run is: optimizer steps done, micro steps done, and (CTCD) the larger model's record.
+
+    Saved in every checkpoint (``state_dict``) and restored on ``--resume``.
+    """
+    step: int = 0
+    micro_step: int = 0
+    large: Optional[ModelProgress] = None
+
+    def state_dict(self) -> dict:
+        state = {"micro_step": self.micro_step, "best": self.best, "history": self.history,
+                 "consecutive_skips": self.consecutive_skips}
+        if self.large is not None:
+            state["large"] = dataclasses.asdict(self.large)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("micro_step", "best", "history", "consecutive_skips"):
+            if key in state:
+                setattr(self, key, state[key])
+        if self.large is not None and "large" in state:
+            self.large = ModelProgress(**state["large"])
+
+
+def micro_batches(sampler) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(epoch, ids)`` forever, from the sampler's current position (resume-aware)."""
+    while True:
+        for ids in sampler:
+            yield sampler.epoch, ids
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class Recipe:
+    """Base of the training recipes; ``stage`` is ``"finetune"`` or ``"pretrain"``."""
+    stage = "finetune"
+
+    def __init__(self, cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
+                 overwrite: bool = False):
+        self.cfg, self.ds_config_path = cfg, ds_config_path
+        self.run_dir = Path(output_dir)
+        self.resume, self.overwrite = resume, overwrite
+        self.rank, _, self.world = dist_env()
+        self.method = build_method(cfg.method, self.stage)  # refuses a method the stage does not have
+        self.progress = Progress()
+        self.engine = self.bank = self.sampler = self.monitor = None
+        self.extras: dict = {}          # name -> object with state_dict(), saved in the per-rank files
+        self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
+
+    # ------------------------------------------------------------------ phases
+    def run(self) -> dict:
+        """Check everything, start DeepSpeed, train, evaluate, export. Returns results.json's content."""
+        self.setup()
+        return self.train()
+
+    def setup(self) -> None:
+        self.check_inputs()      # every check that can fail on bad input; writes nothing
+        self.setup_models()      # teacher and student(s) load before any state is written
+        import deepspeed  # noqa: F401 - imported here: the checks above stay fast
+        from deepspeed.accelerator import get_accelerator
+        init_distributed()
+        self.device = torch.device(get_accelerator().current_device_name())
+        open_run_dir(self.run_dir, self.mode, self.cfg, self.ds, self.rank, self.ds_warning)
+        self.setup_data()
+        self.setup_engines()
+        self.setup_components()
+        self.restore()
+        self.setup_logging()
+
+    def check_inputs(self) -> None:
+        """The checks every run shares, cheap first: fault spec, run directory, DeepSpeed JSON, student options."""
+        check_fault_spec()
+        self.mode = check_run_dir(self.run_dir, self.cfg.to_dict(), self.resume, self.overwrite)
+        self.universal = self.mode == "resume" and resume_plan(self.ckpt_root, self.world) == "universal"
+        self.ds, self.dtype, self.ds_warning = prepare_ds_config(read_ds_config(self.ds_config_path), self.world,
+                                                                 self.cfg.training)
+        check_optimizer_impl(self.cfg.training, self.ds)
+        check_compile(self.cfg.training, self.ds)
+        self.method.check_engine(self.ds)
+
+    def setup_models(self) -> None:
+        raise NotImplementedError
+
+    def setup_data(self, lengths: Optional[torch.Tensor] = None) -> None:
+        """The training sampler over this run's ``num_train`` ids and the run's number of optimizer steps.
+
+        ``training.max_steps`` when > 0, else ``training.epochs`` times the optimizer steps per epoch.
+        ``lengths`` (``[N]`` token counts, ``data.group_by_length``) groups batches by length.
+        """
+        t, ds = self.cfg.training, self.ds
+        self.accum = ds["gradient_accumulation_steps"]
+        self.sampler = build_sampler(self.num_train, ds["train_micro_batch_size_per_gpu"], self.rank, self.world,
+                                     t.seed, self.accum, t.deterministic, lengths, self.cfg.data.group_window)
+        steps_per_epoch = max(1, self.sampler.batches_per_epoch // self.accum)
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    def setup_engines(self) -> None:
+        raise NotImplementedError
+
+    def setup_components(self) -> None:
+        """Teacher runner, bank, caches: what the method needs besides the engine(s)."""
+
+    def restore(self) -> None:
+        """``--resume``: load the newest checkpoint; a new run seeds dropout differently on each rank."""
+        if self.mode == "resume":
+            client = resume_latest(self.engine, self.ckpt_root, self.rank, self.world, self.sampler, self.bank,
+                                   self.cfg.training.seed, self.extras, extra_engines=self.extra_engines)
+            self.progress.load_state_dict(client)
+        else:
+            set_seed(self.cfg.training.seed * 1000 + self.rank)
+        self.progress.step = self.engine.global_steps
+
+    def setup_logging(self) -> None:
+        if self.rank == 0:
+            print(self.describe(), flush=True)
+        self.monitor = Monitor(self.run_dir, self.rank == 0, self.cfg.logging.tensorboard,
+                               self.cfg.logging.progress_bar, self.total_steps, initial_step=self.engine.global_steps,
+                               desc=self.monitor_name)
+
+    def describe(self) -> str:
+        """The run's one-line summary printed at start-up."""
+        raise NotImplementedError
+
+    monitor_name = "train"
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        """The loop: one ``train_step`` per optimizer step, then the bookkeeping; ``finish`` at the end."""
+        batches = micro_batches(self.sampler)
+        self.t_start = time.perf_counter()
+        self.start_step = self.progress.step
+        self.train_mode(True)
+        while self.progress.step < self.total_steps:
+            self.train_step([next(batches) for _ in range(self.accum)])
+            self.progress.step += 1
+            self.check_skipped()
+            if self.after_step():
+                return self.stop_early()
+        return self.finish()
+
+    def train_mode(self, training: bool) -> None:
+        for engine in (self.engine, *self.extra_engines.values()):
+            engine.train(training)
+
+    def train_step(self, batches: list[tuple[int, torch.Tensor]]) -> None:
+        """One optimizer step over this rank's ``accumulation`` micro-batches ``(epoch, ids)``."""
+        raise NotImplementedError
+
+    def apply_bank_updates(self, pending: list) -> None:
+        """After an optimizer step: the positives' momentum updates (Eq. 5), held back since their micro steps.
+
+        A step the engine skipped (fp16 overflow, non-finite gradients) leaves the bank untouched
+        too. ``training.deterministic`` (ranks train on ids they do not own) sends each update to
+        the owner rank; this is collective. Empties ``pending`` (``[(ids, features)]``).
+        """
+        if self.bank is not None and self.engine.was_step_applied():
+            if self.cfg.training.deterministic:
+                self.bank.update_routed(torch.cat([ids for ids, _ in pending]), torch.cat([f for _, f in pending]),
+                                        id_group=host_group())
+            else:
+                for ids, feats in pending:  # host ids: the bank checks them without a device sync
+                    self.bank.update(ids, feats)
+        pending.clear()
+
+    def check_skipped(self) -> None:
+        """The non-finite policy, after every optimizer step (identical on all ranks)."""
+        check_skipped(self.engine, self.progress, self.cfg.training.max_consecutive_skips, self.progress.step)
+
+    def after_step(self) -> bool:
+        """Bookkeeping after an optimizer step: log, evaluate, checkpoint.
+
+        Returns True when ``training.stop_at_step`` ends the run here (a checkpoint has been saved).
+        The final evaluation and checkpoint, at the last step, are ``finish``'s.
+        """
+        step, tcfg = self.progress.step, self.cfg.training
+        maybe_fault("step", step, self.engine.global_rank)
+        self.monitor.advance()
+        if step % self.cfg.logging.log_every == 0 or step == self.total_steps:
+            self.monitor.flush(step, self.train_scalars())
+        if step >= self.total_steps:
+            return False
+        if tcfg.eval_every and step % tcfg.eval_every == 0:
+            self.evaluate()
+        saved = bool(tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0)
+        if saved:
+            self.save()
+        if tcfg.stop_at_step and step == tcfg.stop_at_step:
+            if not saved:
+                self.save()
+            return True
+        return False
+
+    def train_scalars(self) -> dict:
+        extra = {"train/lr": self.engine.get_lr()[0]}
+        scale = getattr(self.engine.optimizer, "cur_scale", None)
+        if self.dtype == torch.float16 and scale is not None:
+            extra["train/loss_scale"] = float(scale)
+        extra["train/skipped_steps"] = float(self.engine.skipped_steps)
+        return extra
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoints and the end
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> None:
+        """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and extras."""
+        save_run_checkpoint(self.engine, self.ckpt_root, self.progress.step, self.progress.state_dict(), self.rank,
+                            self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.extras,
+                            extra_engines=self.extra_engines)
+
+    def stop_early(self) -> dict:
+        """End a run stopped by ``training.stop_at_step``."""
+        self.monitor.close()
+        if self.rank == 0:
+            print(f"stopped at step {self.progress.step} (training.stop_at_step); continue with --resume", flush=True)
+        return {"stopped_at_step": self.progress.step}
+
+    def finish(self) -> dict:
+        raise NotImplementedError
+
+    def throughput(self) -> dict:
+        """This session's training time and samples per second."""
+        self.elapsed = elapsed = time.perf_counter() - self.t_start
+        done = self.progress.step - self.start_step
+        return {"train_seconds_this_session": round(elapsed, 2),
+                "samples_per_second": round(done * self.ds["train_batch_size"] / max(elapsed, 1e-9), 2)}
+
+    def write_results(self, results: dict) -> dict:
+        if self.rank == 0:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        self.monitor.close()
+        dist.barrier()
+        return results
+
+    def common_results(self) -> dict:
+        return {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
+                "precision": precision_name(self.dtype), "steps": self.progress.step,
+                "train_batch_size": self.ds["train_batch_size"]}
+
+
+def check_skipped(engine, progress: ModelProgress, limit: int, step: int) -> None:
+    """The non-finite policy for one engine, after every optimizer step (identical on all ranks).
+
+    DeepSpeed skips a step whose gradients are not finite (fp16 loss-scale overflow or a
+    NaN/inf loss in any precision; see ``optimizer_and_schedule`` for plain fp32): weights,
+    optimizer state, LR schedule and bank stay as they were. Skipped steps are counted
+    (``train/skipped_steps``); ``limit`` of them in a row stop the run with an error.
+    """
+    if engine.was_step_applied():
+        progress.consecutive_skips = 0
+        return
+    progress.consecutive_skips += 1
+    if progress.consecutive_skips >= limit:
+        raise CodirError(f"{limit} optimizer steps in a row (up to step {step}) were skipped for non-finite loss or "
+                         f"gradients: lower training.lr or check the data, then --resume from the last checkpoint "
+                         f"(or raise training.max_consecutive_skips)")

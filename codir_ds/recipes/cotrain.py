@@ -1,0 +1,275 @@
+"""CTCD (Lee et al., 2023): co-training and co-distillation of a larger and a smaller model.
+
+Both models are trainable, each in its own DeepSpeed engine with its own optimizer and LR
+schedule (the same DeepSpeed JSON and training.* settings), and both see the same batch. One
+optimizer step (``train_step``) reads:
+
+1. this rank's ``accumulation`` micro-batches (pre-training: masked on the host for the whole
+   step, with the global batch's masked-token count, as in pre-training distillation);
+2. per micro step: forward the larger and the smaller model (and, one-way variant, the frozen
+   teacher under inference mode), the method's two losses with every soft target detached,
+   then ``backward`` and ``step`` of each engine.
+
+The smaller model is the run's student (``model.*``): results.json's ``final``/``best`` and
+``export/`` are its; the larger model's are under ``large`` and in ``export_large/``. Both
+engines are saved in one atomically published checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from codir_ds.config import ExperimentConfig
+from codir_ds.data.collate import ClassificationCollator, to_device
+from codir_ds.data.mlm import MLMCollator
+from codir_ds.distill.heads import DistillationModule, PretrainModule
+from codir_ds.distill.methods import LossInputs
+from codir_ds.engine.checkpointing import engine_config
+from codir_ds.engine.compile import compile_engine
+from codir_ds.engine.distributed import set_seed
+from codir_ds.engine.evaluation import evaluate, evaluate_mlm
+from codir_ds.engine.export import export_engine_student
+from codir_ds.engine.optim import optimizer_and_schedule
+from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit, resolve_layers
+from codir_ds.models.mlm import load_mlm_teacher
+from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped, precision_name
+from codir_ds.recipes.finetune import check_task_inputs, task_lengths
+from codir_ds.recipes.pretrain import check_corpus_inputs, count_tokens, mask_step
+
+LARGE = "large"  # the larger model's DeepSpeed tag inside each checkpoint folder: checkpoints/step_N/large/
+EXPORT_LARGE = "export_large"
+
+
+def large_init_dir(spec: Optional[str]) -> Optional[Path]:
+    """``method.ctcd_large_init``: a Hugging Face directory or packaged name, or a CTCD run (its export_large/)."""
+    if not spec:
+        return None
+    if (Path(spec) / EXPORT_LARGE / "config.json").is_file():
+        return Path(spec) / EXPORT_LARGE
+    return model_dir(spec, "method.ctcd_large_init")
+
+
+def large_model_config(cfg: ExperimentConfig, large_dir: Optional[Path]):
+    """The ``model.*`` settings ``build_student`` builds the larger model from."""
+    m = cfg.method
+    if large_dir is not None:
+        return dataclasses.replace(cfg.model, init_from=None, student_init=str(large_dir), student_init_layers=None)
+    return dataclasses.replace(cfg.model, init_from=None, student_init=None, student_layers=m.ctcd_large_layers,
+                               student_hidden=m.ctcd_large_hidden, student_heads=m.ctcd_large_heads,
+                               student_intermediate=None)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class CoTrainRecipe(Recipe):
+    """Two trainable models, two engines (``engine`` the smaller, ``engine_large`` the larger)."""
+
+    def __init__(self, cfg: ExperimentConfig, ds_config_path: str, output_dir: str, stage: str = "finetune",
+                 resume: bool = False, overwrite: bool = False):
+        if stage not in ("finetune", "pretrain"):
+            raise ValueError(f"stage must be finetune or pretrain, got {stage!r}")
+        self.stage = stage
+        self.finetune = stage == "finetune"
+        super().__init__(cfg, ds_config_path, output_dir, resume, overwrite)
+        self.progress = Progress(large=ModelProgress())
+        self.monitor_name = "ctcd" if self.finetune else "ctcd-pre"
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        (check_task_inputs if self.finetune else check_corpus_inputs)(self)
+        self.large_dir = large_init_dir(self.cfg.method.ctcd_large_init)
+        if self.large_dir is not None:
+            check_same_vocab(self.tokenizer, self.large_dir, "method.ctcd_large_init")
+        self.num_labels, self.is_regression = ((self.task.num_labels, self.task.is_regression) if self.finetune
+                                               else (0, False))
+
+    def setup_models(self) -> None:
+        """The frozen teacher (one-way only) and both models, initialised alike on every rank (smaller first)."""
+        cfg = self.cfg
+        self.teacher = None
+        if self.method.loads_teacher:
+            self.teacher = (load_teacher(str(self.teacher_dir), self.num_labels, self.dtype, cfg.model.teacher_sha256)
+                            if self.finetune else
+                            load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256, need_head=True))
+        set_seed(cfg.training.seed)
+        small = build_student(cfg.model, self.num_labels, self.is_regression, self.tokenizer,
+                              template_dir=self.teacher_dir or self.large_dir, masked_lm=not self.finetune)
+        large = build_student(large_model_config(cfg, self.large_dir), self.num_labels, self.is_regression,
+                              self.tokenizer, template_dir=self.teacher_dir, masked_lm=not self.finetune)
+        if not self.finetune:
+            check_mlm_pair(small, large, cfg.corpus.block_size)
+        wrap = DistillationModule if self.finetune else PretrainModule  # no heads: module.student is the model
+        self.module = wrap(small, resolve_layers("all", small, "model"), cfg.method.pooling)
+        self.module_large = wrap(large, resolve_layers("all", large, "method.ctcd_large_init"), cfg.method.pooling)
+        self.n_small, self.n_large = count_parameters(small), count_parameters(large)
+
+    def setup_data(self) -> None:
+        super().setup_data(task_lengths(self) if self.finetune else None)
+        self.collator = (ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.is_regression)
+                         if self.finetune else
+                         MLMCollator(self.tokenizer, self.cfg.method.mlm_probability, seed=self.cfg.training.seed))
+
+    def setup_engines(self) -> None:
+        """Two engines, two optimizers and schedules, one DeepSpeed JSON."""
+        import deepspeed
+        engines = []
+        for module in (self.module, self.module_large):
+            opt, sched = optimizer_and_schedule(module, self.cfg.training, self.total_steps, self.ds)
+            engines.append(deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
+                                                config=copy.deepcopy(engine_config(self.ds, self.universal)))[:2])
+        (self.engine, self.optimizer), (self.engine_large, self.optimizer_large) = engines
+        if self.cfg.training.compile:
+            compile_engine(self.engine)
+            compile_engine(self.engine_large)
+        self.extra_engines[LARGE] = self.engine_large
+
+    def setup_components(self) -> None:
+        self.runner = None
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            self.runner = (TeacherRunner(self.teacher, None, self.cfg.method.pooling) if self.finetune else
+                           MLMTeacherRunner(self.teacher, None, self.cfg.method.pooling, logits=True))
+        self.tokens = 0
+
+    def describe(self) -> str:
+        ds = self.ds
+        data = (f"{len(self.task.train)} train / {len(self.task.validation)} validation examples" if self.finetune else
+                f"{self.num_train} blocks of <= {self.corpus.block_size} tokens "
+                f"({len(self.corpus.validation_ids)} held out)")
+        kind = "one-way from model.teacher" if self.cfg.method.ctcd_one_way else "mutual"
+        return (f"ctcd {self.stage} ({kind}): larger model {self.n_large / 1e6:.2f}M and smaller "
+                f"{self.n_small / 1e6:.2f}M parameters; {data}, {self.world} rank(s), batch {ds['train_batch_size']} "
+                f"(micro {ds['train_micro_batch_size_per_gpu']} x accumulation {self.accum}), {self.total_steps} "
+                f"steps, precision {precision_name(self.dtype)}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batches) -> None:
+        for inputs, labels, token_scale, n in self.step_inputs(batches):
+            t_out = self.runner(**inputs) if self.runner is not None else None  # one-way variant only
+            large_logits = self.engine_large(**inputs)["logits"]
+            small_logits = self.engine(**inputs)["logits"]
+            batch = LossInputs(labels, pretraining=not self.finetune, is_regression=self.is_regression,
+                               token_scale=token_scale)
+            # Each loss reads the other model's logits detached: two separate graphs, one per engine.
+            loss_large, loss_small, terms = self.method.co_loss(
+                large_logits, small_logits, batch, teacher_logits=t_out.logits if t_out is not None else None)
+            self.engine_large.backward(loss_large)
+            self.engine.backward(loss_small)
+            self.engine_large.step()
+            self.engine.step()
+            self.progress.micro_step += 1
+            self.monitor.accumulate(terms, n * self.world)
+
+    def step_inputs(self, batches):
+        """Per micro-batch: the models' keyword inputs on the device, labels, token scale, batch size."""
+        if self.finetune:
+            for _, ids in batches:
+                batch = to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)
+                inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              token_type_ids=batch.get("token_type_ids"))
+                yield inputs, batch["labels"], None, len(ids)
+            return
+        for mb in mask_step(self, batches):  # vocabulary logits at the masked positions only
+            batch = to_device(mb.host, self.device)
+            labels = mb.host["labels"].reshape(-1)[mb.rows].to(self.device, non_blocking=True)
+            self.tokens += int(mb.host["attention_mask"].sum())
+            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          rows=mb.rows.to(self.device, non_blocking=True))
+            yield inputs, labels, mb.token_scale, len(mb.ids)
+
+    def check_skipped(self) -> None:
+        limit, step = self.cfg.training.max_consecutive_skips, self.progress.step
+        check_skipped(self.engine, self.progress, limit, step)
+        check_skipped(self.engine_large, self.progress.large, limit, step)
+
+    # ------------------------------------------------------------------ evaluation and the end
+    def forward_with(self, engine):
+        if self.finetune:
+            return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                    token_type_ids=b.get("token_type_ids"))["logits"]
+        return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], rows=b["rows"])["logits"]
+
+    def export(self, engine, out: Path, role: str, metrics: dict) -> None:
+        extra = ({"task": self.task.name, "label_names": self.task.label_names} if self.finetune else
+                 {"stage": "pretrain"})
+        export_engine_student(engine, self.tokenizer, out, self.rank,
+                              {**extra, "method": self.method.name, "ctcd_model": role, "step": self.progress.step,
+                               **{f"validation_{k}": v for k, v in metrics.items()}})
+
+    def evaluate(self) -> dict:
+        """Evaluate both models; finetuning exports each one's best to export/ and export_large/."""
+        step, t = self.progress.step, self.cfg.training
+        self.train_mode(False)
+        results = {}
+        for role, engine, progress, out in (("small", self.engine, self.progress, self.run_dir / "export"),
+                                            (LARGE, self.engine_large, self.progress.large,
+                                             self.run_dir / EXPORT_LARGE)):
+            if self.finetune:
+                metrics = evaluate(self.forward_with(engine), self.task.validation, self.collator, t.eval_batch_size,
+                                   self.device, self.task.metric_names, self.rank, self.world)
+            else:
+                metrics = evaluate_mlm(self.forward_with(engine), self.corpus, self.collator, t.eval_batch_size,
+                                       self.device, self.rank, self.world)
+            results[role] = metrics
+            if metrics:
+                progress.history.append({"step": step, **metrics})
+                main = self.task.metric_names[0] if self.finetune else None
+                if self.finetune and (progress.best is None or metrics[main] > progress.best[main]):
+                    progress.best = {"step": step, **metrics}
+                    self.export(engine, out, role, metrics)
+        self.train_mode(True)
+        logged = {**{f"eval/{k}": v for k, v in results["small"].items()},
+                  **{f"eval/large_{k}": v for k, v in results[LARGE].items()}}
+        if logged:
+            self.monitor.scalars(step, logged)
+            self.monitor.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in logged.items()))
+        return results
+
+    def finish(self) -> dict:
+        final = self.evaluate()
+        self.save()
+        if not self.finetune:
+            self.export(self.engine, self.run_dir / "export", "small", final["small"])
+            self.export(self.engine_large, self.run_dir / EXPORT_LARGE, LARGE, final[LARGE])
+        timing = self.throughput()
+        results = {**self.common_results(), **self.data_results(final)}
+        large = {"final": final[LARGE], "history": self.progress.large.history,
+                 "export_dir": str(self.run_dir / EXPORT_LARGE), "num_parameters": self.n_large}
+        if self.finetune:
+            large["best"] = self.progress.large.best
+        results.update({**timing, "export_dir": str(self.run_dir / "export"), "num_parameters": self.n_small,
+                        # The KD weights actually used: alpha_small_to_large / alpha_large_to_small, or alpha_kd.
+                        "ctcd": self.method.summary_dict(), LARGE: large})
+        return self.write_results(results)
+
+    def data_results(self, final: dict) -> dict:
+        if self.finetune:
+            task = self.task
+            return {"task": task.name, "num_train_examples": len(task.train),
+                    "num_validation_examples": len(task.validation), "main_metric": task.metric_names[0],
+                    "final": final["small"], "best": self.progress.best, "history": self.progress.history}
+        tokens = count_tokens(self.tokens, self.device, self.world)
+        return {"stage": "pretrain", "block_size": self.corpus.block_size, "num_train_blocks": self.num_train,
+                "num_validation_blocks": len(self.corpus.validation_ids), "corpus": str(self.corpus.path),
+                "final": final["small"], "history": self.progress.history,
+                "tokens_per_second": round(tokens / max(self.elapsed, 1e-9), 1)}
+
+
+def check_mlm_pair(small, large, block_size: int) -> None:
+    """Pre-training co-training: both models fit the blocks and share one vocabulary."""
+    for what, model in (("model.*", small), ("method.ctcd_large_*", large)):
+        if block_size > position_limit(model.config):
+            raise CodirError(f"corpus.block_size {block_size} exceeds the {what} model's "
+                             f"{position_limit(model.config)} positions: lower corpus.block_size")
+    if small.config.vocab_size != large.config.vocab_size:
+        raise CodirError(f"the smaller model has {small.config.vocab_size} vocabulary logits and the larger "
+                         f"{large.config.vocab_size}: CTCD distils MLM logits between them, so both need one "
+                         f"vocabulary; build both from the same tokenizer and architecture")

@@ -1,0 +1,265 @@
+"""Finetuning-stage distillation (CoDIR-Fine, KD, CE, PKD, TinyBERT, DistilBERT, CR-ILD) on one task.
+
+One optimizer step (``train_step``) reads top to bottom, per micro-batch: collate (CR-ILD's
+ILD stage: supplementary inputs and mixup), teacher forward (or the teacher cache), student
+forward, CRD negatives (one bank gather per step), the method's loss terms, backward, step;
+then the positives' bank updates and the EMA copy. ``evaluate`` scores the validation split
+and exports the best student; ``finish`` writes results.json.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from codir_ds.assets import sha256_file
+from codir_ds.data.collate import ClassificationCollator, to_device, token_lengths
+from codir_ds.data.tasks import TaskData, load_supplementary, load_task
+from codir_ds.distill.heads import DistillationModule, build_ild_spec
+from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
+from codir_ds.distill.methods import LossInputs, StudentOutput
+from codir_ds.distill.ild import mixup_draw
+from codir_ds.distill.negatives import ClassNegatives, LabelNegativeSampler
+from codir_ds.engine.compile import compile_engine
+from codir_ds.engine.distributed import set_seed
+from codir_ds.engine.evaluation import evaluate
+from codir_ds.engine.export import export_engine_student
+from codir_ds.engine.optim import optimizer_and_schedule
+from codir_ds.engine.checkpointing import engine_config
+from codir_ds.engine.teacher import TeacherRunner
+from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import (WEIGHTS, build_student, check_same_vocab, hidden_size, load_teacher,
+                                     load_tokenizer, model_dir, resolve_layers, tokenizer_dir)
+from codir_ds.recipes.base import Recipe, precision_name
+
+
+def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
+    """Labels that define CRD negatives: class ids, or equal-frequency target bins for regression."""
+    values = torch.tensor([ex.label for ex in task.train], dtype=torch.float64)
+    if not task.is_regression:
+        return values.long()
+    edges = torch.quantile(values, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
+    return torch.bucketize(values, edges).long()
+
+
+class EMA:
+    """Exponential moving average of the student's weights (CR-ILD's optional consistency targets).
+
+    Every rank holds the same copy (data-parallel weights are identical after a step); it is
+    updated after each applied optimizer step and saved in the per-rank checkpoint files.
+    """
+
+    def __init__(self, student: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(student).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), student.parameters(), strict=True):
+            e.mul_(self.decay).add_(p.detach().to(e.dtype), alpha=1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+def check_task_inputs(recipe: Recipe) -> None:
+    """Finetuning's input checks, cheap first; loads the task and tokenizer (sets ``task``, ``tokenizer``,
+    ``teacher_dir``, ``supplementary`` on ``recipe``). Writes nothing. Shared with co-training."""
+    cfg = recipe.cfg
+    recipe.task = load_task(cfg.data)
+    micro = recipe.ds["train_micro_batch_size_per_gpu"]
+    if len(recipe.task.train) < micro * recipe.world:
+        raise CodirError(f"the training set has {len(recipe.task.train)} examples, fewer than one global "
+                         f"micro-batch ({micro} x {recipe.world} ranks): lower the batch size or add data")
+    recipe.teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
+    recipe.tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
+    if recipe.method.needs.teacher:
+        check_same_vocab(recipe.tokenizer, recipe.teacher_dir, "model.teacher")
+    recipe.supplementary = load_supplementary(cfg.data, recipe.task)  # CR-ILD's extra ILD inputs, ids < 0
+    recipe.num_train = len(recipe.task.train)
+
+
+def task_lengths(recipe: Recipe):
+    """Token counts of the training examples when ``data.group_by_length`` is on, else None."""
+    if not recipe.cfg.data.group_by_length:
+        return None
+    return token_lengths(recipe.tokenizer, recipe.task.train, recipe.cfg.data.max_length)
+
+
+class FinetuneRecipe(Recipe):
+    """Distil a frozen teacher into a student classifier (or regressor) on one task."""
+    stage = "finetune"
+    monitor_name = property(lambda self: self.method.name)
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        check_task_inputs(self)
+
+    def setup_models(self) -> None:
+        """Teacher (checksum, classification head), then the student and the method's heads, seeded alike
+        on every rank."""
+        cfg, task, needs = self.cfg, self.task, self.method.needs
+        self.teacher = (load_teacher(str(self.teacher_dir), task.num_labels, self.dtype, cfg.model.teacher_sha256)
+                        if needs.teacher else None)
+        set_seed(cfg.training.seed)
+        student = build_student(cfg.model, task.num_labels, task.is_regression, self.tokenizer,
+                                template_dir=self.teacher_dir)
+        m = cfg.method
+        self.student_layers = resolve_layers(m.student_layers, student, "method.student_layers")
+        self.teacher_layers = (resolve_layers(m.teacher_layers, self.teacher, "method.teacher_layers")
+                               if needs.pooled_layers else None)
+        self.ild_spec = build_ild_spec(self.method, student, self.teacher)
+        self.module = DistillationModule(
+            student, self.student_layers, m.pooling,
+            teacher_dim=len(self.teacher_layers) * hidden_size(self.teacher) if needs.pooled_layers else None,
+            projection_dim=m.projection_dim if needs.pooled_layers else None,
+            ild_spec=self.ild_spec, teacher_width=hidden_size(self.teacher) if self.ild_spec is not None else None)
+        decay = self.method.ema_decay
+        self.ema = EMA(student, decay) if decay > 0 else None
+        if self.ema is not None:
+            self.extras["ema"] = self.ema
+
+    def setup_data(self) -> None:
+        super().setup_data(task_lengths(self))
+        self.collator = ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.task.is_regression)
+
+    def setup_engines(self) -> None:
+        import deepspeed
+        opt, sched = optimizer_and_schedule(self.module, self.cfg.training, self.total_steps, self.ds)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=opt, lr_scheduler=sched, config=engine_config(self.ds, self.universal))
+        if self.cfg.training.compile:
+            compile_engine(self.engine, self.ema.model if self.ema is not None else None)
+
+    def setup_components(self) -> None:
+        """Teacher runner, EMA copy, memory bank and label negatives, teacher cache."""
+        m, t, needs = self.cfg.method, self.cfg.training, self.method.needs
+        self.runner = None
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            self.runner = TeacherRunner(self.teacher, self.teacher_layers if needs.pooled_layers else None,
+                                        m.pooling, self.ild_spec)
+        if self.ema is not None:
+            self.ema.model.to(device=self.device, dtype=self.dtype)
+        self.neg_sampler = self.labels_for_negatives = None
+        if needs.bank:
+            self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum, seed=t.seed).to(self.device)
+            self.labels_for_negatives = contrast_labels(self.task, m.regression_bins)
+            self.neg_sampler = LabelNegativeSampler(self.labels_for_negatives, m.num_negatives, seed=t.seed)
+        self.cache = self.open_teacher_cache() if t.teacher_cache else None
+
+    def open_teacher_cache(self) -> TeacherCache:
+        """Memory-mapped per-example teacher logits (and pooled features) under <run>/teacher_cache/."""
+        pooled = self.method.needs.pooled_layers
+        meta = {"teacher": str(self.teacher_dir), "teacher_sha256": sha256_file(self.teacher_dir / WEIGHTS),
+                "task": self.task.name, "num_examples": self.num_train, "max_length": self.cfg.data.max_length,
+                "teacher_layers": self.teacher_layers if pooled else None, "pooling": self.cfg.method.pooling,
+                "dtype": str(self.dtype)}
+        feature_dim = len(self.teacher_layers) * hidden_size(self.teacher) if pooled else None
+        return TeacherCache(self.run_dir / CACHE_DIR, self.rank, self.num_train, self.task.num_labels, feature_dim,
+                            meta)
+
+    def describe(self) -> str:
+        ds = self.ds
+        return (f"{self.method.name}: {len(self.task.train)} train / {len(self.task.validation)} validation examples, "
+                f"{self.world} rank(s), batch {ds['train_batch_size']} (micro {ds['train_micro_batch_size_per_gpu']} "
+                f"x accumulation {self.accum}), {self.total_steps} steps, precision {precision_name(self.dtype)}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batches) -> None:
+        step = self.progress.step
+        stage = self.method.stage_at(step, self.total_steps)
+        pending, class_rows = [], None  # bank updates wait for the optimizer step; [C, K, m] rows once per step
+        for _, ids in batches:
+            batch, mix = self.micro_batch(ids, stage)
+            use_layers = self.ild_spec is not None and self.method.uses_layers(stage)
+            t_out = self.teacher_outputs(ids, batch, use_layers, mix)
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              token_type_ids=batch.get("token_type_ids"),
+                              teacher_features=t_out.features if t_out is not None else None, ild=use_layers,
+                              mix=mix, clean_model=self.ema.model if self.ema is not None else None)
+            negatives = None
+            if self.bank is not None:
+                if class_rows is None:  # collective, first micro step of an optimizer step
+                    class_rows = self.neg_sampler.class_negatives(self.bank, step)
+                negatives = ClassNegatives(class_rows, self.labels_for_negatives[ids])
+            inputs = LossInputs(batch["labels"], is_regression=self.task.is_regression, negatives=negatives,
+                                stage=stage, consistency_weight=self.method.consistency_weight(step, self.total_steps))
+            total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
+            self.engine.backward(total)
+            self.engine.step()
+            self.progress.micro_step += 1
+            if self.bank is not None:
+                pending.append((ids, out["h_s"].detach()))
+            self.monitor.accumulate(terms, len(ids) * self.world)
+        self.apply_bank_updates(pending)
+        if self.ema is not None and self.method.uses_layers(stage) and self.engine.was_step_applied():
+            self.ema.update(self.engine.module.student)
+
+    def micro_batch(self, ids: torch.Tensor, stage: str):
+        """The collated micro-batch on the device and the mixup draw (staged methods' mixing stage only)."""
+        examples = [self.task.train[i] for i in ids.tolist()]
+        mix = None
+        if self.method.mixes_inputs(stage):  # CR-ILD: supplementary inputs join the batch, embeddings are mixed
+            micro_seed = derive_seed(self.cfg.training.seed, self.rank, self.progress.micro_step)
+            if self.supplementary:
+                pick = torch.randint(len(self.supplementary), (len(examples),),
+                                     generator=torch.Generator().manual_seed(micro_seed))
+                examples = examples + [self.supplementary[i] for i in pick.tolist()]
+            mix = mixup_draw(self.cfg.method.mixup_alpha, len(examples), micro_seed)
+        return to_device(self.collator(examples), self.device), mix
+
+    def teacher_outputs(self, ids, batch, use_layers: bool, mix):
+        """From the teacher cache when it holds these examples, else a teacher forward (then cached)."""
+        t_out = self.cache.lookup(ids, self.device) if self.cache is not None else None
+        if t_out is None and self.runner is not None:
+            t_out = self.runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                ild=use_layers, mix=mix)
+            if self.cache is not None:
+                self.cache.store(ids, t_out)
+        return t_out
+
+    # ------------------------------------------------------------------ evaluation and the end
+    def forward_logits(self, batch):
+        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch.get("token_type_ids"))["logits"]
+
+    def evaluate(self) -> dict:
+        """Validation metrics, logged; a new best is exported to <run>/export/."""
+        step, task, p = self.progress.step, self.task, self.progress
+        self.engine.eval()
+        metrics = evaluate(self.forward_logits, task.validation, self.collator, self.cfg.training.eval_batch_size,
+                           self.device, task.metric_names, self.rank, self.world)
+        self.engine.train()
+        main = task.metric_names[0]
+        self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        self.monitor.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        p.history.append({"step": step, **metrics})
+        if p.best is None or metrics[main] > p.best[main]:
+            p.best = {"step": step, **metrics}
+            export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
+                                  {"task": task.name, "label_names": task.label_names, "method": self.method.name,
+                                   "step": step, **{f"validation_{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def save(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+        super().save()
+
+    def finish(self) -> dict:
+        final = self.evaluate()
+        self.save()
+        task = self.task
+        results = {"task": task.name, **self.common_results(), "num_train_examples": len(task.train),
+                   "num_validation_examples": len(task.validation), "main_metric": task.metric_names[0],
+                   "final": final, "best": self.progress.best, "history": self.progress.history,
+                   **self.throughput(), "export_dir": str(self.run_dir / "export")}
+        if self.cache is not None:  # this rank's (rank 0's) counts: micro-batches served from the cache, disk used
+            results["teacher_cache"] = {"hit_batches": self.cache.hits, "miss_batches": self.cache.misses,
+                                        "disk_bytes_rank0": self.cache.disk_bytes()}
+        return self.write_results(results)

@@ -1,0 +1,236 @@
+"""Pre-training distillation (MLM-Pre, KD-Pre, CoDIR-Pre, TinyBERT / DistilBERT-style) on a text corpus.
+
+One optimizer step (``train_step``) reads:
+
+1. take this rank's ``accumulation`` micro-batches of block ids;
+2. CRD only: all-gather every rank's ids -> the global mini-batch, and read its bank rows with
+   one collective ``bank.gather`` (the in-batch negatives, shared by the step's micro steps);
+3. dynamic masking of the whole step on the host, and one all-reduce of its masked-token count
+   (the MLM / KD terms are means over the GLOBAL batch's masked tokens);
+4. per micro step: teacher forward under inference mode (MLM logits at masked positions,
+   pooled layers), student forward, the method's loss terms, backward, step;
+5. after the optimizer step (and only if it was applied): the positives' bank rows get the
+   momentum update, locally on their owner rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from codir_ds.data.collate import to_device
+from codir_ds.data.corpus import load_corpus
+from codir_ds.data.mlm import MLMCollator
+from codir_ds.distill.heads import PretrainModule, build_ild_spec
+from codir_ds.distill.memory_bank import ShardedMemoryBank
+from codir_ds.distill.methods import LossInputs, StudentOutput
+from codir_ds.distill.negatives import BatchNegatives, batch_negatives, self_mask
+from codir_ds.engine.checkpointing import engine_config
+from codir_ds.engine.compile import compile_engine
+from codir_ds.engine.distributed import host_group, set_seed
+from codir_ds.engine.evaluation import evaluate_mlm
+from codir_ds.engine.export import export_engine_student
+from codir_ds.engine.optim import optimizer_and_schedule
+from codir_ds.engine.teacher import MLMTeacherRunner
+from codir_ds.errors import CodirError
+from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
+                                     position_limit, resolve_layers, tokenizer_dir, verify_weights)
+from codir_ds.models.mlm import load_mlm_teacher, masked_rows
+from codir_ds.recipes.base import Recipe, precision_name
+
+
+@dataclass
+class MaskedMicroBatch:
+    """One micro-batch of a pre-training step, masked on the host."""
+    ids: torch.Tensor          # [B] block ids (host)
+    host: dict                 # collated tensors on the host
+    rows: torch.Tensor         # flat indices of the masked positions (host)
+    token_scale: torch.Tensor  # micro-batch mean -> global per-token mean (device)
+
+
+def mask_step(recipe: Recipe, batches) -> list[MaskedMicroBatch]:
+    """Dynamic masking of one optimizer step's micro-batches on the host. Collective (one all-reduce).
+
+    The MLM and KD terms are means over the masked tokens of the GLOBAL batch (one all-reduce of
+    the count, no host sync), so the gradient does not depend on how tokens fall into micro-batches
+    and ranks. Host-side ``masked_rows``: ``nonzero()`` on a GPU would sync.
+    """
+    hosts = [recipe.collator([recipe.corpus[i] for i in ids.tolist()], ids, epoch) for epoch, ids in batches]
+    row_sets = [masked_rows(h["labels"]) for h in hosts]
+    step_masked = torch.tensor(float(sum(len(r) for r in row_sets))).to(recipe.device, non_blocking=True)
+    if recipe.world > 1:
+        dist.all_reduce(step_masked)
+    per_token = recipe.accum * recipe.world / step_masked.clamp(min=1.0)
+    return [MaskedMicroBatch(ids, host, rows, per_token * len(rows))
+            for (_, ids), host, rows in zip(batches, hosts, row_sets)]
+
+
+def check_corpus_inputs(recipe: Recipe) -> None:
+    """Pre-training's input checks, cheap first (the teacher's checksum before the corpus is tokenized,
+    which can take long); sets ``teacher_dir``, ``tokenizer``, ``corpus``, ``num_train``. Shared with
+    co-training."""
+    from transformers import AutoConfig
+    cfg = recipe.cfg
+    recipe.teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
+    if recipe.method.needs.teacher:
+        if recipe.teacher_dir is None:
+            raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher")
+        verify_weights(recipe.teacher_dir, cfg.model.teacher_sha256, "model.teacher")
+    recipe.tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
+    if recipe.teacher_dir is not None:
+        check_same_vocab(recipe.tokenizer, recipe.teacher_dir, "model.teacher")
+        limit = position_limit(AutoConfig.from_pretrained(str(recipe.teacher_dir)))
+        if cfg.corpus.block_size > limit:
+            raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the teacher's {limit} positions: "
+                             f"lower corpus.block_size")
+    recipe.corpus = load_corpus(cfg.corpus, recipe.tokenizer, verbose=recipe.rank == 0)
+    micro = recipe.ds["train_micro_batch_size_per_gpu"]
+    if len(recipe.corpus.train_ids) // recipe.world < micro:
+        raise CodirError(f"the corpus has {len(recipe.corpus.train_ids)} training blocks, fewer than one global "
+                         f"micro-batch ({micro} x {recipe.world} ranks): add text, lower corpus.block_size or the "
+                         f"batch size")
+    recipe.num_train = len(recipe.corpus.train_ids)  # training block ids are 0..num_train-1
+
+
+def count_tokens(tokens: int, device, world: int) -> int:
+    """Sum of every rank's host-side token count. Collective."""
+    if world > 1:
+        total = torch.tensor(tokens, dtype=torch.long, device=device)
+        dist.all_reduce(total)
+        return int(total)
+    return tokens
+
+
+class PretrainRecipe(Recipe):
+    """Distil a frozen MLM teacher into a masked-LM student on a packed corpus."""
+    stage = "pretrain"
+    monitor_name = property(lambda self: f"{self.method.name}-pre")
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        check_corpus_inputs(self)
+
+    def setup_models(self) -> None:
+        """Teacher (checksum, MLM head when its logits are used), student, the method's heads."""
+        cfg, needs = self.cfg, self.method.needs
+        self.teacher = (load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256,
+                                         need_head=needs.teacher_logits) if needs.teacher else None)
+        set_seed(cfg.training.seed)  # identical student / head initialisation on every rank
+        student = build_student(cfg.model, 0, False, self.tokenizer, template_dir=self.teacher_dir, masked_lm=True)
+        if cfg.corpus.block_size > position_limit(student.config):
+            raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
+                             f"{position_limit(student.config)} positions: lower corpus.block_size")
+        self.module, self.teacher_layers = build_pretrain_module(student, self.teacher, self.method)
+
+    def setup_data(self) -> None:
+        super().setup_data()
+        self.collator = MLMCollator(self.tokenizer, self.cfg.method.mlm_probability, seed=self.cfg.training.seed)
+
+    def setup_engines(self) -> None:
+        import deepspeed
+        opt, sched = optimizer_and_schedule(self.module, self.cfg.training, self.total_steps, self.ds)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=opt, lr_scheduler=sched, config=engine_config(self.ds, self.universal))
+        if self.cfg.training.compile:
+            compile_engine(self.engine)
+
+    def setup_components(self) -> None:
+        m, needs = self.cfg.method, self.method.needs
+        self.runner = None
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, m.pooling, logits=needs.teacher_logits,
+                                           ild_spec=self.module.ild_spec)
+        if needs.bank:
+            self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum,
+                                          seed=self.cfg.training.seed).to(self.device)
+        self.ids_group = host_group() if self.bank is not None else None  # step ids travel host to host (NCCL)
+        self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
+
+    def describe(self) -> str:
+        c, ds = self.corpus, self.ds
+        return (f"{self.method.name} pre-training: {self.num_train} blocks of <= {c.block_size} tokens "
+                f"({len(c.validation_ids)} held out), {self.world} rank(s), batch {ds['train_batch_size']} "
+                f"(micro {ds['train_micro_batch_size_per_gpu']} x accumulation {self.accum}), {self.total_steps} "
+                f"steps, precision {precision_name(self.dtype)}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batches) -> None:
+        cand_ids = candidates = None
+        if self.bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
+            cand_ids = batch_negatives(torch.cat([ids for _, ids in batches]), self.cfg.method.num_negatives,
+                                       self.cfg.training.seed, self.progress.step, self.world, self.device,
+                                       self.ids_group)
+            candidates = self.bank.gather(cand_ids)
+            cand_ids = cand_ids.to(self.device, non_blocking=True)
+        pending = []
+        for mb in mask_step(self, batches):
+            labels = mb.host["labels"].reshape(-1)[mb.rows].to(self.device, non_blocking=True)
+            self.tokens += int(mb.host["attention_mask"].sum())
+            rows = mb.rows.to(self.device, non_blocking=True)
+            batch = to_device(mb.host, self.device)
+            t_out = self.runner(batch["input_ids"], batch["attention_mask"], rows) if self.runner is not None else None
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
+                              teacher_features=t_out.features if t_out is not None else None,
+                              ild=self.module.ild_spec is not None)
+            negatives = (BatchNegatives(candidates, self_mask(batch["ids"], cand_ids))
+                         if self.bank is not None else None)
+            inputs = LossInputs(labels, pretraining=True, token_scale=mb.token_scale, negatives=negatives)
+            total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
+            self.engine.backward(total)
+            self.engine.step()
+            self.progress.micro_step += 1
+            if self.bank is not None:
+                pending.append((mb.ids, out["h_s"].detach()))
+            self.monitor.accumulate(terms, len(mb.ids) * self.world)
+        self.apply_bank_updates(pending)
+
+    # ------------------------------------------------------------------ evaluation and the end
+    def forward_logits(self, batch: dict) -> torch.Tensor:
+        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           rows=batch["rows"])["logits"]
+
+    def evaluate(self) -> dict:
+        """Held-out masked-LM loss, accuracy and perplexity, logged."""
+        step = self.progress.step
+        self.engine.eval()
+        metrics = evaluate_mlm(self.forward_logits, self.corpus, self.collator, self.cfg.training.eval_batch_size,
+                               self.device, self.rank, self.world)
+        self.engine.train()
+        if metrics:
+            self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            self.monitor.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.progress.history.append({"step": step, **metrics})
+        return metrics
+
+    def finish(self) -> dict:
+        final = self.evaluate()
+        self.save()
+        step = self.progress.step
+        export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
+                              {"stage": "pretrain", "method": self.method.name, "step": step,
+                               **{f"validation_{k}": v for k, v in final.items()}})
+        timing = self.throughput()
+        tokens = count_tokens(self.tokens, self.device, self.world)
+        c = self.corpus
+        results = {"stage": "pretrain", **self.common_results(), "block_size": c.block_size,
+                   "num_train_blocks": self.num_train, "num_validation_blocks": len(c.validation_ids),
+                   "corpus": str(c.path), "final": final, "history": self.progress.history, **timing,
+                   "tokens_per_second": round(tokens / max(self.elapsed, 1e-9), 1),
+                   "export_dir": str(self.run_dir / "export")}
+        return self.write_results(results)
+
+
+def build_pretrain_module(student, teacher, method):
+    """The module DeepSpeed trains (student + the method's heads) and the teacher layers CRD pools."""
+    m, needs = method.cfg, method.needs
+    s_layers = resolve_layers(m.student_layers, student, "method.student_layers")
+    t_layers = resolve_layers(m.teacher_layers, teacher, "method.teacher_layers") if needs.pooled_layers else None
+    ild_spec = build_ild_spec(method, student, teacher)
+    module = PretrainModule(
+        student, s_layers, m.pooling,
+        teacher_dim=len(t_layers) * hidden_size(teacher) if needs.pooled_layers else None,
+        projection_dim=m.projection_dim if needs.pooled_layers else None,
+        ild_spec=ild_spec, teacher_width=hidden_size(teacher) if ild_spec is not None else None)
+    return module, t_layers

@@ -1,0 +1,97 @@
+"""docs/adding_a_method.md's worked examples, run as written: one new module is a whole new method."""
+from __future__ import annotations
+
+import re
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+
+DS = str(REPO / "ds_configs" / "zero2.json")
+DOC = REPO / "docs" / "adding_a_method.md"
+
+
+def example(name: str) -> str:
+    """The python block after ``<!-- example: name -->`` in the doc."""
+    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", DOC.read_text(), re.S)
+    assert match, f"docs/adding_a_method.md has no example {name!r}"
+    return match.group(1)
+
+
+@pytest.fixture()
+def registered(monkeypatch):
+    """Load the doc's examples as modules of their own (as a new file would be), rebuild the method
+    config section from the registry, and unregister them afterwards."""
+    import codir_ds.config as config
+    from codir_ds.distill.methods import method_config_class, registry
+
+    before = dict(registry._METHODS)
+    for name in ("logit_mse", "last_hidden_mse"):
+        module = types.ModuleType(f"codir_ds.distill.methods.{name}")
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        exec(compile(example(name), str(DOC), "exec"), module.__dict__)
+    monkeypatch.setattr(config, "MethodConfig", method_config_class())
+    yield config
+    registry._METHODS.clear()
+    registry._METHODS.update(before)
+
+
+def test_new_method_is_registered_configured_and_validated(registered):
+    from codir_ds.distill.methods import build_method, method_names
+    from codir_ds.errors import CodirError
+    assert "logit_mse" in method_names("finetune") and "logit_mse" not in method_names("pretrain")
+    m = registered.MethodConfig(name="logit_mse", alpha_mse=0.5)
+    field = {f.name: f for f in __import__("dataclasses").fields(registered.MethodConfig)}["alpha_mse"]
+    assert field.metadata["methods"] == ("logit_mse",) and "logit" in field.metadata["help"]
+    method = build_method(m, "finetune")
+    assert method.needs.teacher and method.needs.teacher_logits and not method.needs.bank
+    with pytest.raises(CodirError, match="method.alpha_mse"):
+        registered.load_config(None, ["method.name=logit_mse", "method.alpha_mse=-1", "model.teacher=x"])
+    with pytest.raises(CodirError, match="not a pre-training objective"):
+        build_method(m, "pretrain")
+
+
+def test_new_method_loss_against_hand_computation(registered):
+    from codir_ds.distill.methods import LossInputs, StudentOutput, TeacherOutput, build_method
+    g = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    labels = torch.tensor([0, 2, 1, 1])
+    m = registered.MethodConfig(name="logit_mse", alpha_kd=0.3, kd_temperature=2.0, alpha_mse=0.5)
+    total, terms = build_method(m, "finetune").loss(StudentOutput(z_s), TeacherOutput(z_t), LossInputs(labels))
+    ce = F.cross_entropy(z_s, labels)
+    p_t = F.softmax(z_t / 2, -1)
+    kd = (p_t * (p_t.log() - F.log_softmax(z_s / 2, -1))).sum(-1).mean() * 4
+    mse = ((z_s - z_t) ** 2).mean()
+    assert torch.allclose(total, ce + 0.3 * kd + 0.5 * mse, atol=1e-6)
+    assert torch.allclose(terms["loss/logit_mse"], mse) and torch.allclose(terms["loss/total"], total)
+
+
+def test_feature_example_reads_the_last_layer_pair(registered):
+    from codir_ds.distill.methods import LayerFeatures, LossInputs, StudentOutput, TeacherOutput, build_method
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    method = build_method(registered.MethodConfig(name="last_hidden_mse", alpha_kd=0.0, alpha_hidden=2.0), "finetune")
+    assert method.needs.layer_pairs == "hidden" and method.layer_pairs(3, 6) == [(3, 6)]
+    logits = torch.zeros(2, 2)
+    total, terms = method.loss(StudentOutput(logits, layers=LayerFeatures(mask, hidden=[s])),
+                               TeacherOutput(logits, layers=LayerFeatures(mask, hidden=[t])),
+                               LossInputs(torch.tensor([0, 1])))
+    w = mask.float() / mask.sum()
+    expected = ((s - t) ** 2).mean(-1).mul(w).sum()
+    assert torch.allclose(terms["loss/last_hidden_mse"], expected)
+    assert torch.allclose(total, F.cross_entropy(logits, torch.tensor([0, 1])) + 2.0 * expected)
+
+
+def test_new_method_trains_through_the_finetuning_recipe(registered, tmp_path, tiny_config, single_process_env):
+    from codir_ds.recipes import recipe_for
+    cfg = registered.load_config(str(tiny_config), ["method.name=logit_mse", "method.alpha_mse=0.5",
+                                                    "training.max_steps=2"])
+    recipe = recipe_for(cfg, "finetune", DS, str(tmp_path / "run"))
+    results = recipe.run()
+    assert results["method"] == "logit_mse" and results["steps"] == 2
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
