@@ -19,6 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from codir_ds.cli import quiet_environment, run_main  # noqa: E402
 
 
+def reads_teacher(method: str) -> bool:
+    """Whether ``method`` distils from the finetuned teacher (the registry's declaration, default config)."""
+    from codir_ds.config import MethodConfig
+    from codir_ds.distill.methods import build_method
+    return build_method(MethodConfig(name=method), "finetune").needs.teacher
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output_dir", default="runs/demo_finetune")
@@ -54,7 +61,7 @@ def main() -> int:
     for seed in args.seeds:
         for method in args.methods:
             sets = ["--set", f"method.name={method}", "--set", f"training.seed={seed}"]
-            if method != "ce":
+            if reads_teacher(method):
                 sets += ["--set", f"model.teacher={teacher_dir}"]
             for o in args.overrides:
                 sets += ["--set", o]

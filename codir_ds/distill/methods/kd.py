@@ -38,10 +38,11 @@ class KDMethod(Method):
 
     def supervised(self, student, teacher, batch, terms: dict):
         """``L_task + alpha_kd * KD`` (KD when the teacher's logits are used), terms logged into ``terms``."""
-        total, key = task_loss(student.logits, batch)
+        logits32 = student.logits.float()  # one cast: task and KD gradients meet in fp32, then one cast back
+        total, key = task_loss(logits32, batch)
         terms[key] = total.detach()
         if self.needs.teacher_logits:
-            kd = soft_kd(student.logits, teacher.logits, self.cfg.kd_temperature, self.cfg.kd_t2_scale,
+            kd = soft_kd(logits32, teacher.logits, self.cfg.kd_temperature, self.cfg.kd_t2_scale,
                          batch.is_regression and not batch.pretraining)
             if batch.token_scale is not None:
                 kd = kd * batch.token_scale
