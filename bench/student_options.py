@@ -65,23 +65,15 @@ def _stats(xs: list[float]) -> dict:
 
 # ----------------------------------------------------------------------------- one variant (child process)
 
-def run_variant(spec: dict) -> dict:
-    """One finetune in this process; returns its timings."""
-    import torch
-    torch.set_num_threads(spec["threads"])
-    import torch._dynamo.utils as dynamo_utils
+def _instrument(recipe) -> tuple[dict, list[float], list[float]]:
+    """``(info, marks, opt_times)``: the set-up recipe's optimizer facts, and the timestamps its training fills.
 
-    from codir_ds.config import load_config
-    from codir_ds.recipes import recipe_for
-
+    ``marks`` gets a timestamp at every optimizer step (``after_step``), ``opt_times`` the time spent in
+    the base torch optimizer's ``step`` during that optimizer step.
+    """
     marks: list[float] = []
     opt_times: list[float] = []  # per optimizer step: ZeRO calls the base optimizer once per parameter group
     opt_pending = [0.0]
-
-    cfg = load_config(str(REPO / "configs" / "fine_movie_snippets_cpu.yaml"), spec["sets"])
-    t_run = time.perf_counter()
-    recipe = recipe_for(cfg, "finetune", spec["deepspeed_config"], spec["output_dir"], overwrite=True)
-    recipe.setup()  # checks, models, engine, components: everything before the first step
 
     opt = recipe.optimizer
     base = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch AdamW
@@ -108,6 +100,23 @@ def run_variant(spec: dict) -> dict:
         return orig_after_step()
 
     recipe.after_step = timed_after_step
+    return info, marks, opt_times
+
+
+def run_variant(spec: dict) -> dict:
+    """One finetune in this process; returns its timings."""
+    import torch
+    torch.set_num_threads(spec["threads"])
+    import torch._dynamo.utils as dynamo_utils
+
+    from codir_ds.config import load_config
+    from codir_ds.recipes import recipe_for
+
+    cfg = load_config(str(REPO / "configs" / "fine_movie_snippets_cpu.yaml"), spec["sets"])
+    t_run = time.perf_counter()
+    recipe = recipe_for(cfg, "finetune", spec["deepspeed_config"], spec["output_dir"], overwrite=True)
+    recipe.setup()  # checks, models, engine, components: everything before the first step
+    info, marks, opt_times = _instrument(recipe)
     start = time.perf_counter()
     results = recipe.train()
     t_end = time.perf_counter()
@@ -145,7 +154,7 @@ def _variant(text: str):
     return mode, impl, grouped
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="comma-separated eager|compile:fused|foreach|plain|auto (default: %(default)s)")
@@ -162,13 +171,11 @@ def main() -> int:
     ap.add_argument("--output", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print("RESULT " + json.dumps(run_variant(json.loads(args.child))), flush=True)
-        return 0
+    return ap.parse_args()
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="student_options_"))
-    work.mkdir(parents=True, exist_ok=True)
+
+def _common_sets(args, work: Path) -> list[str]:
+    """The config overrides every variant shares (``--method``'s teacher made under ``work`` when it needs one)."""
     sets = [f"method.name={args.method}", f"model.student_init={args.minilm}",
             "data.max_train_examples=2000", "data.max_eval_examples=128", f"data.max_length={args.max_length}",
             f"training.max_steps={args.warmup + args.steps}", f"training.train_batch_size={args.batch}",
@@ -180,89 +187,110 @@ def main() -> int:
         sys.path.insert(0, str(REPO / "bench"))
         from teacher_cache import _timing_teacher
         sets.append(f"model.teacher={_timing_teacher(args.minilm, 'movie_snippets', work / 'teacher')}")
-    sets += args.overrides
+    return sets + args.overrides
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+
+def _parse_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
     for variant in variants:
         mode, impl, grouped = _variant(variant)
         if mode not in ("eager", "compile") or impl not in ("auto", "fused", "foreach", "plain") or grouped is None:
             raise SystemExit(f"error: variant {variant!r}: write eager:<impl> or compile:<impl>, "
                              f"impl one of auto, fused, foreach, plain, optionally :grouped (data.group_by_length)")
+    return variants
+
+
+def _run_child(args, sets: list[str], work: Path, variant: str, rep: int, port: int) -> dict | None:
+    """One run of ``variant`` in a fresh process; its record, or None (after printing why) when it failed."""
+    mode, impl, grouped = _variant(variant)
+    spec = {"sets": sets + [f"training.optimizer_impl={impl}", f"training.compile={mode == 'compile'}",
+                            f"data.group_by_length={grouped}"],
+            "deepspeed_config": args.deepspeed_config,
+            "output_dir": str(work / f"{variant.replace(':', '_')}_{rep}"),
+            "warmup": args.warmup, "threads": args.threads, "batch": args.batch}
+    inductor_cache = tempfile.mkdtemp(prefix="inductor_", dir=work)  # cold compile for every run
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads),
+               TORCHINDUCTOR_CACHE_DIR=inductor_cache, TORCHINDUCTOR_COMPILE_THREADS="1",
+               PYTHONUNBUFFERED="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          cwd=str(REPO), env=env, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
+        print(f"error: variant {variant} failed (exit {proc.returncode})", file=sys.stderr)
+        return None
+    r = {"repeat": rep, "wall_seconds": round(time.perf_counter() - t0, 1),
+         "load_average_before": round(load, 2), **json.loads(line[len("RESULT "):])}
+    print(f"{variant} #{rep}: {r['step_seconds']['median']:.3f} s/step (optimizer "
+          f"{r['optimizer_step_seconds']['median']:.4f} s), warm-up excess {r['warmup_excess_seconds']} s, "
+          f"wall {r['wall_seconds']} s, load {r['load_average_before']}", file=sys.stderr, flush=True)
+    return r
+
+
+def _run_all(args, sets: list[str], work: Path, variants: list[str]) -> dict[str, list] | None:
+    """Every variant ``--repeats`` times; None when a run failed."""
     runs: dict[str, list] = {v: [] for v in variants}
     port = 29700
     for rep in range(args.repeats):  # interleaved, order reversed every other round: drift hits all alike
         for variant in (variants if rep % 2 == 0 else variants[::-1]):
-            mode, impl, grouped = _variant(variant)
-            spec = {"sets": sets + [f"training.optimizer_impl={impl}", f"training.compile={mode == 'compile'}",
-                                    f"data.group_by_length={grouped}"],
-                    "deepspeed_config": args.deepspeed_config,
-                    "output_dir": str(work / f"{variant.replace(':', '_')}_{rep}"),
-                    "warmup": args.warmup, "threads": args.threads, "batch": args.batch}
-            inductor_cache = tempfile.mkdtemp(prefix="inductor_", dir=work)  # cold compile for every run
             port += 1
-            env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads),
-                       TORCHINDUCTOR_CACHE_DIR=inductor_cache, TORCHINDUCTOR_COMPILE_THREADS="1",
-                       PYTHONUNBUFFERED="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-                       HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            load = os.getloadavg()[0]
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                                  cwd=str(REPO), env=env, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
-                print(f"error: variant {variant} failed (exit {proc.returncode})", file=sys.stderr)
-                return 1
-            r = {"repeat": rep, "wall_seconds": round(time.perf_counter() - t0, 1),
-                 "load_average_before": round(load, 2), **json.loads(line[len("RESULT "):])}
+            r = _run_child(args, sets, work, variant, rep, port)
+            if r is None:
+                return None
             runs[variant].append(r)
-            print(f"{variant} #{rep}: {r['step_seconds']['median']:.3f} s/step (optimizer "
-                  f"{r['optimizer_step_seconds']['median']:.4f} s), warm-up excess {r['warmup_excess_seconds']} s, "
-                  f"wall {r['wall_seconds']} s, load {r['load_average_before']}", file=sys.stderr, flush=True)
+    return runs
 
-    def best(variant: str, key: str) -> float:
-        """The lowest per-run median over the repeats: a run slowed by another job on the machine is dropped."""
-        return min(statistics.median(r[key]) for r in runs[variant])
 
-    def mean_of(variant: str, key: str) -> float:
-        return statistics.fmean(r[key] for r in runs[variant])
+def _best(runs: dict, variant: str, key: str) -> float:
+    """The lowest per-run median over the repeats: a run slowed by another job on the machine is dropped."""
+    return min(statistics.median(r[key]) for r in runs[variant])
 
-    summary = {}
-    for variant in variants:
-        mode, impl, grouped = _variant(variant)
-        entry = {"step_seconds": round(best(variant, "timed_step_seconds"), 4),
-                 "step_seconds_per_repeat": [r["step_seconds"]["median"] for r in runs[variant]],
-                 "optimizer_step_seconds": round(best(variant, "timed_optimizer_step_seconds"), 5),
-                 "samples_per_second": round(args.batch / best(variant, "timed_step_seconds"), 2),
-                 "final": runs[variant][0]["final"]}
-        eager = f"eager:{impl}" if f"eager:{impl}" in runs else None
-        if grouped:
-            ungrouped = f"{mode}:{impl}"
-            if ungrouped in runs:
-                entry["speedup_vs_ungrouped"] = round(best(ungrouped, "timed_step_seconds")
-                                                      / best(variant, "timed_step_seconds"), 3)
-        elif mode == "compile":
-            entry["compile_seconds_dynamo"] = round(statistics.fmean(
-                r["dynamo_time_spent_seconds"].get("entire_frame_compile", 0.0) for r in runs[variant]), 1)
-            if eager:
-                entry["speedup_vs_eager"] = round(best(eager, "timed_step_seconds")
-                                                  / best(variant, "timed_step_seconds"), 3)
-                entry["compile_seconds_warmup_excess"] = round(mean_of(variant, "warmup_excess_seconds")
-                                                               - mean_of(eager, "warmup_excess_seconds"), 1)
-                entry["eval_compile_seconds_approx"] = round(mean_of(variant, "final_eval_save_export_seconds")
-                                                             - mean_of(eager, "final_eval_save_export_seconds"), 1)
-        elif impl != "fused" and "eager:fused" in runs:
-            entry["step_vs_fused"] = round(best(variant, "timed_step_seconds")
-                                           / best("eager:fused", "timed_step_seconds"), 3)
-            entry["optimizer_step_vs_fused"] = round(best(variant, "timed_optimizer_step_seconds")
-                                                     / best("eager:fused", "timed_optimizer_step_seconds"), 2)
-        summary[variant] = entry
 
+def _mean_of(runs: dict, variant: str, key: str) -> float:
+    return statistics.fmean(r[key] for r in runs[variant])
+
+
+def _summary_entry(runs: dict, variant: str, batch: int) -> dict:
+    """One variant's summary: its best step times, and its speed relative to the variant it changes."""
+    mode, impl, grouped = _variant(variant)
+    entry = {"step_seconds": round(_best(runs, variant, "timed_step_seconds"), 4),
+             "step_seconds_per_repeat": [r["step_seconds"]["median"] for r in runs[variant]],
+             "optimizer_step_seconds": round(_best(runs, variant, "timed_optimizer_step_seconds"), 5),
+             "samples_per_second": round(batch / _best(runs, variant, "timed_step_seconds"), 2),
+             "final": runs[variant][0]["final"]}
+    eager = f"eager:{impl}" if f"eager:{impl}" in runs else None
+    if grouped:
+        ungrouped = f"{mode}:{impl}"
+        if ungrouped in runs:
+            entry["speedup_vs_ungrouped"] = round(_best(runs, ungrouped, "timed_step_seconds")
+                                                  / _best(runs, variant, "timed_step_seconds"), 3)
+    elif mode == "compile":
+        entry["compile_seconds_dynamo"] = round(statistics.fmean(
+            r["dynamo_time_spent_seconds"].get("entire_frame_compile", 0.0) for r in runs[variant]), 1)
+        if eager:
+            entry["speedup_vs_eager"] = round(_best(runs, eager, "timed_step_seconds")
+                                              / _best(runs, variant, "timed_step_seconds"), 3)
+            entry["compile_seconds_warmup_excess"] = round(_mean_of(runs, variant, "warmup_excess_seconds")
+                                                           - _mean_of(runs, eager, "warmup_excess_seconds"), 1)
+            entry["eval_compile_seconds_approx"] = round(_mean_of(runs, variant, "final_eval_save_export_seconds")
+                                                         - _mean_of(runs, eager, "final_eval_save_export_seconds"), 1)
+    elif impl != "fused" and "eager:fused" in runs:
+        entry["step_vs_fused"] = round(_best(runs, variant, "timed_step_seconds")
+                                       / _best(runs, "eager:fused", "timed_step_seconds"), 3)
+        entry["optimizer_step_vs_fused"] = round(_best(runs, variant, "timed_optimizer_step_seconds")
+                                                 / _best(runs, "eager:fused", "timed_optimizer_step_seconds"), 2)
+    return entry
+
+
+def _report(args, summary: dict, runs: dict) -> dict:
     import deepspeed
     import torch
     import transformers
-    report = {
+    return {
         "benchmark": "codir-ds student-speed switches (bench/student_options.py)",
         "command": _command(),
         "device": _device(args.threads),
@@ -278,6 +306,23 @@ def main() -> int:
         "runs": runs,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def main() -> int:
+    args = _parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_variant(json.loads(args.child))), flush=True)
+        return 0
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="student_options_"))
+    work.mkdir(parents=True, exist_ok=True)
+    sets = _common_sets(args, work)
+    variants = _parse_variants(args.variants)
+    runs = _run_all(args, sets, work, variants)
+    if runs is None:
+        return 1
+    summary = {variant: _summary_entry(runs, variant, args.batch) for variant in variants}
+    report = _report(args, summary, runs)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)  # 8 runs' checkpoints
     text = json.dumps(report, indent=2)

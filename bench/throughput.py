@@ -95,8 +95,8 @@ class BenchError(Exception):
     """Bad arguments: printed as one ``error: ...`` line, exit status 2."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The teacher's and student's sizes, the vocabulary and the sequence length."""
     ap.add_argument("--teacher_layers", type=int, default=12)
     ap.add_argument("--teacher_hidden", type=int, default=768)
     ap.add_argument("--teacher_heads", type=int, default=12)
@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--student_heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=30522, help="vocabulary size of both models (>= the tokenizer's)")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per block, [CLS] and [SEP] included")
+
+
+def _add_training_arguments(ap: argparse.ArgumentParser) -> None:
+    """Batch, precision, DeepSpeed JSON, the objectives and the task."""
     ap.add_argument("--micro_batch", type=int, default=32, help="sequences per micro-batch per rank")
     ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="bf16")
@@ -117,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="pretrain: masked-LM blocks, in-batch negatives; finetune: sequence classification, "
                          "K negatives per class from the bank")
     ap.add_argument("--num_classes", type=int, default=2, help="classes of the synthetic finetuning task")
+
+
+def _add_measurement_arguments(ap: argparse.ArgumentParser) -> None:
+    """How the steps are scheduled, counted and timed, and where the report goes."""
     ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
                     help="interleaved: every objective lives in the process and their steps alternate (a slow "
                          "spell of the machine costs all alike); sequential: one objective after another")
@@ -137,7 +145,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--output", default=None, help="also write the JSON here (rank 0)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = ap.parse_args(argv)
+
+
+def _check_objectives(args: argparse.Namespace) -> None:
+    """``--objectives`` as a list (duplicates dropped), the task's default K; refuses a bad subset."""
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     bad = [o for o in objectives if o not in OBJECTIVE_NAMES + REFERENCE_NAMES]
     if bad or not objectives:
@@ -149,6 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.task == "finetune" and "mlm" in args.objectives:
         raise BenchError("--objectives mlm is a pre-training objective: with --task finetune use kd,codir "
                          "(and ref_kd,ref_codir)")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric arguments' ranges and the models' shapes."""
     if args.num_classes < 2:
         raise BenchError(f"--num_classes must be >= 2 (CRD negatives come from other classes), got {args.num_classes}")
     if args.global_negatives < 0:
@@ -173,6 +188,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise BenchError(f"--{who}_hidden {h} is not a multiple of --{who}_heads {n}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise BenchError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _add_model_arguments(ap)
+    _add_training_arguments(ap)
+    _add_measurement_arguments(ap)
+    args = ap.parse_args(argv)
+    _check_objectives(args)
+    _check_numbers(args)
     return args
 
 
@@ -452,52 +477,62 @@ class SyntheticExamples:
         return SyntheticExample(i, self.labels[i], self)
 
 
+class SyntheticInputs:
+    """The bench recipes' shared part (mixed in before the stage's recipe class, see ``bench_recipe_class``).
+
+    ``check_inputs`` gives the synthetic corpus / task (the subclass's ``synthetic_data``) instead of
+    reading files; ``setup_models`` runs the recipe's own with its two model loaders replaced by
+    random-weight models.
+    """
+    loaders_module = None   # the recipe module whose loaders setup_models calls
+    teacher_loader = ""
+
+    def __init__(self, cfg, ds_config_path: str, output_dir: str, inputs: dict):
+        super().__init__(cfg, ds_config_path, output_dir)
+        self.inputs = inputs
+
+    def check_inputs(self) -> None:
+        from codir_ds.recipes import base as recipes_base
+        from codir_ds.recipes.base import Recipe
+        # The checks every run shares (run directory, DeepSpeed JSON through prepare_ds_config, optimizer,
+        # compile and method checks); the stage's own checks read the corpus / task files: replaced.
+        # read_ds_config gives the JSON with the bench's precision, read and checked by ds_config_for before
+        # torch.distributed started: its DeepSpeedConfig check assumes one process and, once torch.distributed
+        # runs on N > 1 ranks (the bench starts it before the recipes), refuses any JSON.
+        with patched(recipes_base, read_ds_config=lambda path: json.loads(json.dumps(self.inputs["raw_ds"]))):
+            Recipe.check_inputs(self)
+        self.teacher_dir = None
+        self.tokenizer = self.inputs["tokenizer"]
+        self.synthetic_data()
+
+    def synthetic_data(self) -> None:
+        raise NotImplementedError
+
+    def setup_models(self) -> None:
+        with patched(self.loaders_module, build_student=self.random_student,
+                     **{self.teacher_loader: self.random_teacher}):
+            super().setup_models()
+        self.n_student = non_embedding_params(self.module.student)
+
+    def random_teacher(self, *_, need_head: bool = True, **__):
+        teacher = self.inputs["teacher"]  # frozen, in the run's dtype, on the device (built once per process)
+        return teacher if need_head else teacher.base_model
+
+    def random_student(self, *_, masked_lm: bool = False, **__):
+        args = self.inputs["args"]
+        build = build_mlm_model if masked_lm else build_cls_model
+        return build(args.student_layers, args.student_hidden, args.student_heads, args, self.tokenizer)
+
+
 @functools.lru_cache(maxsize=None)
 def bench_recipe_class(task: str):
     """The stage's own recipe, reading no files: synthetic data and random models of the bench's sizes.
 
     Only ``check_inputs`` (the corpus / task) and the model loaders that ``setup_models`` calls are
-    replaced; every other phase and ``train_step`` are the recipe's.
+    replaced (``SyntheticInputs``); every other phase and ``train_step`` are the recipe's.
     """
-    from codir_ds.recipes import base as recipes_base
     from codir_ds.recipes import finetune as finetune_recipes
     from codir_ds.recipes import pretrain as pretrain_recipes
-    from codir_ds.recipes.base import Recipe
-
-    class SyntheticInputs:
-        loaders_module = None   # the recipe module whose loaders setup_models calls
-        teacher_loader = ""
-
-        def __init__(self, cfg, ds_config_path: str, output_dir: str, inputs: dict):
-            super().__init__(cfg, ds_config_path, output_dir)
-            self.inputs = inputs
-
-        def check_inputs(self) -> None:
-            # The checks every run shares (run directory, DeepSpeed JSON through prepare_ds_config, optimizer,
-            # compile and method checks); the stage's own checks read the corpus / task files: replaced.
-            # read_ds_config gives the JSON with the bench's precision, read and checked by ds_config_for before
-            # torch.distributed started: its DeepSpeedConfig check assumes one process and, once torch.distributed
-            # runs on N > 1 ranks (the bench starts it before the recipes), refuses any JSON.
-            with patched(recipes_base, read_ds_config=lambda path: json.loads(json.dumps(self.inputs["raw_ds"]))):
-                Recipe.check_inputs(self)
-            self.teacher_dir = None
-            self.tokenizer = self.inputs["tokenizer"]
-            self.synthetic_data()
-
-        def setup_models(self) -> None:
-            with patched(self.loaders_module, build_student=self.random_student,
-                         **{self.teacher_loader: self.random_teacher}):
-                super().setup_models()
-            self.n_student = non_embedding_params(self.module.student)
-
-        def random_teacher(self, *_, need_head: bool = True, **__):
-            teacher = self.inputs["teacher"]  # frozen, in the run's dtype, on the device (built once per process)
-            return teacher if need_head else teacher.base_model
-
-        def random_student(self, *_, masked_lm: bool = False, **__):
-            args = self.inputs["args"]
-            build = build_mlm_model if masked_lm else build_cls_model
-            return build(args.student_layers, args.student_hidden, args.student_heads, args, self.tokenizer)
 
     class BenchPretrainRecipe(SyntheticInputs, pretrain_recipes.PretrainRecipe):
         loaders_module = pretrain_recipes
@@ -1032,69 +1067,60 @@ def run_root(rank: int, world: int):
 
 # ----------------------------------------------------------------------------- main
 
-def run(args) -> Optional[dict]:
-    import torch
-    if args.precision == "fp16" and not torch.cuda.is_available():
-        raise BenchError("--precision fp16 is not supported on CPU (no CUDA device): use --precision bf16 or fp32")
-    from codir_ds.cli import quiet_environment
-    quiet_environment()
-    _set_process_defaults()
-
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from codir_ds.assets import minilm_dir
-    from codir_ds.config import MethodConfig
-    from codir_ds.data.mlm import MLMCollator
-    from codir_ds.engine.distributed import dist_env, init_distributed
-    from codir_ds.models.loading import load_tokenizer
-
-    rank, local_rank, world = dist_env()
-    raw_ds, ds, dtype, tcfg = ds_config_for(args, world)
-    tokenizer_dir = minilm_dir()
-    tokenizer = load_tokenizer(tokenizer_dir)
+def _check_against_tokenizer(args, tokenizer, world: int) -> None:
+    """The vocabulary holds the tokenizer's ids; every rank's sampler shard fills a micro-batch."""
     if args.vocab < len(tokenizer):
         raise BenchError(f"--vocab {args.vocab} is smaller than the tokenizer's {len(tokenizer)} tokens: "
                          f"use --vocab {len(tokenizer)} or more")
     if args.num_examples // world < args.micro_batch:
         raise BenchError(f"--num_examples {args.num_examples} gives each of {world} ranks fewer ids than "
                          f"--micro_batch {args.micro_batch}: raise --num_examples")
-    init_distributed()
-    if torch.cuda.is_available():
-        get_accelerator().set_device(local_rank)
-    device = torch.device(get_accelerator().current_device_name())
 
+
+def _shared_peak(args, dtype, device, rank: int, world: int) -> tuple[float, str]:
+    """Rank 0's ``peak_tflops``, broadcast: every rank computes MFU with it."""
+    import torch.distributed as dist
     peak, peak_source = peak_tflops(args, dtype, device) if rank == 0 else (0.0, "")
-    if world > 1:  # every rank computes MFU with rank 0's peak
+    if world > 1:
         box = [peak, peak_source]
         dist.broadcast_object_list(box, src=0)
         peak, peak_source = box
+    return peak, peak_source
 
-    teacher, n_teacher = None, 0
-    if any(o != "mlm" for o in args.objectives):
-        torch.manual_seed(tcfg.seed + 1)
-        build = build_cls_model if args.task == "finetune" else build_mlm_model
-        teacher = build(args.teacher_layers, args.teacher_hidden, args.teacher_heads, args, tokenizer)
-        teacher.requires_grad_(False)  # frozen, in the run's precision, as load_teacher / load_mlm_teacher do
-        teacher.eval()
-        teacher.to(device=device, dtype=dtype)
-        n_teacher = non_embedding_params(teacher)
 
+def _shared_teacher(args, tcfg, tokenizer, device, dtype):
+    """``(teacher, non-embedding params)``: the random teacher every distilling objective shares, or ``(None, 0)``."""
+    import torch
+    if not any(o != "mlm" for o in args.objectives):
+        return None, 0
+    torch.manual_seed(tcfg.seed + 1)
+    build = build_cls_model if args.task == "finetune" else build_mlm_model
+    teacher = build(args.teacher_layers, args.teacher_hidden, args.teacher_heads, args, tokenizer)
+    teacher.requires_grad_(False)  # frozen, in the run's precision, as load_teacher / load_mlm_teacher do
+    teacher.eval()
+    teacher.to(device=device, dtype=dtype)
+    return teacher, non_embedding_params(teacher)
+
+
+def _synthetic_sources(args, tcfg, tokenizer) -> dict:
+    """The collator and what the synthetic inputs draw from (``ordinary`` tokens, ``words``, ``labels``)."""
+    import torch
+    from codir_ds.config import MethodConfig
+    from codir_ds.data.mlm import MLMCollator
     collator = MLMCollator(tokenizer, MethodConfig().mlm_probability, seed=tcfg.seed)
     words = whole_words(tokenizer)
     # The tokens of the synthetic inputs: pre-training blocks draw ordinary tokens; finetuning texts draw
     # whole words (one token each), and the plain reference draws the same token ids.
     ordinary = collator.replacements if args.task == "pretrain" else torch.tensor([i for i, _ in words])
     labels = torch.randint(args.num_classes, (args.num_examples,), generator=torch.Generator().manual_seed(tcfg.seed))
-    with run_root(rank, world) as root:
-        ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg, "args": args,
-               "tokenizer": tokenizer, "tokenizer_dir": str(tokenizer_dir), "collator": collator,
-               "ordinary": ordinary, "words": [w for _, w in words], "labels": labels, "teacher": teacher,
-               "teacher_params": n_teacher, "peak_tflops": peak, "run_root": root, "raw_ds": raw_ds,
-               "ds_config_path": args.deepspeed_config}
-        results = run_objectives(args, ctx)
-    # Side by side: codir-ds over the plain reference (>1: codir-ds is faster), and codir's cost over kd.
+    return {"collator": collator, "ordinary": ordinary, "words": [w for _, w in words], "labels": labels}
+
+
+def _ratios(results: dict) -> tuple[dict, dict]:
+    """``(ratios, overhead)``; sets ``overhead_ms_per_micro_step`` in the kd / codir results that have a reference.
+
+    Side by side: codir-ds over the plain reference (>1: codir-ds is faster), and codir's cost over kd.
+    """
     ratios, overhead = {}, {}
     for ours in ("kd", "codir"):
         if ours in results and f"ref_{ours}" in results:
@@ -1111,42 +1137,90 @@ def run(args) -> Optional[dict]:
         if codir.get("breakdown_s"):  # the contrastive parts' own time (bank traffic + CRD loss) over a kd step
             ratios["crd_sections_over_kd_step"] = ((codir["breakdown_s"]["crd_and_bank"] + codir["crd_loss_fwd_bwd_s"])
                                                    / kd["step_time_mean_s"])
+    return ratios, overhead
 
+
+def _report_setup(args, ds: dict, world: int, teacher, n_teacher: int) -> dict:
+    """The report's config fields about the models, the batch and the run's arguments."""
+    return {
+        "teacher": {"layers": args.teacher_layers, "hidden": args.teacher_hidden, "heads": args.teacher_heads,
+                    "intermediate": 4 * args.teacher_hidden, "non_embedding_params": n_teacher},
+        "student": {"layers": args.student_layers, "hidden": args.student_hidden, "heads": args.student_heads,
+                    "intermediate": 4 * args.student_hidden},
+        "vocab": args.vocab, "seq_len": args.seq_len, "precision": args.precision,
+        "micro_batch": ds["train_micro_batch_size_per_gpu"], "grad_accum": ds["gradient_accumulation_steps"],
+        "world_size": world, "train_batch_size": ds["train_batch_size"],
+        "steps": args.steps, "warmup": args.warmup, "objectives": args.objectives,
+        "num_examples": args.num_examples, "num_negatives": args.num_negatives,
+        "task": args.task, "num_classes": args.num_classes if args.task == "finetune" else None,
+        "schedule": args.schedule, "global_negatives": args.global_negatives,
+        "teacher_dtype": str(teacher.dtype).replace("torch.", "") if teacher is not None else None,
+        "teacher_attention": getattr(teacher.config, "_attn_implementation", None) if teacher is not None
+        else None,
+        "projection_dim": PROJECTION_DIM, "bank_momentum": BANK_MOMENTUM,
+        "deepspeed_config": os.path.relpath(os.path.abspath(args.deepspeed_config), REPO),
+        "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+    }
+
+
+def _report_environment(args, device) -> dict:
+    """The report's config fields about what a step is, the timing mode, the machine and the versions."""
+    import deepspeed
+    import torch
     import transformers
     stage = "FinetuneRecipe (codir_ds/recipes/finetune.py)" if args.task == "finetune" else \
         "PretrainRecipe (codir_ds/recipes/pretrain.py)"
+    return {
+        # what a timed step is (mlm / kd / codir; the ref_* objectives are the plain loop)
+        "timed_step": f"{stage}.train_step, its micro-batches from the recipe's sampler, then progress.step "
+                      f"and check_skipped (after_step's logging / evaluation / checkpoints not run)",
+        "breakdown_timing": not args.no_breakdown,
+        "breakdown_hooks": BREAKDOWN_HOOKS if not args.no_breakdown else None,
+        "device": device_name(), "device_type": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
+        "transformers_version": transformers.__version__, "python_version": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else ""] + sys.argv[1:]),
+    }
+
+
+def run(args) -> Optional[dict]:
+    import torch
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise BenchError("--precision fp16 is not supported on CPU (no CUDA device): use --precision bf16 or fp32")
+    from codir_ds.cli import quiet_environment
+    quiet_environment()
+    _set_process_defaults()
+
+    from deepspeed.accelerator import get_accelerator
+
+    from codir_ds.assets import minilm_dir
+    from codir_ds.engine.distributed import dist_env, init_distributed
+    from codir_ds.models.loading import load_tokenizer
+
+    rank, local_rank, world = dist_env()
+    raw_ds, ds, dtype, tcfg = ds_config_for(args, world)
+    tokenizer_dir = minilm_dir()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _check_against_tokenizer(args, tokenizer, world)
+    init_distributed()
+    if torch.cuda.is_available():
+        get_accelerator().set_device(local_rank)
+    device = torch.device(get_accelerator().current_device_name())
+    peak, peak_source = _shared_peak(args, dtype, device, rank, world)
+    teacher, n_teacher = _shared_teacher(args, tcfg, tokenizer, device, dtype)
+    sources = _synthetic_sources(args, tcfg, tokenizer)
+    with run_root(rank, world) as root:
+        ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg, "args": args,
+               "tokenizer": tokenizer, "tokenizer_dir": str(tokenizer_dir), **sources, "teacher": teacher,
+               "teacher_params": n_teacher, "peak_tflops": peak, "run_root": root, "raw_ds": raw_ds,
+               "ds_config_path": args.deepspeed_config}
+        results = run_objectives(args, ctx)
+    ratios, overhead = _ratios(results)
     report = {
         "benchmark": f"codir-ds {args.task} throughput (bench/throughput.py)",
-        "config": {
-            "teacher": {"layers": args.teacher_layers, "hidden": args.teacher_hidden, "heads": args.teacher_heads,
-                        "intermediate": 4 * args.teacher_hidden, "non_embedding_params": n_teacher},
-            "student": {"layers": args.student_layers, "hidden": args.student_hidden, "heads": args.student_heads,
-                        "intermediate": 4 * args.student_hidden},
-            "vocab": args.vocab, "seq_len": args.seq_len, "precision": args.precision,
-            "micro_batch": ds["train_micro_batch_size_per_gpu"], "grad_accum": ds["gradient_accumulation_steps"],
-            "world_size": world, "train_batch_size": ds["train_batch_size"],
-            "steps": args.steps, "warmup": args.warmup, "objectives": args.objectives,
-            "num_examples": args.num_examples, "num_negatives": args.num_negatives,
-            "task": args.task, "num_classes": args.num_classes if args.task == "finetune" else None,
-            "schedule": args.schedule, "global_negatives": args.global_negatives,
-            "teacher_dtype": str(teacher.dtype).replace("torch.", "") if teacher is not None else None,
-            "teacher_attention": getattr(teacher.config, "_attn_implementation", None) if teacher is not None
-            else None,
-            "projection_dim": PROJECTION_DIM, "bank_momentum": BANK_MOMENTUM,
-            "deepspeed_config": os.path.relpath(os.path.abspath(args.deepspeed_config), REPO),
-            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
-            # what a timed step is (mlm / kd / codir; the ref_* objectives are the plain loop)
-            "timed_step": f"{stage}.train_step, its micro-batches from the recipe's sampler, then progress.step "
-                          f"and check_skipped (after_step's logging / evaluation / checkpoints not run)",
-            "breakdown_timing": not args.no_breakdown,
-            "breakdown_hooks": BREAKDOWN_HOOKS if not args.no_breakdown else None,
-            "device": device_name(), "device_type": device.type,
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
-            "transformers_version": transformers.__version__, "python_version": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else ""] + sys.argv[1:]),
-        },
+        "config": {**_report_setup(args, ds, world, teacher, n_teacher), **_report_environment(args, device)},
         "peak_tflops": peak,
         "peak_source": peak_source,
         "results": results,
