@@ -50,13 +50,13 @@ from codir_ds.config import ExperimentConfig, MethodConfig, load_config  # noqa:
 from codir_ds.distill.methods import get_method, method_names  # noqa: E402
 from codir_ds.engine.rundir import RESUMABLE_CHANGES  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
+from codir_ds.models.loading import EXPORT_MANIFEST  # noqa: E402
 from codir_ds.pipeline import cpu_threads_per_rank, deepspeed_command, free_port  # noqa: E402
 
 BASE_CONFIG = "configs/fine_movie_snippets_cpu.yaml"
 MINILM = "all-MiniLM-L6-v2"  # the packaged model (codir_ds.assets): teacher, student layers, ctcd's larger model
 LAUNCHER = "launchers/finetune.py"
 TEACHER_SEED = 42  # the teacher does not depend on --seeds, so one teacher serves every grid of a task
-EXPORT_MANIFEST = "codir_export.json"  # codir_ds.models.loading.EXPORT_MANIFEST (not imported: it pulls in torch)
 
 # The packaged tasks; cr_ild's supplementary data is the other task's inputs (labels unused).
 SUPPLEMENTARY = {"movie_snippets": "trec6", "trec6": "movie_snippets", "movie_snippets_regression": "trec6"}

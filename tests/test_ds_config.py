@@ -251,3 +251,16 @@ def test_prepare_propagates_batch_errors(monkeypatch):
 
 def test_fp16_supported_returns_bool():
     assert isinstance(dsc.fp16_supported(), bool)
+
+
+def test_fp16_never_chosen_on_the_cpu_even_where_deepspeed_reports_it(monkeypatch):
+    """CPUs with AVX512-FP16 make DeepSpeed's CPU accelerator report fp16; runs there still fall back."""
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        pytest.skip("the CPU accelerator's rule")
+    monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: True)
+    assert dsc.fp16_supported() is False
+    ds, dtype, warning = dsc.prepare_ds_config(_fp16_ds(), 1, TrainingConfig(fp16_fallback="fp32", train_batch_size=8,
+                                                                               micro_batch_size=4))
+    assert dtype == torch.float32 and not ds.get("fp16", {}).get("enabled") and "fp16" in warning

@@ -155,8 +155,18 @@ def resolve_batch(ds: dict, world_size: int, train_batch_size: Optional[int] = N
 
 
 def fp16_supported() -> bool:
+    """Whether runs on this machine train in fp16 when the DeepSpeed JSON asks for it.
+
+    Never on the CPU: DeepSpeed's CPU accelerator reports fp16 on CPUs with AVX512-FP16 (oneDNN),
+    but loss-scaled fp16 training there is several times slower than fp32 and skips its first steps
+    while the loss scale settles; the JSON's fp16 becomes ``training.fp16_fallback`` instead, on every
+    CPU alike. On other accelerators, what the accelerator reports.
+    """
     from deepspeed.accelerator import get_accelerator
-    return bool(get_accelerator().is_fp16_supported())
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return False
+    return bool(acc.is_fp16_supported())
 
 
 def prepare_ds_config(ds: dict, world_size: int, training_cfg) -> tuple[dict, torch.dtype, Optional[str]]:
