@@ -73,7 +73,7 @@ BREAKDOWN_KEYS = ("teacher_forward", "student_forward_backward", "crd_and_bank",
 BREAKDOWN_HOOKS = {
     "teacher_forward": "recipe.runner (MLMTeacherRunner / TeacherRunner) calls",
     "student_forward_backward": "recipe.engine.forward, recipe.method.loss and recipe.engine.backward calls",
-    "crd_and_bank": "codir: batch_negatives, bank.gather and self_mask (pretrain) or "
+    "crd_and_bank": "codir: recipe.negative_ids and bank.gather (pretrain) or "
                     "neg_sampler.class_negatives (finetune), and recipe.apply_bank_updates",
     "optimizer_step": "recipe.engine.step calls",
     "other": "the rest of the step: sampler, synthetic data, collation (finetune: tokenization) and masking, "
@@ -392,22 +392,6 @@ class Sections:
         self.acc = dict.fromkeys(self.acc, 0.0)
 
 
-@contextlib.contextmanager
-def patched(module, **attrs):
-    """Module attributes replaced for the duration of the block (refuses a name the module no longer has)."""
-    saved = {}
-    for name, value in attrs.items():
-        if not hasattr(module, name):
-            raise RuntimeError(f"bench/throughput.py: {module.__name__}.{name} no longer exists: update the bench")
-        saved[name] = getattr(module, name)
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 # ----------------------------------------------------------------------------- synthetic inputs
 
 def synthetic_block(tokenizer, ordinary, seq_len: int, gen):
@@ -480,27 +464,20 @@ class SyntheticExamples:
 class SyntheticInputs:
     """The bench recipes' shared part (mixed in before the stage's recipe class, see ``bench_recipe_class``).
 
-    ``check_inputs`` gives the synthetic corpus / task (the subclass's ``synthetic_data``) instead of
-    reading files; ``setup_models`` runs the recipe's own with its two model loaders replaced by
-    random-weight models.
+    ``check_inputs`` runs the checks every run shares, then gives the synthetic corpus / task (the
+    subclass's ``synthetic_data``) instead of reading files; the recipe's model hooks
+    (``load_teacher_model``, ``build_student_model``) give random-weight models of the bench's sizes.
     """
-    loaders_module = None   # the recipe module whose loaders setup_models calls
-    teacher_loader = ""
 
     def __init__(self, cfg, ds_config_path: str, output_dir: str, inputs: dict):
         super().__init__(cfg, ds_config_path, output_dir)
         self.inputs = inputs
 
     def check_inputs(self) -> None:
-        from codir_ds.recipes import base as recipes_base
         from codir_ds.recipes.base import Recipe
-        # The checks every run shares (run directory, DeepSpeed JSON through prepare_ds_config, optimizer,
+        # The checks every run shares (run directory, the DeepSpeed JSON with the bench's precision, optimizer,
         # compile and method checks); the stage's own checks read the corpus / task files: replaced.
-        # read_ds_config gives the JSON with the bench's precision, read and checked by ds_config_for before
-        # torch.distributed started: its DeepSpeedConfig check assumes one process and, once torch.distributed
-        # runs on N > 1 ranks (the bench starts it before the recipes), refuses any JSON.
-        with patched(recipes_base, read_ds_config=lambda path: json.loads(json.dumps(self.inputs["raw_ds"]))):
-            Recipe.check_inputs(self)
+        Recipe.check_inputs(self)
         self.teacher_dir = None
         self.tokenizer = self.inputs["tokenizer"]
         self.synthetic_data()
@@ -509,18 +486,16 @@ class SyntheticInputs:
         raise NotImplementedError
 
     def setup_models(self) -> None:
-        with patched(self.loaders_module, build_student=self.random_student,
-                     **{self.teacher_loader: self.random_teacher}):
-            super().setup_models()
+        super().setup_models()
         self.n_student = non_embedding_params(self.module.student)
 
-    def random_teacher(self, *_, need_head: bool = True, **__):
+    def load_teacher_model(self):
         teacher = self.inputs["teacher"]  # frozen, in the run's dtype, on the device (built once per process)
-        return teacher if need_head else teacher.base_model
+        return teacher if self.stage == "finetune" or self.method.needs.teacher_logits else teacher.base_model
 
-    def random_student(self, *_, masked_lm: bool = False, **__):
+    def build_student_model(self):
         args = self.inputs["args"]
-        build = build_mlm_model if masked_lm else build_cls_model
+        build = build_cls_model if self.stage == "finetune" else build_mlm_model
         return build(args.student_layers, args.student_hidden, args.student_heads, args, self.tokenizer)
 
 
@@ -528,15 +503,13 @@ class SyntheticInputs:
 def bench_recipe_class(task: str):
     """The stage's own recipe, reading no files: synthetic data and random models of the bench's sizes.
 
-    Only ``check_inputs`` (the corpus / task) and the model loaders that ``setup_models`` calls are
-    replaced (``SyntheticInputs``); every other phase and ``train_step`` are the recipe's.
+    Only ``check_inputs`` (the corpus / task) and the recipe's model hooks are replaced
+    (``SyntheticInputs``); every other phase and ``train_step`` are the recipe's.
     """
     from codir_ds.recipes import finetune as finetune_recipes
     from codir_ds.recipes import pretrain as pretrain_recipes
 
     class BenchPretrainRecipe(SyntheticInputs, pretrain_recipes.PretrainRecipe):
-        loaders_module = pretrain_recipes
-        teacher_loader = "load_mlm_teacher"
 
         def synthetic_data(self) -> None:
             c = self.inputs
@@ -545,8 +518,6 @@ def bench_recipe_class(task: str):
             self.num_train = len(self.corpus.train_ids)
 
     class BenchFinetuneRecipe(SyntheticInputs, finetune_recipes.FinetuneRecipe):
-        loaders_module = finetune_recipes
-        teacher_loader = "load_teacher"
 
         def synthetic_data(self) -> None:
             from codir_ds.data.tasks import TaskData
@@ -682,7 +653,6 @@ class RecipeRun(Run):
 
     def __init__(self, name: str, args, ctx: dict):
         super().__init__(name, args, ctx)
-        from codir_ds.recipes import pretrain as pretrain_recipes
         from codir_ds.recipes.base import micro_batches
         cls = bench_recipe_class(args.task)
         self.recipe = r = cls(experiment_config(name, args, ctx), ctx["ds_config_path"],
@@ -701,8 +671,6 @@ class RecipeRun(Run):
         self.step_gathers: list = []   # ids of this step's bank.gather calls
         self.crd_inputs = None         # (h_t, h_s, negatives) of the last micro step with CRD negatives
         self.last_terms = None
-        self.pretrain_recipes = pretrain_recipes
-        self.step_patches = {}         # codir_ds.recipes.pretrain functions replaced during train_step
         self.install_hooks()
         self.batches = micro_batches(r.sampler)
         r.train_mode(True)
@@ -730,13 +698,10 @@ class RecipeRun(Run):
                 return gather(ids)
             r.bank.gather = sections.wrap(recorded_gather, "crd_and_bank")
             if not self.finetune:
-                batch_negatives = self.pretrain_recipes.batch_negatives
+                negative_ids = r.negative_ids
                 if self.args.global_negatives:
-                    batch_negatives = self.filled_negatives(batch_negatives)
-                if self.args.global_negatives or sections.enabled:
-                    self.step_patches["batch_negatives"] = sections.wrap(batch_negatives, "crd_and_bank")
-                if sections.enabled:
-                    self.step_patches["self_mask"] = sections.wrap(self.pretrain_recipes.self_mask, "crd_and_bank")
+                    negative_ids = self.filled_negatives(negative_ids)
+                r.negative_ids = sections.wrap(negative_ids, "crd_and_bank")
         if not sections.enabled:
             return
         engine = r.engine
@@ -757,14 +722,15 @@ class RecipeRun(Run):
             if self.finetune:
                 r.neg_sampler.class_negatives = sections.wrap(r.neg_sampler.class_negatives, "crd_and_bank")
 
-    def filled_negatives(self, batch_negatives):
-        """``batch_negatives``, its ids filled up to ``--global_negatives`` as if the global batch were that large."""
+    def filled_negatives(self, negative_ids):
+        """The recipe's ``negative_ids``, filled up to ``--global_negatives`` as if the global batch were that large."""
         import torch
         from codir_ds.distill.memory_bank import derive_seed
-        args = self.args
+        args, r = self.args, self.recipe
 
-        def filled(local_ids, num_negatives, seed, step, *rest, **kwargs):
-            cand_ids = batch_negatives(local_ids, num_negatives, seed, step, *rest, **kwargs)
+        def filled(batches):
+            cand_ids = negative_ids(batches)
+            num_negatives, seed, step = r.cfg.method.num_negatives, r.cfg.training.seed, r.progress.step
             want = min(args.global_negatives, num_negatives + 1)
             if want > cand_ids.numel():  # the same extra ids on every rank: seeded by (seed, step)
                 g = torch.Generator().manual_seed(derive_seed(seed, step, 11))
@@ -779,11 +745,7 @@ class RecipeRun(Run):
         r = self.recipe
         self.step_gathers = []
         batches = [next(self.batches) for _ in range(r.accum)]
-        if self.step_patches:
-            with patched(self.pretrain_recipes, **self.step_patches):
-                r.train_step(batches)
-        else:
-            r.train_step(batches)
+        r.train_step(batches)
         r.progress.step += 1
         r.check_skipped()
         if not timed:
@@ -1065,6 +1027,14 @@ def run_root(rank: int, world: int):
             shutil.rmtree(box[0], ignore_errors=True)
 
 
+def write_ds_config(raw_ds: dict, root: str, rank: int) -> str:
+    """The DeepSpeed JSON with the bench's precision, as the file the recipes read (one copy per rank)."""
+    path = os.path.join(root, f"deepspeed_rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump(raw_ds, f, indent=2)
+    return path
+
+
 # ----------------------------------------------------------------------------- main
 
 def _check_against_tokenizer(args, tokenizer, world: int) -> None:
@@ -1215,7 +1185,7 @@ def run(args) -> Optional[dict]:
         ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg, "args": args,
                "tokenizer": tokenizer, "tokenizer_dir": str(tokenizer_dir), **sources, "teacher": teacher,
                "teacher_params": n_teacher, "peak_tflops": peak, "run_root": root, "raw_ds": raw_ds,
-               "ds_config_path": args.deepspeed_config}
+               "ds_config_path": write_ds_config(raw_ds, root, rank)}
         results = run_objectives(args, ctx)
     ratios, overhead = _ratios(results)
     report = {

@@ -43,9 +43,15 @@ _BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedFP16Config": "f
 
 
 def _batch_neutral(ds: dict) -> dict:
-    """A copy whose batch settings DeepSpeed accepts on one process (codir-ds checks the real ones)."""
+    """A copy whose batch settings DeepSpeed accepts in this process (codir-ds checks the real ones).
+
+    DeepSpeed checks them against the world size of torch.distributed when it is running: one
+    micro-batch of one example on every rank.
+    """
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = dict(ds)
-    out.update(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    out.update(train_batch_size=world, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     return out
 
 

@@ -102,12 +102,10 @@ class FinetuneRecipe(Recipe):
     def setup_models(self) -> None:
         """Teacher (checksum, classification head), then the student and the method's heads, seeded alike
         on every rank."""
-        cfg, task, needs = self.cfg, self.task, self.method.needs
-        self.teacher = (load_teacher(str(self.teacher_dir), task.num_labels, self.dtype, cfg.model.teacher_sha256)
-                        if needs.teacher else None)
-        set_seed(cfg.training.seed)
-        student = build_student(cfg.model, task.num_labels, task.is_regression, self.tokenizer,
-                                template_dir=self.teacher_dir)
+        cfg, needs = self.cfg, self.method.needs
+        self.teacher = self.load_teacher_model() if needs.teacher else None
+        set_seed(cfg.training.seed)  # identical student / head initialisation on every rank
+        student = self.build_student_model()
         m = cfg.method
         self.student_layers = resolve_layers(m.student_layers, student, "method.student_layers")
         self.teacher_layers = (resolve_layers(m.teacher_layers, self.teacher, "method.teacher_layers")
@@ -122,6 +120,15 @@ class FinetuneRecipe(Recipe):
         self.ema = EMA(student, decay) if decay > 0 else None
         if self.ema is not None:
             self.extras["ema"] = self.ema
+
+    def load_teacher_model(self) -> torch.nn.Module:
+        """The frozen teacher classifier (checksum verified, classification head for this task)."""
+        return load_teacher(str(self.teacher_dir), self.task.num_labels, self.dtype, self.cfg.model.teacher_sha256)
+
+    def build_student_model(self) -> torch.nn.Module:
+        """The student classifier (``model.*``), from layers of another model or a config."""
+        return build_student(self.cfg.model, self.task.num_labels, self.task.is_regression, self.tokenizer,
+                             template_dir=self.teacher_dir)
 
     def setup_data(self) -> None:
         super().setup_data(task_lengths(self))

@@ -114,14 +114,22 @@ class PretrainRecipe(Recipe):
     def setup_models(self) -> None:
         """Teacher (checksum, MLM head when its logits are used), student, the method's heads."""
         cfg, needs = self.cfg, self.method.needs
-        self.teacher = (load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256,
-                                         need_head=needs.teacher_logits) if needs.teacher else None)
+        self.teacher = self.load_teacher_model() if needs.teacher else None
         set_seed(cfg.training.seed)  # identical student / head initialisation on every rank
-        student = build_student(cfg.model, 0, False, self.tokenizer, template_dir=self.teacher_dir, masked_lm=True)
+        student = self.build_student_model()
         if cfg.corpus.block_size > position_limit(student.config):
             raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
                              f"{position_limit(student.config)} positions: lower corpus.block_size")
         self.module, self.teacher_layers = build_pretrain_module(student, self.teacher, self.method)
+
+    def load_teacher_model(self) -> torch.nn.Module:
+        """The frozen teacher: a masked-LM model when its logits are used, else its body alone."""
+        return load_mlm_teacher(str(self.teacher_dir), self.dtype, self.cfg.model.teacher_sha256,
+                                need_head=self.method.needs.teacher_logits)
+
+    def build_student_model(self) -> torch.nn.Module:
+        """The masked-LM student (``model.*``)."""
+        return build_student(self.cfg.model, 0, False, self.tokenizer, template_dir=self.teacher_dir, masked_lm=True)
 
     def setup_data(self) -> None:
         super().setup_data()
@@ -159,9 +167,7 @@ class PretrainRecipe(Recipe):
     def train_step(self, batches) -> None:
         cand_ids = candidates = None
         if self.bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
-            cand_ids = batch_negatives(torch.cat([ids for _, ids in batches]), self.cfg.method.num_negatives,
-                                       self.cfg.training.seed, self.progress.step, self.world, self.device,
-                                       self.ids_group)
+            cand_ids = self.negative_ids(batches)
             candidates = self.bank.gather(cand_ids)
             cand_ids = cand_ids.to(self.device, non_blocking=True)
         pending = []
@@ -185,6 +191,11 @@ class PretrainRecipe(Recipe):
                 pending.append((mb.ids, out["h_s"].detach()))
             self.monitor.accumulate(terms, len(mb.ids) * self.world)
         self.apply_bank_updates(pending)
+
+    def negative_ids(self, batches) -> torch.Tensor:
+        """Ids (host) of the global mini-batch whose bank rows are this step's negatives. Collective."""
+        return batch_negatives(torch.cat([ids for _, ids in batches]), self.cfg.method.num_negatives,
+                               self.cfg.training.seed, self.progress.step, self.world, self.device, self.ids_group)
 
     # ------------------------------------------------------------------ evaluation and the end
     def forward_logits(self, batch: dict) -> torch.Tensor:
