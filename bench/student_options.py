@@ -181,7 +181,9 @@ def _common_sets(args, work: Path) -> list[str]:
             f"training.max_steps={args.warmup + args.steps}", f"training.train_batch_size={args.batch}",
             f"training.micro_batch_size={args.batch}", "training.eval_every=0", "training.eval_batch_size=128",
             "logging.progress_bar=false", "logging.tensorboard=false", f"logging.log_every={10 ** 6}"]
-    if args.method == "ce":
+    from codir_ds.config import MethodConfig
+    from codir_ds.distill.methods import build_method
+    if not build_method(MethodConfig(name=args.method), "finetune").needs.teacher:
         sets.append("model.teacher=null")
     else:
         sys.path.insert(0, str(REPO / "bench"))

@@ -352,9 +352,16 @@ def experiment_config(name: str, args, ctx: dict):
             "logging.progress_bar=false", "logging.tensorboard=false"]
     if args.task == "pretrain":
         sets.append(f"corpus.block_size={args.seq_len}")
-    if name != "mlm":
+    if reads_teacher(name, args.task):
         sets.append("model.teacher=bench-random-teacher")
     return load_config(None, sets)
+
+
+def reads_teacher(method: str, task: str) -> bool:
+    """Whether the codir-ds objective ``method`` runs a teacher (the registry's declaration)."""
+    from codir_ds.config import MethodConfig
+    from codir_ds.distill.methods import build_method
+    return build_method(MethodConfig(name=method), task).needs.teacher
 
 
 class Sections:
@@ -1061,7 +1068,7 @@ def _shared_peak(args, dtype, device, rank: int, world: int) -> tuple[float, str
 def _shared_teacher(args, tcfg, tokenizer, device, dtype):
     """``(teacher, non-embedding params)``: the random teacher every distilling objective shares, or ``(None, 0)``."""
     import torch
-    if not any(o != "mlm" for o in args.objectives):
+    if not any(reads_teacher(o.removeprefix("ref_"), args.task) for o in args.objectives):  # ref_X: X's plain loop
         return None, 0
     torch.manual_seed(tcfg.seed + 1)
     build = build_cls_model if args.task == "finetune" else build_mlm_model
