@@ -29,13 +29,13 @@ import torch.distributed as dist
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.methods import build_method
-from codir_ds.engine.checkpointing import resume_latest, resume_plan, save_run_checkpoint
-from codir_ds.engine.compile import check_compile
+from codir_ds.engine.checkpointing import engine_config, resume_latest, resume_plan, save_run_checkpoint
+from codir_ds.engine.compile import check_compile, compile_engine
 from codir_ds.engine.distributed import dist_env, host_group, init_distributed, set_seed
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.faults import check_fault_spec, maybe_fault
 from codir_ds.engine.monitor import Monitor
-from codir_ds.engine.optim import check_optimizer_impl
+from codir_ds.engine.optim import check_optimizer_impl, optimizer_and_schedule
 from codir_ds.engine.rundir import check_run_dir, open_run_dir
 from codir_ds.errors import CodirError
 
@@ -46,6 +46,14 @@ class ModelProgress:
     best: Optional[dict] = None
     history: list = field(default_factory=list)
     consecutive_skips: int = 0
+
+    def record(self, step: int, metrics: dict, main: Optional[str] = None) -> bool:
+        """Add an evaluation to the history; True when it is a new best of ``main`` (None: no best kept)."""
+        self.history.append({"step": step, **metrics})
+        if main is None or (self.best is not None and metrics[main] <= self.best[main]):
+            return False
+        self.best = {"step": step, **metrics}
+        return True
 
 
 @dataclass
@@ -110,7 +118,6 @@ class Recipe:
     def setup(self) -> None:
         self.check_inputs()      # every check that can fail on bad input; writes nothing
         self.setup_models()      # teacher and student(s) load before any state is written
-        import deepspeed  # noqa: F401 - imported here: the checks above stay fast
         from deepspeed.accelerator import get_accelerator
         init_distributed()
         self.device = torch.device(get_accelerator().current_device_name())
@@ -149,7 +156,17 @@ class Recipe:
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
 
     def setup_engines(self) -> None:
-        raise NotImplementedError
+        """The optimizer, LR schedule and DeepSpeed engine of ``self.module`` (compiled when asked)."""
+        import deepspeed
+        opt, sched = optimizer_and_schedule(self.module, self.cfg.training, self.total_steps, self.ds)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=opt, lr_scheduler=sched, config=engine_config(self.ds, self.universal))
+        if self.cfg.training.compile:
+            compile_engine(self.engine, *self.compiled_with())
+
+    def compiled_with(self) -> tuple:
+        """Other models the compiled forward calls (prepared for compilation like the student)."""
+        return ()
 
     def setup_components(self) -> None:
         """Teacher runner, bank, caches: what the method needs besides the engine(s)."""
@@ -174,6 +191,12 @@ class Recipe:
     def describe(self) -> str:
         """The run's one-line summary printed at start-up."""
         raise NotImplementedError
+
+    def batch_summary(self) -> str:
+        """Ranks, batch, steps and precision, the end of every recipe's start-up line."""
+        ds = self.ds
+        return (f"{self.world} rank(s), batch {ds['train_batch_size']} (micro {ds['train_micro_batch_size_per_gpu']} "
+                f"x accumulation {self.accum}), {self.total_steps} steps, precision {precision_name(self.dtype)}")
 
     monitor_name = "train"
 
@@ -254,6 +277,13 @@ class Recipe:
 
     def evaluate(self) -> dict:
         raise NotImplementedError
+
+    def log_eval(self, scalars: dict) -> None:
+        """Evaluation scalars (``eval/...`` keys) to TensorBoard and one ``step N: ...`` line."""
+        if scalars:
+            step = self.progress.step
+            self.monitor.scalars(step, scalars)
+            self.monitor.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
 
     # ------------------------------------------------------------------ checkpoints and the end
     @property

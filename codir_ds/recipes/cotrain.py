@@ -38,9 +38,9 @@ from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit, resolve_layers
 from codir_ds.models.mlm import load_mlm_teacher
-from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped, precision_name
-from codir_ds.recipes.finetune import check_task_inputs, task_lengths
-from codir_ds.recipes.pretrain import check_corpus_inputs, count_tokens, mask_step
+from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped
+from codir_ds.recipes.finetune import check_task_inputs, task_lengths, task_summary
+from codir_ds.recipes.pretrain import check_corpus_inputs, corpus_summary, count_tokens, mask_step
 
 LARGE = "large"  # the larger model's DeepSpeed tag inside each checkpoint folder: checkpoints/step_N/large/
 EXPORT_LARGE = "export_large"
@@ -140,15 +140,10 @@ class CoTrainRecipe(Recipe):
         self.tokens = 0
 
     def describe(self) -> str:
-        ds = self.ds
-        data = (f"{len(self.task.train)} train / {len(self.task.validation)} validation examples" if self.finetune else
-                f"{self.num_train} blocks of <= {self.corpus.block_size} tokens "
-                f"({len(self.corpus.validation_ids)} held out)")
+        data = task_summary(self.task) if self.finetune else corpus_summary(self.corpus)
         kind = "one-way from model.teacher" if self.cfg.method.ctcd_one_way else "mutual"
         return (f"ctcd {self.stage} ({kind}): larger model {self.n_large / 1e6:.2f}M and smaller "
-                f"{self.n_small / 1e6:.2f}M parameters; {data}, {self.world} rank(s), batch {ds['train_batch_size']} "
-                f"(micro {ds['train_micro_batch_size_per_gpu']} x accumulation {self.accum}), {self.total_steps} "
-                f"steps, precision {precision_name(self.dtype)}")
+                f"{self.n_small / 1e6:.2f}M parameters; {data}, {self.batch_summary()}")
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
@@ -219,18 +214,12 @@ class CoTrainRecipe(Recipe):
                 metrics = evaluate_mlm(self.forward_with(engine), self.corpus, self.collator, t.eval_batch_size,
                                        self.device, self.rank, self.world)
             results[role] = metrics
-            if metrics:
-                progress.history.append({"step": step, **metrics})
-                main = self.task.metric_names[0] if self.finetune else None
-                if self.finetune and (progress.best is None or metrics[main] > progress.best[main]):
-                    progress.best = {"step": step, **metrics}
-                    self.export(engine, out, role, metrics)
+            main = self.task.metric_names[0] if self.finetune else None
+            if metrics and progress.record(step, metrics, main):
+                self.export(engine, out, role, metrics)
         self.train_mode(True)
-        logged = {**{f"eval/{k}": v for k, v in results["small"].items()},
-                  **{f"eval/large_{k}": v for k, v in results[LARGE].items()}}
-        if logged:
-            self.monitor.scalars(step, logged)
-            self.monitor.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in logged.items()))
+        self.log_eval({**{f"eval/{k}": v for k, v in results["small"].items()},
+                       **{f"eval/large_{k}": v for k, v in results[LARGE].items()}})
         return results
 
     def finish(self) -> dict:

@@ -20,18 +20,15 @@ from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.ild import mixup_draw
 from codir_ds.distill.negatives import ClassNegatives, LabelNegativeSampler
-from codir_ds.engine.compile import compile_engine
 from codir_ds.engine.distributed import set_seed
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.export import export_engine_student
-from codir_ds.engine.optim import optimizer_and_schedule
-from codir_ds.engine.checkpointing import engine_config
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (WEIGHTS, build_student, check_same_vocab, hidden_size, load_teacher,
                                      load_tokenizer, model_dir, resolve_layers, tokenizer_dir)
-from codir_ds.recipes.base import Recipe, precision_name
+from codir_ds.recipes.base import Recipe
 
 
 def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
@@ -81,6 +78,10 @@ def check_task_inputs(recipe: Recipe) -> None:
         check_same_vocab(recipe.tokenizer, recipe.teacher_dir, "model.teacher")
     recipe.supplementary = load_supplementary(cfg.data, recipe.task)  # CR-ILD's extra ILD inputs, ids < 0
     recipe.num_train = len(recipe.task.train)
+
+
+def task_summary(task: TaskData) -> str:
+    return f"{len(task.train)} train / {len(task.validation)} validation examples"
 
 
 def task_lengths(recipe: Recipe):
@@ -134,13 +135,8 @@ class FinetuneRecipe(Recipe):
         super().setup_data(task_lengths(self))
         self.collator = ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.task.is_regression)
 
-    def setup_engines(self) -> None:
-        import deepspeed
-        opt, sched = optimizer_and_schedule(self.module, self.cfg.training, self.total_steps, self.ds)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=opt, lr_scheduler=sched, config=engine_config(self.ds, self.universal))
-        if self.cfg.training.compile:
-            compile_engine(self.engine, self.ema.model if self.ema is not None else None)
+    def compiled_with(self) -> tuple:
+        return (self.ema.model,) if self.ema is not None else ()
 
     def setup_components(self) -> None:
         """Teacher runner, EMA copy, memory bank and label negatives, teacher cache."""
@@ -171,10 +167,7 @@ class FinetuneRecipe(Recipe):
                             meta)
 
     def describe(self) -> str:
-        ds = self.ds
-        return (f"{self.method.name}: {len(self.task.train)} train / {len(self.task.validation)} validation examples, "
-                f"{self.world} rank(s), batch {ds['train_batch_size']} (micro {ds['train_micro_batch_size_per_gpu']} "
-                f"x accumulation {self.accum}), {self.total_steps} steps, precision {precision_name(self.dtype)}")
+        return f"{self.method.name}: {task_summary(self.task)}, {self.batch_summary()}"
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
@@ -237,17 +230,13 @@ class FinetuneRecipe(Recipe):
 
     def evaluate(self) -> dict:
         """Validation metrics, logged; a new best is exported to <run>/export/."""
-        step, task, p = self.progress.step, self.task, self.progress
+        step, task = self.progress.step, self.task
         self.engine.eval()
         metrics = evaluate(self.forward_logits, task.validation, self.collator, self.cfg.training.eval_batch_size,
                            self.device, task.metric_names, self.rank, self.world)
         self.engine.train()
-        main = task.metric_names[0]
-        self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-        self.monitor.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        p.history.append({"step": step, **metrics})
-        if p.best is None or metrics[main] > p.best[main]:
-            p.best = {"step": step, **metrics}
+        self.log_eval({f"eval/{k}": v for k, v in metrics.items()})
+        if self.progress.record(step, metrics, task.metric_names[0]):
             export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
                                   {"task": task.name, "label_names": task.label_names, "method": self.method.name,
                                    "step": step, **{f"validation_{k}": v for k, v in metrics.items()}})

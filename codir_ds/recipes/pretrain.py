@@ -26,18 +26,15 @@ from codir_ds.distill.heads import PretrainModule, build_ild_spec
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.negatives import BatchNegatives, batch_negatives, self_mask
-from codir_ds.engine.checkpointing import engine_config
-from codir_ds.engine.compile import compile_engine
 from codir_ds.engine.distributed import host_group, set_seed
 from codir_ds.engine.evaluation import evaluate_mlm
 from codir_ds.engine.export import export_engine_student
-from codir_ds.engine.optim import optimizer_and_schedule
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
                                      position_limit, resolve_layers, tokenizer_dir, verify_weights)
 from codir_ds.models.mlm import load_mlm_teacher, masked_rows
-from codir_ds.recipes.base import Recipe, precision_name
+from codir_ds.recipes.base import Recipe
 
 
 @dataclass
@@ -93,6 +90,11 @@ def check_corpus_inputs(recipe: Recipe) -> None:
     recipe.num_train = len(recipe.corpus.train_ids)  # training block ids are 0..num_train-1
 
 
+def corpus_summary(corpus) -> str:
+    return (f"{len(corpus.train_ids)} blocks of <= {corpus.block_size} tokens "
+            f"({len(corpus.validation_ids)} held out)")
+
+
 def count_tokens(tokens: int, device, world: int) -> int:
     """Sum of every rank's host-side token count. Collective."""
     if world > 1:
@@ -135,14 +137,6 @@ class PretrainRecipe(Recipe):
         super().setup_data()
         self.collator = MLMCollator(self.tokenizer, self.cfg.method.mlm_probability, seed=self.cfg.training.seed)
 
-    def setup_engines(self) -> None:
-        import deepspeed
-        opt, sched = optimizer_and_schedule(self.module, self.cfg.training, self.total_steps, self.ds)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=opt, lr_scheduler=sched, config=engine_config(self.ds, self.universal))
-        if self.cfg.training.compile:
-            compile_engine(self.engine)
-
     def setup_components(self) -> None:
         m, needs = self.cfg.method, self.method.needs
         self.runner = None
@@ -157,11 +151,7 @@ class PretrainRecipe(Recipe):
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 
     def describe(self) -> str:
-        c, ds = self.corpus, self.ds
-        return (f"{self.method.name} pre-training: {self.num_train} blocks of <= {c.block_size} tokens "
-                f"({len(c.validation_ids)} held out), {self.world} rank(s), batch {ds['train_batch_size']} "
-                f"(micro {ds['train_micro_batch_size_per_gpu']} x accumulation {self.accum}), {self.total_steps} "
-                f"steps, precision {precision_name(self.dtype)}")
+        return f"{self.method.name} pre-training: {corpus_summary(self.corpus)}, {self.batch_summary()}"
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
@@ -210,9 +200,8 @@ class PretrainRecipe(Recipe):
                                self.device, self.rank, self.world)
         self.engine.train()
         if metrics:
-            self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-            self.monitor.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            self.progress.history.append({"step": step, **metrics})
+            self.log_eval({f"eval/{k}": v for k, v in metrics.items()})
+            self.progress.record(step, metrics)
         return metrics
 
     def finish(self) -> dict:

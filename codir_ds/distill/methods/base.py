@@ -214,3 +214,11 @@ class Method:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls.config)] if cls.config is not None else []
+
+
+class TaskMethod(Method):
+    """The task loss alone (``ce`` in finetuning, ``mlm`` in pre-training): no teacher."""
+
+    def loss(self, student, teacher, batch):
+        total, key = task_loss(student.logits, batch)
+        return total, {key: total.detach(), "loss/total": total.detach()}

@@ -17,7 +17,7 @@ import torch
 from codir_ds import checks
 from codir_ds.distill.ild import attention_mse, consistency_weight, hidden_mse
 from codir_ds.distill.methods.base import Needs, option
-from codir_ds.distill.methods.layers import LayerConfig, LayerMethod
+from codir_ds.distill.methods.layers import HiddenAttentionMethod, LayerConfig
 from codir_ds.distill.methods.registry import register_method
 from codir_ds.errors import CodirError
 
@@ -42,17 +42,13 @@ class CRILDConfig(LayerConfig):
 
 
 @register_method
-class CRILD(LayerMethod):
+class CRILD(HiddenAttentionMethod):
     name = "cr_ild"
     config = CRILDConfig
     stages = ("finetune",)
     summary = "last-layer ILD with mixup consistency (and supplementary data), then prediction-layer KD"
     compare_keys = ("ild_fraction", "alpha_consistency")
     compare_sets = ("data.supplementary={supplementary}", "data.supplementary_max_examples={max_train_examples}")
-
-    @property
-    def uses_attention(self) -> bool:
-        return self.cfg.alpha_attention > 0
 
     def requirements(self) -> Needs:
         return Needs(teacher=True, teacher_logits=True, layer_pairs="hidden", attention_maps=self.uses_attention,
@@ -82,16 +78,6 @@ class CRILD(LayerMethod):
     def consistency_weight(self, step: int, total_steps: int) -> float:
         return consistency_weight(step, self.ild_steps(total_steps), self.cfg.consistency_ramp,
                                   self.cfg.alpha_consistency)
-
-    def layer_loss(self, student, teacher, terms):
-        hid = hidden_mse(student.hidden, teacher.hidden, student.mask)
-        total = self.cfg.alpha_hidden * hid
-        terms["loss/hidden_mse"] = hid.detach()
-        if self.uses_attention:
-            att = attention_mse(student.attn, teacher.attn, student.mask)
-            total = total + self.cfg.alpha_attention * att
-            terms["loss/attention_mse"] = att.detach()
-        return total
 
     def loss(self, student, teacher, batch):
         terms: dict = {}

@@ -14,7 +14,7 @@ from typing import Union
 import torch
 
 from codir_ds import checks
-from codir_ds.distill.ild import layer_pairs
+from codir_ds.distill.ild import attention_mse, hidden_mse, layer_pairs
 from codir_ds.distill.methods.base import LayerFeatures, Needs, option
 from codir_ds.distill.methods.kd import KDConfig, KDMethod
 from codir_ds.errors import CodirError
@@ -77,3 +77,21 @@ class LayerMethod(KDMethod):
         total = total + self.layer_loss(student.layers, teacher.layers, terms)
         terms["loss/total"] = total.detach()
         return total, terms
+
+
+class HiddenAttentionMethod(LayerMethod):
+    """ILD on whole hidden states plus, with ``alpha_attention > 0``, attention maps (tinybert, cr_ild)."""
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.cfg.alpha_attention > 0
+
+    def layer_loss(self, student, teacher, terms):
+        hid = hidden_mse(student.hidden, teacher.hidden, student.mask)
+        total = self.cfg.alpha_hidden * hid
+        terms["loss/hidden_mse"] = hid.detach()
+        if self.uses_attention:
+            att = attention_mse(student.attn, teacher.attn, student.mask)
+            total = total + self.cfg.alpha_attention * att
+            terms["loss/attention_mse"] = att.detach()
+        return total

@@ -5,16 +5,12 @@ The masking rate ``method.mlm_probability`` applies to every pre-training method
 """
 from __future__ import annotations
 
-from codir_ds.distill.methods.base import Method, task_loss
+from codir_ds.distill.methods.base import TaskMethod
 from codir_ds.distill.methods.registry import register_method
 
 
 @register_method
-class MLM(Method):
+class MLM(TaskMethod):
     name = "mlm"
     stages = ("pretrain",)
     summary = "masked-LM pre-training of the student alone (MLM-Pre)"
-
-    def loss(self, student, teacher, batch):
-        total, key = task_loss(student.logits, batch)
-        return total, {key: total.detach(), "loss/total": total.detach()}

@@ -5,6 +5,7 @@ import dataclasses
 import typing
 from typing import Optional
 
+from codir_ds.distill.methods.base import PretrainingConfig
 from codir_ds.errors import CodirError
 
 _METHODS: dict = {}
@@ -44,7 +45,6 @@ def build_method(method_cfg, stage: str):
 
 def option_groups() -> list[type]:
     """Every option dataclass of the registered methods (bases first, each once), then the shared ones."""
-    from codir_ds.distill.methods.base import PretrainingConfig
     groups: list[type] = []
     for cls in _METHODS.values():
         if cls.config is None:
@@ -57,7 +57,6 @@ def option_groups() -> list[type]:
 
 
 def _owners(group: type) -> tuple[str, ...]:
-    from codir_ds.distill.methods.base import PretrainingConfig
     if group is PretrainingConfig:
         return method_names("pretrain")
     return tuple(n for n, c in _METHODS.items() if c.config is not None and issubclass(c.config, group))
