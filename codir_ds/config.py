@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
@@ -64,9 +64,11 @@ class DataConfig:
         "help": "A packaged task (movie_snippets, movie_snippets_regression, trec6), a GLUE task name (with "
                 "data.glue_dir), or files (data.train_file / data.validation_file)."})
     train_file: Optional[str] = field(default=None, metadata={
-        "help": "data.task=files: the training file (CSV, TSV or JSONL)."})
+        "help": "data.task=files: the training data: a .csv, .tsv, .jsonl or .parquet file, or a datasets "
+                "save_to_disk directory (a DatasetDict's split by its folder, e.g. my_dataset/train)."})
     validation_file: Optional[str] = field(default=None, metadata={
-        "help": "data.task=files: the validation file; null = a seeded split of the training file."})
+        "help": "data.task=files: the validation data, in the same kinds as data.train_file (e.g. "
+                "my_dataset/validation); null = a seeded split of the training data."})
     text_column: str = field(default="text", metadata={
         "help": "Column holding the text (files, and .jsonl/.csv/.tsv supplementary data)."})
     text_pair_column: Optional[str] = field(default=None, metadata={
@@ -202,6 +204,8 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # The YAML it was read from (set by load_config; not a config key): errors suggest commands with it.
+    source: ClassVar[Optional[str]] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,8 +321,29 @@ def _merge(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``key=value`` overrides, validate, return the config."""
+# model.init_from and model.student_init exclude each other: one set by --set replaces the YAML's other.
+_INIT_ALTERNATIVES = {"init_from": ("student_init", "student_init_layers"), "student_init": ("init_from",)}
+
+
+def _drop_replaced_init(tree: dict, parsed: list[tuple[list[str], Any]]) -> None:
+    """``--set model.init_from=RUN`` on a YAML with ``model.student_init`` (or the reverse) replaces it."""
+    model = tree.get("model")
+    if not isinstance(model, dict):
+        return
+    for keys, value in parsed:
+        if keys[:1] == ["model"] and len(keys) == 2 and value is not None:
+            for other in _INIT_ALTERNATIVES.get(keys[1], ()):
+                model.pop(other, None)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, stage: Optional[str] = None,
+                evaluation: bool = False) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key=value`` overrides, validate, return the config.
+
+    ``stage`` (``"finetune"``/``"pretrain"``, the launcher's) makes the errors' suggested commands fit it.
+    ``evaluation``: the config only names a task to evaluate a model on (``launchers/evaluate.py``), so the
+    model and method settings (teacher, student, distillation) are not checked.
+    """
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -332,11 +357,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not isinstance(tree, dict):
             raise CodirError(f"config file '{path}' must hold a mapping of sections (model, data, method, training, "
                              f"logging): see configs/ for examples")
-    for item in overrides or []:
-        keys, value = _parse_override(item)
+    parsed = [_parse_override(item) for item in overrides or []]
+    _drop_replaced_init(tree, parsed)
+    for keys, value in parsed:
         _merge(tree, keys, value)
     cfg = _build(ExperimentConfig, tree, "")
-    validate(cfg)
+    validate(cfg, stage, path, evaluation)
+    cfg.source = path
     return cfg
 
 
@@ -345,14 +372,19 @@ _choice = checks.choice
 _positive = checks.positive
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Value checks that do not need files or models (those come at load time), section by section."""
+def validate(cfg: ExperimentConfig, stage: Optional[str] = None, source: Optional[str] = None,
+             evaluation: bool = False) -> None:
+    """Value checks that do not need files or models (those come at load time), section by section.
+
+    ``stage`` and ``source`` (the YAML's path) shape the commands the errors suggest; ``evaluation``
+    skips the model and method sections (see :func:`load_config`)."""
     _validate_choices(cfg)
     _validate_data(cfg.data)
     _validate_training(cfg.training)
     _validate_corpus(cfg.corpus)
-    _validate_model(cfg.model)
-    _validate_method_needs(cfg)
+    if not evaluation:
+        _validate_model(cfg.model)
+        _validate_method_needs(cfg, stage, source)
 
 
 def _validate_choices(cfg: ExperimentConfig) -> None:
@@ -373,7 +405,8 @@ def _validate_data(d: DataConfig) -> None:
     if d.train_file and d.task != "files":
         raise CodirError(f"data.train_file is set but data.task is {d.task!r}: set data.task=files to train on your files")
     if d.task == "files" and not d.train_file:
-        raise CodirError("data.task=files needs data.train_file: set data.train_file to a CSV, TSV or JSONL file")
+        raise CodirError("data.task=files needs data.train_file: set data.train_file to a CSV, TSV, JSONL or Parquet "
+                         "file, or a datasets save_to_disk split folder")
 
 
 def _validate_training(t: TrainingConfig) -> None:
@@ -423,7 +456,7 @@ def _validate_model(mc: ModelConfig) -> None:
                 f"({mc.student_heads}): change one of them")
 
 
-def _validate_method_needs(cfg: ExperimentConfig) -> None:
+def _validate_method_needs(cfg: ExperimentConfig, stage: Optional[str] = None, source: Optional[str] = None) -> None:
     """The chosen method's cross-key checks, and the settings only some methods read."""
     m, d, t, mc = cfg.method, cfg.data, cfg.training, cfg.model
     method = get_method(m.name)
@@ -440,11 +473,27 @@ def _validate_method_needs(cfg: ExperimentConfig) -> None:
                          f"only {' and '.join(_methods_needing('teacher_cache'))} use (method.name is {m.name}): "
                          f"set training.teacher_cache=false")
     if needs.teacher and not mc.teacher:
-        raise CodirError(f"method.name={m.name}{method.teacher_condition} needs a teacher: set model.teacher to a "
-                         f"directory or 'all-MiniLM-L6-v2'")
+        raise CodirError(f"method.name={m.name}{method.teacher_condition} needs a teacher: set model.teacher to "
+                         f"{teacher_hint(stage, source)}")
     if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:
         raise CodirError("no tokenizer: set model.tokenizer, model.teacher, model.student_init or model.init_from "
                          "to a model directory")
+
+
+def teacher_hint(stage: Optional[str], source: Optional[str] = None, body: str = "all-MiniLM-L6-v2") -> str:
+    """How to get a teacher for ``stage``, with a command that runs as written (``source``: the run's YAML,
+    ``body``: the model a finetuning teacher starts from)."""
+    mlm = ("a masked-LM teacher, e.g. the packaged MiniLM with a fitted MLM head: `python launchers/fit_teacher_head.py "
+           "--teacher all-MiniLM-L6-v2 --output_dir runs/teacher_mlm` then model.teacher=runs/teacher_mlm "
+           "(or model.teacher=all-MiniLM-L6-v2 with method.alpha_kd=0)")
+    if stage == "pretrain":
+        return mlm
+    config = source or "configs/fine_movie_snippets_cpu.yaml"
+    fine = (f"a classifier finetuned on this task, e.g. `python launchers/finetune.py --deepspeed_config "
+            f"ds_configs/zero2.json --config {config} --set method.name=ce --set model.teacher=null --set "
+            f"model.student_init={body} --set model.student_init_layers=null --output_dir runs/teacher` "
+            f"(with this run's other --set options) then model.teacher=runs/teacher/export")
+    return fine if stage == "finetune" else f"{fine}; for pre-training, {mlm}"
 
 
 def _methods_needing(need: str) -> list[str]:

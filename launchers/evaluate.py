@@ -31,7 +31,7 @@ def main() -> int:
     from codir_ds.config import load_config
     from codir_ds.engine.evaluate_model import evaluate_model_dir
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, evaluation=True)
     batch_size = args.batch_size if args.batch_size is not None else cfg.training.eval_batch_size
     metrics = evaluate_model_dir(args.model, cfg, split=args.split, batch_size=batch_size)
     line = json.dumps(metrics)

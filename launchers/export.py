@@ -1,12 +1,12 @@
-"""Export the student of a run's DeepSpeed checkpoint (ZeRO 1/2/3, any rank count) as a Hugging Face directory.
+"""Export the student of any run's DeepSpeed checkpoint (ZeRO 1/2/3, any rank count) as a Hugging Face directory.
 
     python launchers/export.py --run_dir runs/codir                         # newest checkpoint
     python launchers/export.py --run_dir runs/codir --tag step_00000120 --output_dir students/step120
     python launchers/export.py --run_dir runs/ctcd --large                 # a CTCD run's larger model
 
-The result loads with ``AutoModelForSequenceClassification.from_pretrained`` and
-with ``launchers/evaluate.py --model``. Prints the output directory on stdout.
-Single process; no DeepSpeed launcher needed.
+A finetuning run's result loads with ``AutoModelForSequenceClassification.from_pretrained`` and
+with ``launchers/evaluate.py --model``; a pre-training run's with ``AutoModelForMaskedLM``.
+Prints the output directory on stdout. Single process; no DeepSpeed launcher needed.
 """
 import argparse
 import os
@@ -19,7 +19,7 @@ from codir_ds.cli import quiet_environment, run_main  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run_dir", required=True, help="finetuning run directory (holds checkpoints/ and export/)")
+    ap.add_argument("--run_dir", required=True, help="run directory of launchers/finetune.py or pretrain.py (holds checkpoints/ and architecture/)")
     ap.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000120 (default: the newest complete one)")
     ap.add_argument("--output_dir", default=None, help="where to write the model (default: RUN_DIR/export_<tag>)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")

@@ -1,4 +1,4 @@
-"""Finetuning-stage distillation on one task: ce, kd, codir (CoDIR-Fine), pkd, tinybert, distilbert, cr_ild, ctcd.
+"""Finetuning-stage distillation on one task, with any finetuning method (--help lists them).
 
     deepspeed --num_gpus 2 launchers/finetune.py --deepspeed_config ds_configs/zero2.json \
         --config configs/fine_movie_snippets_cpu.yaml --set method.name=codir --output_dir runs/codir
@@ -12,12 +12,12 @@ from codir_ds.cli import base_parser, quiet_environment, run_main  # noqa: E402
 
 
 def main() -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
     quiet_environment()
+    args = base_parser(__doc__.splitlines()[0], stage="finetune").parse_args()
     from codir_ds.config import load_config
     from codir_ds.recipes import recipe_for
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, stage="finetune")
     # The method picks the recipe: finetuning distillation, or co-training (CTCD: two trainable models).
     recipe_for(cfg, "finetune", args.deepspeed_config, args.output_dir, resume=args.resume,
                overwrite=args.overwrite).run()

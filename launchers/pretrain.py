@@ -1,4 +1,4 @@
-"""Pre-training distillation on a text corpus: mlm (MLM-Pre), kd (KD-Pre), codir (CoDIR-Pre), tinybert, distilbert, ctcd.
+"""Pre-training distillation on a text corpus, with any pre-training method (--help lists them).
 
     deepspeed launchers/pretrain.py --deepspeed_config ds_configs/zero2.json
         [--config configs/pre_codir_cpu.yaml] [--output_dir runs/<config name>] [--set key=value ...]
@@ -15,13 +15,13 @@ from codir_ds.cli import base_parser, quiet_environment, run_main  # noqa: E402
 
 def main() -> int:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = base_parser(__doc__.splitlines()[0], default_config=os.path.join(repo, "configs", "pre_codir_cpu.yaml"),
-                       default_output=True).parse_args()
     quiet_environment()
+    args = base_parser(__doc__.splitlines()[0], default_config=os.path.join(repo, "configs", "pre_codir_cpu.yaml"),
+                       default_output=True, stage="pretrain").parse_args()
     from codir_ds.config import load_config
     from codir_ds.recipes import recipe_for
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, stage="pretrain")
     output_dir = args.output_dir or os.path.join("runs", cfg.name)
     # The method picks the recipe: pre-training distillation, or co-training (CTCD: two trainable models).
     recipe_for(cfg, "pretrain", args.deepspeed_config, output_dir, resume=args.resume, overwrite=args.overwrite).run()

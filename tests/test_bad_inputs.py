@@ -392,8 +392,15 @@ def test_h_batch_sizes_from_the_deepspeed_json(tmp_path, tiny_config, old_run, g
 # --------------------------------------------------------------------------- (i) output directory
 
 def test_i_output_directory_holding_another_run(tmp_path, tiny_config, old_run, guarded):
-    refused(lambda: finetune(tiny_config, old_run, overwrite=False),
-            str(old_run), "already holds a run", "--resume", "--overwrite", "another --output_dir")
+    # a finished run: --resume would have nothing to continue, so it is not suggested
+    msg = refused(lambda: finetune(tiny_config, old_run, overwrite=False),
+                  str(old_run), "already holds a finished run", "--overwrite", "another --output_dir")
+    assert "--resume" not in msg
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(old_run, unfinished)
+    (unfinished / "results.json").unlink()
+    refused(lambda: finetune(tiny_config, unfinished, overwrite=False),
+            str(unfinished), "already holds a run", "--resume", "--overwrite", "another --output_dir")
     refused(lambda: finetune(tiny_config, old_run, overwrite=False, resume=True),
             "--resume", "differs from the saved run's in training.lr", "same config")
     refused(lambda: finetune(tiny_config, old_run, overwrite=True, resume=True), "contradict", "pass one")
@@ -415,7 +422,7 @@ def test_i_output_directory_holding_another_run(tmp_path, tiny_config, old_run, 
 
 
 def test_i_pretrain_refuses_an_output_directory_holding_another_run(pre_yaml, old_run, guarded):
-    refused(lambda: pretrain(pre_yaml, old_run, overwrite=False), "already holds a run", "--overwrite")
+    refused(lambda: pretrain(pre_yaml, old_run, overwrite=False), "already holds a finished run", "--overwrite")
 
 
 # --------------------------------------------------------------------------- (j) damaged checkpoints

@@ -17,7 +17,12 @@ Task sources (``data.task``):
   ``qnli``, ``rte``, ``wnli``): the standard GLUE TSV layout under
   ``data.glue_dir``; ``dev.tsv`` is the validation split.
 - ``files``: ``data.train_file`` (and optionally ``data.validation_file``) as
-  CSV, TSV or JSONL, read with Hugging Face ``datasets``.
+  a CSV, TSV, JSONL or Parquet file, or a directory written by ``datasets``'
+  ``save_to_disk``, read with Hugging Face ``datasets``. A ``DatasetDict``
+  directory holds one folder per split: name the split by its folder,
+  ``<dir>/train``; the directory itself is refused with its split list.
+  Typed columns are kept (int/float/str/bool labels, nulls are missing values);
+  a ``ClassLabel`` label column's names are the class names, in its id order.
 
 Packaged tasks (and ``files`` without a validation file) get a seeded split of
 ``data.validation_fraction`` of the rows; both splits are kept in that random
@@ -404,7 +409,29 @@ def _read_glue_split(task: str, spec: _GlueSpec, path: Path) -> list[_Row]:
 
 # --------------------------------------------------------------------------- user files
 
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "json", ".json": "json", ".ndjson": "json"}
+_FORMATS = {
+    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "json", ".json": "json", ".ndjson": "json",
+    ".parquet": "parquet",
+}
+_ACCEPTED = "a CSV/TSV/JSONL/Parquet file or a datasets save_to_disk directory"
+# Which split of a DatasetDict directory to suggest for each key (the first one the directory has).
+_SPLIT_HINTS = {
+    "train_file": ("train",),
+    "validation_file": ("validation", "valid", "dev", "test"),
+    "supplementary": ("unsupervised", "unlabeled", "train"),
+}
+
+
+class _Table(dict):
+    """``{column: values}`` as read; ``class_names[column]`` lists a ClassLabel column's names, index = id.
+
+    A ClassLabel column's values are its names (``None`` for -1, "no label"), so they compare with
+    string labels of other files; the names' order keeps the ClassLabel's ids as class ids.
+    """
+
+    def __init__(self, columns: dict, class_names: Optional[dict[str, list[str]]] = None):
+        super().__init__(columns)
+        self.class_names: dict[str, list[str]] = dict(class_names or {})
 
 
 def _root_message(exc: BaseException) -> str:
@@ -416,48 +443,64 @@ def _root_message(exc: BaseException) -> str:
 
 
 def _read_table(path_value: Any, key: str) -> tuple[dict[str, list], int]:
-    """Read a CSV/TSV/JSONL file with Hugging Face ``datasets``; returns ({column: values}, n_rows)."""
+    """Read a CSV/TSV/JSONL/Parquet file or a ``save_to_disk`` directory with Hugging Face ``datasets``.
+
+    Returns ``({column: values}, n_rows)``; the dict is a :class:`_Table` (ClassLabel names kept).
+    """
     path = Path(str(path_value)).expanduser()
     if not path.exists():
         raise CodirError(
-            f"data.{key} {str(path)!r} does not exist: set data.{key} to an existing CSV/TSV/JSONL file"
+            f"data.{key} {str(path)!r} does not exist: set data.{key} to {_ACCEPTED}{_split_syntax_hint(path)}"
         )
+    ds = _load_saved_dataset(path, key) if path.is_dir() else _load_data_file(path, key)
+    if len(ds) == 0:
+        raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples to it")
+    return _table_of(ds), len(ds)
+
+
+def _split_syntax_hint(path: Path) -> str:
+    """For 'dir:split' (a split syntax this reader does not use): the '<dir>/<split>' value to set instead."""
+    base, sep, split = str(path).rpartition(":")
+    if sep and split and (Path(base) / split / "state.json").is_file():
+        return f" (a DatasetDict split is its folder: {str(Path(base) / split)!r})"
+    return ""
+
+
+def _load_data_file(path: Path, key: str):
+    """A CSV/TSV/JSONL/Parquet file as a ``datasets.Dataset`` (checked: extension, size, permission, UTF-8)."""
     if not path.is_file():
-        raise CodirError(f"data.{key} {str(path)!r} is not a file: set data.{key} to a CSV/TSV/JSONL file")
+        raise CodirError(f"data.{key} {str(path)!r} is not a file: set data.{key} to {_ACCEPTED}")
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise CodirError(
-            f"data.{key} {str(path)!r} has unsupported extension {path.suffix!r}: "
-            "use a .csv, .tsv or .jsonl file (rename it if the content is one of these)"
+            f"data.{key} {str(path)!r} has unsupported extension {path.suffix!r}: use a .csv, .tsv or .jsonl "
+            "file, a .parquet file, or a datasets save_to_disk directory (rename it if the content is one of these)"
         )
     if path.stat().st_size == 0:
-        raise CodirError(f"data.{key} {str(path)!r} is empty: put a header row and examples in it")
+        fix = "write it again" if fmt == "parquet" else "put a header row and examples in it"
+        raise CodirError(f"data.{key} {str(path)!r} is empty: {fix}")
     if not os.access(path, os.R_OK):
         raise CodirError(f"data.{key} {str(path)!r} is not readable (permission denied): fix its permissions "
                          f"(chmod a+r) or copy it somewhere readable")
-    _check_utf8_text(path, key)
+    if fmt == "parquet":
+        _check_parquet(path, key)
+    else:
+        _check_utf8_text(path, key)
 
     # Imported here: `datasets` is slow to import and only this path needs it.
     import datasets
 
-    if fmt == "csv":
-        kwargs = dict(path="csv")
-    elif fmt == "tsv":
-        # TSV is read literally (no quote handling), like GLUE and most NLP TSV files: a text may start with '"'.
-        kwargs = dict(path="csv", delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        kwargs = dict(path="json")
+    kwargs: dict[str, Any] = dict(path="json" if fmt == "json" else fmt)
     if fmt in ("csv", "tsv"):
         # Keep texts such as "NA" or "null" as text: pandas would otherwise turn them into missing values.
-        kwargs["keep_default_na"] = False
-    kind = {"tsv": "TSV", "csv": "CSV"}.get(fmt) or ("JSON" if path.suffix.lower() == ".json" else "JSONL")
+        kwargs.update(path="csv", keep_default_na=False)
+    if fmt == "tsv":
+        # TSV is read literally (no quote handling), like GLUE and most NLP TSV files: a text may start with '"'.
+        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    kind = {"tsv": "TSV", "csv": "CSV", "parquet": "Parquet"}.get(fmt) or (
+        "JSON" if path.suffix.lower() == ".json" else "JSONL")
     try:
-        ds = datasets.load_dataset(data_files=str(path), split="train", **kwargs)
-        if len(ds) == 0:
-            raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples below the header")
-        return ds.to_dict(), len(ds)
-    except CodirError:
-        raise
+        return datasets.load_dataset(data_files=str(path), split="train", **kwargs)
     except Exception as e:  # pandas/pyarrow parser errors of all kinds: report them as one line
         if "corresponds to no data" in str(e):  # a header and nothing else: `datasets` made no split
             raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples below the header") from None
@@ -466,6 +509,77 @@ def _read_table(path_value: Any, key: str) -> tuple[dict[str, list], int]:
         raise CodirError(
             f"could not read data.{key} {str(path)!r} as {kind} ({detail}): fix the file's {kind} format"
         ) from None
+
+
+def _check_parquet(path: Path, key: str) -> None:
+    """Refuse a file that is not Parquet, or has no rows (`datasets` fails on those with an obscure error)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - not Parquet, truncated, ...: one line
+        raise CodirError(
+            f"could not read data.{key} {str(path)!r} as Parquet ({_root_message(e)}): fix the file's Parquet "
+            "format (write it with pandas.DataFrame.to_parquet or datasets' Dataset.to_parquet)"
+        ) from None
+    if rows == 0:
+        raise CodirError(f"data.{key} {str(path)!r} has no data rows: add examples to it")
+
+
+def _load_saved_dataset(path: Path, key: str):
+    """A ``Dataset.save_to_disk`` directory; a ``DatasetDict``'s split is its ``<dir>/<split>`` folder."""
+    if (path / "dataset_dict.json").is_file():
+        splits = _saved_splits(path)
+        preferred = [s for s in _SPLIT_HINTS.get(key, ()) if s in splits] + splits
+        example = str(path / preferred[0]) if preferred else str(path / "<split>")
+        raise CodirError(
+            f"data.{key} {str(path)!r} is a datasets DatasetDict directory (splits: {', '.join(splits) or 'none'}), "
+            f"not one split: set data.{key} to the split's folder, e.g. data.{key}={example}"
+        )
+    if not (path / "state.json").is_file() and not (path / "dataset_info.json").is_file():
+        raise CodirError(
+            f"data.{key} {str(path)!r} is not a file nor a datasets save_to_disk directory (no state.json or "
+            f"dataset_dict.json in it): set data.{key} to {_ACCEPTED}"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CodirError(f"data.{key} {str(path)!r} is not readable (permission denied): fix its permissions "
+                         f"(chmod -R a+rX) or copy it somewhere readable")
+
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure to read the directory is the user's to fix
+        raise CodirError(
+            f"could not load data.{key} {str(path)!r} with datasets.load_from_disk ({_root_message(e)}): "
+            "write it again with Dataset.save_to_disk"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):  # no dataset_dict.json yet loaded as one: name a split all the same
+        raise CodirError(f"data.{key} {str(path)!r} is a datasets DatasetDict directory (splits: {', '.join(ds)}): "
+                         f"set data.{key} to one split's folder, e.g. data.{key}={path / next(iter(ds), '<split>')}")
+    return ds
+
+
+def _saved_splits(path: Path) -> list[str]:
+    """The split names a ``DatasetDict.save_to_disk`` directory lists (its subfolders if the JSON is unreadable)."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        return [str(s) for s in splits]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+
+
+def _table_of(ds: Any) -> _Table:
+    """A ``datasets.Dataset``'s columns as lists; ClassLabel ids become their names (see :class:`_Table`)."""
+    import datasets
+
+    table = _Table(ds.to_dict())
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel) and feature.names:
+            names = [str(n) for n in feature.names]
+            table[name] = [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in table[name]]
+            table.class_names[name] = names
+    return table
 
 
 def _check_utf8_text(path: Path, key: str) -> None:
@@ -595,7 +709,7 @@ def _files_settings(cfg: Any) -> tuple:
     train_file = _get(cfg, "train_file")
     if train_file is None:
         raise CodirError(
-            "data.task is 'files' but data.train_file is not set: set data.train_file to a CSV/TSV/JSONL file"
+            f"data.task is 'files' but data.train_file is not set: set data.train_file to {_ACCEPTED}"
         )
     val_file = _get(cfg, "validation_file")
     text_col = str(_get(cfg, "text_column", "text"))
@@ -610,7 +724,10 @@ def _files_settings(cfg: Any) -> tuple:
 
 
 def _read_labelled_file(path_value: Any, key: str, text_col: str, pair_col: Any, label_col: str):
-    """Read one data file and check its columns; returns (texts, pairs or Nones, raw labels)."""
+    """Read one data file and check its columns; returns (texts, pairs or Nones, raw labels, class names).
+
+    ``class names`` is the label column's ClassLabel names (id order), or None for plain values.
+    """
     table, _ = _read_table(path_value, key)
     texts = _texts(_column(table, text_col, "text_column", key, path_value), text_col, key, path_value)
     pairs: list[Optional[str]]
@@ -621,7 +738,7 @@ def _read_labelled_file(path_value: Any, key: str, text_col: str, pair_col: Any,
         pairs = [None] * len(texts)
     labels = _column(table, label_col, "label_column", key, path_value)
     _check_labels(labels, label_col, key, path_value)
-    return texts, pairs, labels
+    return texts, pairs, labels, getattr(table, "class_names", {}).get(label_col)
 
 
 def _is_regression_task(task_type: str, train_labels: list) -> bool:
@@ -634,12 +751,18 @@ def _is_regression_task(task_type: str, train_labels: list) -> bool:
     return task_type == "regression"
 
 
-def _class_ids(train_labels: list, val_labels: Optional[list], val_file: Any):
-    """Map class labels to ids; returns (label_names, train_y, val_y or None)."""
-    # Classes come from the whole train file (before any seeded split), sorted, index = class id.
-    classes = {_class_key(v) for v in train_labels}
-    label_names = sorted(classes, key=_class_sort_key(classes))
-    index = {n: i for i, n in enumerate(label_names)}
+def _class_ids(train_labels: list, val_labels: Optional[list], val_file: Any, names: Optional[list] = None):
+    """Map class labels to ids; returns (label_names, train_y, val_y or None).
+
+    ``names``: the train label column's ClassLabel names; they are the classes, in their id order.
+    """
+    if names:
+        label_names = list(names)
+    else:
+        # Classes come from the whole train file (before any seeded split), sorted, index = class id.
+        classes = {_class_key(v) for v in train_labels}
+        label_names = sorted(classes, key=_class_sort_key(classes))
+    index = {_class_key(n): i for i, n in enumerate(label_names)}
     train_y = [index[_class_key(v)] for v in train_labels]
     if val_labels is None:
         return label_names, train_y, None
@@ -656,7 +779,7 @@ def _class_ids(train_labels: list, val_labels: Optional[list], val_file: Any):
 def _load_files(cfg: Any, fraction: Any, seed: Any):
     train_file, val_file, text_col, pair_col, label_col, task_type = _files_settings(cfg)
     columns = (text_col, pair_col, label_col)
-    train_texts, train_pairs, train_labels = _read_labelled_file(train_file, "train_file", *columns)
+    train_texts, train_pairs, train_labels, train_names = _read_labelled_file(train_file, "train_file", *columns)
     val_data = _read_labelled_file(val_file, "validation_file", *columns) if val_file is not None else None
     val_labels = val_data[2] if val_data is not None else None
 
@@ -666,7 +789,7 @@ def _load_files(cfg: Any, fraction: Any, seed: Any):
         train_y: list = _float_labels(train_labels, label_col, "train_file", train_file)
         val_y = _float_labels(val_labels, label_col, "validation_file", val_file) if val_labels is not None else None
     else:
-        label_names, train_y, val_y = _class_ids(train_labels, val_labels, val_file)
+        label_names, train_y, val_y = _class_ids(train_labels, val_labels, val_file, train_names)
 
     train_rows: list[_Row] = list(zip(train_texts, train_pairs, train_y))
     if val_data is None:
@@ -682,8 +805,9 @@ def _load_files(cfg: Any, fraction: Any, seed: Any):
 def load_supplementary(data_cfg: Any, task: TaskData) -> list[Example]:
     """CR-ILD's supplementary inputs (``data.supplementary``): unlabelled examples for the ILD stage.
 
-    A packaged task name (its training inputs), a ``.txt`` file (one text per line) or a
-    ``.csv`` / ``.tsv`` / ``.jsonl`` file whose ``data.text_column`` (and
+    A packaged task name (its training inputs), a ``.txt`` file (one text per line), or a
+    ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.parquet`` file or ``datasets`` ``save_to_disk``
+    directory (read as ``data.train_file`` is) whose ``data.text_column`` (and
     ``data.text_pair_column``) is read. Labels are not used: examples carry label 0 (the
     task's label type) and ids from ``-1`` downwards, so no memory-bank row is ever theirs.
     Their text/text-pair shape must match the task's.
@@ -702,13 +826,14 @@ def load_supplementary(data_cfg: Any, task: TaskData) -> list[Example]:
         if path.suffix.lower() == ".txt":
             if not path.is_file():
                 raise CodirError(f"data.supplementary {str(path)!r} does not exist: set it to a packaged task name "
-                                 f"({', '.join(PACKAGED_TASKS)}) or an existing .txt/.csv/.tsv/.jsonl file")
+                                 f"({', '.join(PACKAGED_TASKS)}), an existing .txt file or {_ACCEPTED}")
             _check_utf8_text(path, "supplementary")
             rows = [(line.strip(), None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             if not path.exists() and path.suffix.lower() not in _FORMATS:
                 raise CodirError(f"data.supplementary {str(spec)!r} is neither a packaged task "
-                                 f"({', '.join(PACKAGED_TASKS)}) nor a .txt/.csv/.tsv/.jsonl file: fix data.supplementary")
+                                 f"({', '.join(PACKAGED_TASKS)}) nor an existing .txt file or {_ACCEPTED[2:]}: "
+                                 "fix data.supplementary")
             table, _ = _read_table(path, "supplementary")
             text_col = _get(data_cfg, "text_column", "text")
             texts = _texts(_column(table, text_col, "text_column", "supplementary", path), text_col,

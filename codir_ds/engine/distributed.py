@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -45,18 +46,34 @@ def init_distributed() -> None:
         # every task would train alone as rank 0 of 1 into the same run directory.
         raise CodirError(f"started by srun as {tasks} tasks without RANK/WORLD_SIZE: start one torchrun (or "
                          f"deepspeed --no_ssh) per node, as launchers/slurm_multinode.sbatch does")
+    single = "RANK" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if single and "MASTER_PORT" not in os.environ:  # plain `python launchers/...`: any free port will do
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(verbose=False)
+    try:
+        deepspeed.init_distributed(verbose=False)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        raise CodirError(f"MASTER_PORT {os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is already in use "
+                         f"(another job on this machine?): pass a free port, e.g. MASTER_PORT={free_port()} (or "
+                         f"deepspeed --master_port / torchrun --master_port)") from None
     atexit.register(remove_shm_buffer)
     # Bind this process to its accelerator before anything is placed on it (the engine
     # would do it only inside deepspeed.initialize; the teacher and bank come first).
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shm_buffer_path(rank: Optional[int] = None) -> Path:

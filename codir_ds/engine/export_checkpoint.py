@@ -1,14 +1,16 @@
 """Export the student of any saved checkpoint of a run as a Hugging Face directory.
 
-A finetuning run exports its best model to ``<run>/export/`` while training; this
-turns any other complete checkpoint (e.g. the last one, or an intermediate step)
-into the same kind of directory, without DeepSpeed or ``torch.distributed``:
+A finetuning run exports its best model to ``<run>/export/`` while training, a pre-training run its
+last; this turns any complete checkpoint (e.g. the last one, an intermediate step, or one saved by a run
+stopped before its first evaluation) into the same kind of directory, without DeepSpeed or
+``torch.distributed``:
 
 1. ``zero_to_fp32`` merges the fp32 master weights of all ranks' ZeRO 1/2/3
    partitions into one state dict (keys of the engine's
    :class:`~codir_ds.distill.heads.DistillationModule`);
 2. the ``student.`` entries (the classifier; CRD projection heads are dropped) are
-   loaded, strictly, into a model built from the architecture of ``<run>/export/``;
+   loaded, strictly, into a model built from ``<run>/architecture/`` (written before training; a
+   ``*ForMaskedLM`` for pre-training runs, ``*ForSequenceClassification`` for finetuning);
 3. :func:`~codir_ds.models.loading.export_student` writes model, tokenizer and a
    manifest with the weights' sha256 and the checkpoint they came from.
 """
@@ -25,12 +27,13 @@ from typing import Optional, Union
 import torch
 
 from codir_ds.engine import checkpointing as ckpt
+from codir_ds.engine.rundir import ARCHITECTURE
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import export_student, load_tokenizer, read_manifest
 
 STUDENT_PREFIX = "student."
 # Manifest entries of <run>/export that describe the run, not the particular weights there.
-_RUN_KEYS = ("task", "label_names", "method")
+_RUN_KEYS = ("task", "label_names", "method", "stage")
 
 
 def _resolve_tag(ckpt_root: Path, tag: Optional[str]) -> str:
@@ -96,55 +99,68 @@ def read_student_state(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
     student = {k[len(STUDENT_PREFIX):]: v for k, v in merged.items() if k.startswith(STUDENT_PREFIX)}
     if not student:
         raise CodirError(f"checkpoint '{ckpt_root / tag}' holds no '{STUDENT_PREFIX}*' weights: it is not a codir-ds "
-                         f"finetuning checkpoint")
+                         f"checkpoint")
     return student
 
 
 def _build_from_architecture(arch_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An fp32 model of ``arch_dir``'s config holding exactly ``state`` (strict load)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """An fp32 model of ``arch_dir``'s config holding exactly ``state`` (strict load): a masked LM for a
+    pre-training run, a sequence classifier for a finetuning run."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(str(arch_dir))
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    masked_lm = any(a.endswith("ForMaskedLM") for a in config.architectures or [])
+    auto = AutoModelForMaskedLM if masked_lm else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=torch.float32)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        # Missing/unexpected keys or shape mismatches: the checkpoint is of another architecture.
-        detail = " ".join(str(e).split())[:240]
-        raise CodirError(f"the checkpoint's student does not match the architecture in '{arch_dir}/config.json' "
-                         f"({detail}): export from the run the checkpoint belongs to") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        problem = ", ".join(f"{len(keys)} {what} key(s), e.g. {sorted(keys)[0]}"
+                            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    except RuntimeError as e:  # shape mismatches
+        problem = " ".join(str(e).split("\n")[-1].split())[:200]
+    if problem:  # the checkpoint is of another architecture
+        raise CodirError(f"the checkpoint's student does not match the {type(model).__name__} of "
+                         f"'{arch_dir}/config.json' ({problem}): export from the run the checkpoint belongs to")
     return model.eval()
+
+
+def _architecture_dir(run: Path, large: bool) -> Path:
+    """``<run>/architecture`` (written before training); runs of older versions have only ``export/``."""
+    suffix = "_large" if large else ""
+    arch = run / (ARCHITECTURE + suffix)
+    return arch if (arch / "config.json").is_file() else run / ("export" + suffix)
 
 
 def export_from_checkpoint(run_dir: Union[str, Path], tag: Optional[str] = None,
                            output_dir: Union[str, Path, None] = None, overwrite: bool = False,
                            large: bool = False) -> Path:
-    """Write checkpoint ``tag`` of finetuning run ``run_dir`` as a Hugging Face directory; return it.
+    """Write checkpoint ``tag`` of run ``run_dir`` (finetuning or pre-training) as a Hugging Face directory.
 
     ``tag`` defaults to the newest complete checkpoint, ``output_dir`` to
-    ``<run_dir>/export_<tag>``. The run's ``export/`` directory supplies the
-    architecture (``config.json``), the tokenizer, and the task / label names /
-    method recorded in the new manifest, next to ``tag``, ``step`` and the
+    ``<run_dir>/export_<tag>``. The run's ``architecture/`` directory (``export/`` for runs of older
+    versions) supplies the architecture (``config.json``), the tokenizer, and the task / label names /
+    stage / method recorded in the new manifest, next to ``tag``, ``step`` and the
     checkpoint path. The directory appears atomically (written beside it, then
     renamed), so an interrupted export never leaves a half-written model.
 
     ``large``: a CTCD run's larger model instead (DeepSpeed tag ``<tag>/large``, architecture
-    from ``<run_dir>/export_large``, default output ``<run_dir>/export_<tag>_large``).
+    from ``<run_dir>/architecture_large``, default output ``<run_dir>/export_<tag>_large``).
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise CodirError(f"--run_dir '{run}' does not exist: pass a finetuning run directory (the --output_dir of "
-                         f"launchers/finetune.py)")
+        raise CodirError(f"--run_dir '{run}' does not exist: pass a run directory (the --output_dir of "
+                         f"launchers/finetune.py or launchers/pretrain.py)")
     ckpt_root = run / "checkpoints"
     tag = _resolve_tag(ckpt_root, tag)
-    arch_dir = run / ("export_large" if large else "export")
+    arch_dir = _architecture_dir(run, large)
     state_root, state_tag = (ckpt_root / tag, "large") if large else (ckpt_root, tag)
     if large and not (state_root / state_tag).is_dir():
         raise CodirError(f"checkpoint '{ckpt_root / tag}' holds no larger model (no large/ folder): --large exports "
                          f"the larger model of a method.name=ctcd run; drop --large for the student")
     if not (arch_dir / "config.json").is_file():
-        raise CodirError(f"'{arch_dir}' has no config.json to take the student's architecture from: the run has not "
-                         f"evaluated yet (it exports at its first evaluation); finish or --resume the run first")
+        raise CodirError(f"'{arch_dir}' has no config.json to take the student's architecture from: the run was "
+                         f"written by a codir-ds version without architecture/ and has not exported yet; "
+                         f"--resume the run until its first evaluation")
     out = Path(output_dir) if output_dir is not None else run / f"export_{tag}{'_large' if large else ''}"
     _check_output_dir(out, run, overwrite)
 

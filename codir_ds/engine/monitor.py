@@ -1,4 +1,5 @@
-"""Training monitor: TensorBoard scalars and a progress bar, from rank 0 only.
+"""Training monitor: TensorBoard scalars and a progress bar (or, without one, a plain log line
+every ``logging.log_every`` steps, for batch-job logs), from rank 0 only.
 
 Loss terms arrive as detached tensors every micro step and are summed on device;
 they are turned into Python numbers only at logging intervals, so the hot path has
@@ -7,12 +8,25 @@ every rank (an all-reduce at the logging interval), not rank 0's alone.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h03m``; ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class Monitor:
@@ -29,9 +43,11 @@ class Monitor:
         if enabled and progress_bar:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+        self.plain = enabled and not progress_bar
+        self.desc, self.total_steps, self.initial_step = desc, total_steps, initial_step
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
-        self._t0 = time.perf_counter()
+        self._t0 = self._start = time.perf_counter()
         self._samples = 0
 
     def accumulate(self, terms: dict[str, torch.Tensor], samples: int) -> None:
@@ -66,7 +82,27 @@ class Monitor:
             show = {k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items()
                     if k.startswith("loss/") or k == "perf/samples_per_s"}
             self.bar.set_postfix(show, refresh=False)
+        elif self.plain:
+            print(self.log_line(step, scalars, now - self._start), flush=True)
         return scalars
+
+    def log_line(self, step: int, scalars: dict[str, float], elapsed: float) -> str:
+        """``<desc> step 20/200 (10%) | loss 2.345 | kd 1.2 | lr 1.00e-04 | 512.3 samples/s | elapsed 1m05s |
+        eta 9m45s``: the line a batch-job log gets instead of the progress bar."""
+        parts = [f"{self.desc} step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)"]
+        losses = {k[5:]: v for k, v in scalars.items() if k.startswith("loss/")}
+        if "total" in losses:
+            losses = {"loss": losses.pop("total"), **losses}
+        parts += [f"{k} {v:.4g}" for k, v in losses.items()]
+        if "train/lr" in scalars:
+            parts.append(f"lr {scalars['train/lr']:.2e}")
+        if "train/loss_scale" in scalars:
+            parts.append(f"loss scale {scalars['train/loss_scale']:g}")
+        parts.append(f"{scalars['perf/samples_per_s']:.1f} samples/s")
+        done = step - self.initial_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        parts += [f"elapsed {duration(elapsed)}", f"eta {duration(eta)}"]
+        return " | ".join(parts)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

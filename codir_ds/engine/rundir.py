@@ -1,6 +1,7 @@
 """Run directories: refuse to clobber an earlier run, allow an explicit resume, set one up on every rank."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from codir_ds.config import ExperimentConfig, save_config
 from codir_ds.engine.checkpointing.integrity import check_resume_checkpoint
 from codir_ds.errors import CodirError
 
+# Each trained model's config.json, tokenizer and run manifest, written before training (export reads it).
+ARCHITECTURE = "architecture"
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {("training", "stop_at_step"), ("logging", "progress_bar"), ("logging", "log_every"),
                      ("logging", "tensorboard"),
@@ -78,6 +81,9 @@ def check_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> s
         if not (out / "config.yaml").is_file() and not (out / "checkpoints").is_dir():
             raise CodirError(f"--output_dir '{out}' is not empty and holds no codir-ds run: choose a new or empty "
                              f"--output_dir (or pass --overwrite to write the run next to its files)")
+        if (out / "results.json").is_file():
+            raise CodirError(f"--output_dir '{out}' already holds a finished run (results.json exists): pass "
+                             f"--overwrite to run it again, or choose another --output_dir")
         raise CodirError(f"--output_dir '{out}' already holds a run: pass --resume to continue it, --overwrite to "
                          f"replace it, or choose another --output_dir")
     return "fresh"
@@ -85,7 +91,8 @@ def check_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> s
 
 def clear_run_dir(out: Path) -> None:
     """For --overwrite: remove what an earlier run wrote (only the files codir-ds writes)."""
-    for name in ("checkpoints", "tensorboard", "export", "export_large", "teacher_cache", "config.yaml", "results.json", "ds_config.json"):
+    for name in ("checkpoints", "tensorboard", "export", "export_large", ARCHITECTURE, ARCHITECTURE + "_large",
+                 "teacher_cache", "config.yaml", "results.json", "ds_config.json"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -124,3 +131,19 @@ def open_run_dir(run_dir: Path, mode: str, cfg: ExperimentConfig, ds: dict, rank
     if not int(ok):
         raise CodirError(f"--output_dir '{run_dir}' is not on a filesystem shared by every node: put it on shared "
                          f"storage (every rank writes its checkpoint files there)")
+
+
+def write_architecture(model, tokenizer, out: Path, manifest: dict) -> None:
+    """A model's ``config.json``, its tokenizer and ``manifest`` (as the export manifest, no weights) in ``out``,
+    written beside it and renamed into place: what export needs to rebuild a checkpoint's model."""
+    from codir_ds.models.loading import EXPORT_MANIFEST
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # what save_pretrained records, and export builds
+    config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

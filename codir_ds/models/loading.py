@@ -126,18 +126,18 @@ def check_same_vocab(tokenizer, other_dir: Path, what: str) -> None:
                          f"teacher and student must share one vocabulary")
 
 
-def _check_head(config, num_labels: int, path: Path) -> None:
+def _check_head(config, num_labels: int, path: Path, source: Optional[str]) -> None:
+    from codir_ds.config import teacher_hint
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != num_labels:
         raise CodirError(
             f"teacher '{path}' has no {num_labels}-way classification head (architectures={archs}, "
-            f"num_labels={config.num_labels}): finetune it on this task first, e.g. "
-            f"`deepspeed launchers/finetune.py --set method.name=ce --set model.student_init={path}` "
-            f"and use its export/ directory as model.teacher")
+            f"num_labels={config.num_labels}): finetune it on this task first and set model.teacher to "
+            f"{teacher_hint('finetune', source, body=str(path))}")
 
 
 def load_teacher(spec: str, num_labels: int, dtype: torch.dtype, sha256: Optional[str] = None,
-                 device: Optional[torch.device] = None) -> torch.nn.Module:
+                 device: Optional[torch.device] = None, source: Optional[str] = None) -> torch.nn.Module:
     """Load a finetuned classification teacher, frozen, in ``dtype``.
 
     Frozen means: every parameter has ``requires_grad=False``, the module is in
@@ -146,7 +146,7 @@ def load_teacher(spec: str, num_labels: int, dtype: torch.dtype, sha256: Optiona
     path = model_dir(spec, "model.teacher")
     verify_weights(path, sha256, "model.teacher")
     config = AutoConfig.from_pretrained(str(path))
-    _check_head(config, num_labels, path)
+    _check_head(config, num_labels, path, source)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
     model.requires_grad_(False)
     model.eval()
@@ -198,11 +198,13 @@ def keep_layers(model: torch.nn.Module, keep: Sequence[int], path: Path) -> None
 
 
 def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
-                  template_dir: Optional[Path] = None, masked_lm: bool = False) -> torch.nn.Module:
+                  template_dir: Optional[Path] = None, masked_lm: bool = False,
+                  label_names: Sequence[str] = ()) -> torch.nn.Module:
     """Student model in fp32 (DeepSpeed casts it to the run's precision).
 
     A ``*ForSequenceClassification`` model, or ``*ForMaskedLM`` with ``masked_lm`` (pre-training;
-    ``num_labels``/``is_regression`` are then ignored).
+    ``num_labels``/``is_regression``/``label_names`` are then ignored). ``label_names`` name the classes
+    in the config's ``id2label``.
 
     - ``model_cfg.init_from`` set: all weights of a previous run's export (two-stage training).
     - ``model_cfg.student_init`` set: load that directory; keep the layers listed in
@@ -212,8 +214,6 @@ def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
       none) with ``student_layers`` x ``student_hidden`` / ``student_heads``.
     """
     auto = AutoModelForMaskedLM if masked_lm else AutoModelForSequenceClassification
-    head_kwargs = {} if masked_lm else {
-        "num_labels": num_labels, "problem_type": "regression" if is_regression else "single_label_classification"}
     if model_cfg.init_from or model_cfg.student_init:
         if model_cfg.init_from:
             path = resolve_init_from(model_cfg.init_from)
@@ -221,9 +221,11 @@ def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
         else:
             path = model_dir(model_cfg.student_init, "model.student_init")
             check_same_vocab(tokenizer, path, "model.student_init")
-        model = auto.from_pretrained(
-            str(path), dtype=torch.float32, hidden_dropout_prob=model_cfg.dropout,
-            attention_probs_dropout_prob=model_cfg.dropout, ignore_mismatched_sizes=True, **head_kwargs)
+        config = AutoConfig.from_pretrained(str(path))
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = model_cfg.dropout
+        if not masked_lm:  # e.g. a regression student from a classifier's export: the head is re-made
+            set_head(config, num_labels, is_regression, label_names)
+        model = auto.from_pretrained(str(path), config=config, dtype=torch.float32, ignore_mismatched_sizes=True)
         if model_cfg.student_init and model_cfg.student_init_layers is not None:
             keep_layers(model, model_cfg.student_init_layers, path)
         return model
@@ -242,9 +244,21 @@ def build_student(model_cfg, num_labels: int, is_regression: bool, tokenizer,
         pad_token_id=tokenizer.pad_token_id,
         hidden_dropout_prob=model_cfg.dropout,
         attention_probs_dropout_prob=model_cfg.dropout,
-        **({} if masked_lm else {"num_labels": num_labels, "problem_type": head_kwargs["problem_type"]}),
     )
+    if not masked_lm:
+        set_head(config, num_labels, is_regression, label_names)
     return auto.from_config(config)
+
+
+def set_head(config, num_labels: int, is_regression: bool, label_names: Sequence[str] = ()) -> None:
+    """A classification head's config: size, problem type and, when the task names its classes, ``id2label`` /
+    ``label2id`` (so ``pipeline("text-classification")`` answers with the task's label names)."""
+    config.problem_type = None  # a saved "single_label_classification" would refuse num_labels=1 (regression)
+    config.num_labels = num_labels
+    config.problem_type = "regression" if is_regression else "single_label_classification"
+    if label_names and len(label_names) == num_labels and not is_regression:
+        config.id2label = {i: str(name) for i, name in enumerate(label_names)}
+        config.label2id = {str(name): i for i, name in enumerate(label_names)}
 
 
 def num_layers(model: torch.nn.Module) -> int:

@@ -54,7 +54,7 @@ def load_mlm_teacher(spec: str, dtype: torch.dtype, sha256: Optional[str] = None
             raise CodirError(
                 f"teacher '{path}' has no masked-LM head (missing {missing[0]} and {len(missing) - 1} more): logit KD "
                 f"(method.alpha_kd > 0) needs one; fit it with `python launchers/fit_teacher_head.py --teacher {spec} "
-                f"--output_dir DIR` and set model.teacher=DIR, or set method.alpha_kd=0")
+                f"--output_dir runs/teacher_mlm` and set model.teacher=runs/teacher_mlm, or set method.alpha_kd=0")
     else:
         model = AutoModel.from_pretrained(str(path), dtype=dtype, add_pooling_layer=False)
     model.requires_grad_(False)

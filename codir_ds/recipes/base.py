@@ -36,7 +36,7 @@ from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.faults import check_fault_spec, maybe_fault
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.optim import check_optimizer_impl, optimizer_and_schedule
-from codir_ds.engine.rundir import check_run_dir, open_run_dir
+from codir_ds.engine.rundir import ARCHITECTURE, check_run_dir, open_run_dir, write_architecture
 from codir_ds.errors import CodirError
 
 
@@ -122,6 +122,7 @@ class Recipe:
         init_distributed()
         self.device = torch.device(get_accelerator().current_device_name())
         open_run_dir(self.run_dir, self.mode, self.cfg, self.ds, self.rank, self.ds_warning)
+        self.write_architectures()
         self.setup_data()
         self.setup_engines()
         self.setup_components()
@@ -141,6 +142,22 @@ class Recipe:
 
     def setup_models(self) -> None:
         raise NotImplementedError
+
+    def architectures(self) -> dict:
+        """``{folder: model}``: each trained model's architecture folder in the run directory (see below)."""
+        return {ARCHITECTURE: self.module.student}
+
+    def run_manifest(self) -> dict:
+        """What an export of this run records about the run (task and label names, or the stage; the method)."""
+        raise NotImplementedError
+
+    def write_architectures(self) -> None:
+        """Rank 0 writes each model's ``config.json``, the tokenizer and the run manifest to ``<run>/architecture/``
+        before training, so ``launchers/export.py`` can rebuild any checkpoint, even one saved before the
+        first export."""
+        if self.rank == 0:
+            for folder, model in self.architectures().items():
+                write_architecture(model, self.tokenizer, self.run_dir / folder, self.run_manifest())
 
     def setup_data(self, lengths: Optional[torch.Tensor] = None) -> None:
         """The training sampler over this run's ``num_train`` ids and the run's number of optimizer steps.

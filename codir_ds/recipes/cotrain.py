@@ -33,6 +33,7 @@ from codir_ds.engine.compile import compile_engine
 from codir_ds.engine.distributed import set_seed
 from codir_ds.engine.evaluation import evaluate, evaluate_mlm
 from codir_ds.engine.export import export_engine_student
+from codir_ds.engine.rundir import ARCHITECTURE
 from codir_ds.engine.optim import optimizer_and_schedule
 from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
 from codir_ds.errors import CodirError
@@ -96,14 +97,18 @@ class CoTrainRecipe(Recipe):
         cfg = self.cfg
         self.teacher = None
         if self.method.loads_teacher:
-            self.teacher = (load_teacher(str(self.teacher_dir), self.num_labels, self.dtype, cfg.model.teacher_sha256)
+            self.teacher = (load_teacher(str(self.teacher_dir), self.num_labels, self.dtype, cfg.model.teacher_sha256,
+                                         source=cfg.source)
                             if self.finetune else
                             load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256, need_head=True))
         set_seed(cfg.training.seed)
+        names = self.task.label_names if self.finetune else ()
         small = build_student(cfg.model, self.num_labels, self.is_regression, self.tokenizer,
-                              template_dir=self.teacher_dir or self.large_dir, masked_lm=not self.finetune)
+                              template_dir=self.teacher_dir or self.large_dir, masked_lm=not self.finetune,
+                              label_names=names)
         large = build_student(large_model_config(cfg, self.large_dir), self.num_labels, self.is_regression,
-                              self.tokenizer, template_dir=self.teacher_dir, masked_lm=not self.finetune)
+                              self.tokenizer, template_dir=self.teacher_dir, masked_lm=not self.finetune,
+                              label_names=names)
         if not self.finetune:
             check_mlm_pair(small, large, cfg.corpus.block_size)
         wrap = DistillationModule if self.finetune else PretrainModule  # no heads: module.student is the model
@@ -192,11 +197,17 @@ class CoTrainRecipe(Recipe):
                                     token_type_ids=b.get("token_type_ids"))["logits"]
         return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], rows=b["rows"])["logits"]
 
-    def export(self, engine, out: Path, role: str, metrics: dict) -> None:
+    def run_manifest(self) -> dict:
         extra = ({"task": self.task.name, "label_names": self.task.label_names} if self.finetune else
                  {"stage": "pretrain"})
+        return {**extra, "method": self.method.name}
+
+    def architectures(self) -> dict:
+        return {ARCHITECTURE: self.module.student, ARCHITECTURE + "_large": self.module_large.student}
+
+    def export(self, engine, out: Path, role: str, metrics: dict) -> None:
         export_engine_student(engine, self.tokenizer, out, self.rank,
-                              {**extra, "method": self.method.name, "ctcd_model": role, "step": self.progress.step,
+                              {**self.run_manifest(), "ctcd_model": role, "step": self.progress.step,
                                **{f"validation_{k}": v for k, v in metrics.items()}})
 
     def evaluate(self) -> dict:

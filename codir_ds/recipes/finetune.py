@@ -124,12 +124,13 @@ class FinetuneRecipe(Recipe):
 
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher classifier (checksum verified, classification head for this task)."""
-        return load_teacher(str(self.teacher_dir), self.task.num_labels, self.dtype, self.cfg.model.teacher_sha256)
+        return load_teacher(str(self.teacher_dir), self.task.num_labels, self.dtype, self.cfg.model.teacher_sha256,
+                            source=self.cfg.source)
 
     def build_student_model(self) -> torch.nn.Module:
         """The student classifier (``model.*``), from layers of another model or a config."""
         return build_student(self.cfg.model, self.task.num_labels, self.task.is_regression, self.tokenizer,
-                             template_dir=self.teacher_dir)
+                             template_dir=self.teacher_dir, label_names=self.task.label_names)
 
     def setup_data(self) -> None:
         super().setup_data(task_lengths(self))
@@ -238,9 +239,12 @@ class FinetuneRecipe(Recipe):
         self.log_eval({f"eval/{k}": v for k, v in metrics.items()})
         if self.progress.record(step, metrics, task.metric_names[0]):
             export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
-                                  {"task": task.name, "label_names": task.label_names, "method": self.method.name,
-                                   "step": step, **{f"validation_{k}": v for k, v in metrics.items()}})
+                                  {**self.run_manifest(), "step": step,
+                                   **{f"validation_{k}": v for k, v in metrics.items()}})
         return metrics
+
+    def run_manifest(self) -> dict:
+        return {"task": self.task.name, "label_names": self.task.label_names, "method": self.method.name}
 
     def save(self) -> None:
         if self.cache is not None:

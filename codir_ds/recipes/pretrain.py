@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from codir_ds.config import teacher_hint
 from codir_ds.data.collate import to_device
 from codir_ds.data.corpus import load_corpus
 from codir_ds.data.mlm import MLMCollator
@@ -72,7 +73,7 @@ def check_corpus_inputs(recipe: Recipe) -> None:
     recipe.teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
     if recipe.method.needs.teacher:
         if recipe.teacher_dir is None:
-            raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher")
+            raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher to {teacher_hint('pretrain')}")
         verify_weights(recipe.teacher_dir, cfg.model.teacher_sha256, "model.teacher")
     recipe.tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
     if recipe.teacher_dir is not None:
@@ -204,12 +205,15 @@ class PretrainRecipe(Recipe):
             self.progress.record(step, metrics)
         return metrics
 
+    def run_manifest(self) -> dict:
+        return {"stage": "pretrain", "method": self.method.name}
+
     def finish(self) -> dict:
         final = self.evaluate()
         self.save()
         step = self.progress.step
         export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
-                              {"stage": "pretrain", "method": self.method.name, "step": step,
+                              {**self.run_manifest(), "step": step,
                                **{f"validation_{k}": v for k, v in final.items()}})
         timing = self.throughput()
         tokens = count_tokens(self.tokens, self.device, self.world)
