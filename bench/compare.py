@@ -46,6 +46,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 from codir_ds.config import ExperimentConfig, MethodConfig, load_config  # noqa: E402
 from codir_ds.distill.methods import get_method, method_names  # noqa: E402
 from codir_ds.engine.rundir import RESUMABLE_CHANGES  # noqa: E402
@@ -154,7 +155,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = _Parser(description=__doc__.splitlines()[0])
+    ap = _Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     ap.add_argument("--methods", default=",".join(FINETUNE_METHODS),
                     help=f"comma-separated, table rows in this order (default: {','.join(FINETUNE_METHODS)})")
@@ -164,8 +165,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--work_dir", default=None, help="run directories (default runs/compare_<size>)")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel ranks per run (default 1)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="student runs at a time after the teacher (default 1; e.g. 8 on one H200: each run is "
-                         "a small model whose steps are bound by Python and start-up, not by the GPU)")
+                    help="student runs at a time after the teacher (default 1; e.g. 6 on one H200, "
+                         "bench/results/compare_h200: each run is a small model whose steps are bound by Python "
+                         "and start-up, not by the GPU)")
     ap.add_argument("--launcher", default="deepspeed",
                     help="deepspeed (deepspeed --num_gpus N launchers/finetune.py) or python (python "
                          "launchers/finetune.py, one rank; saves the launcher's start-up)")

@@ -155,7 +155,8 @@ def _variant(text: str):
 
 
 def _parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from codir_ds.cli import DefaultsHelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="comma-separated eager|compile:fused|foreach|plain|auto (default: %(default)s)")
     ap.add_argument("--method", default="ce", choices=("ce", "kd", "codir"))

@@ -28,7 +28,8 @@ from codir_ds.pipeline import deepspeed_command  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from codir_ds.cli import DefaultsHelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--method", default="kd", choices=("kd", "codir"))
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--task", default="movie_snippets")

@@ -1,4 +1,5 @@
-"""Throughput of the codir-ds training step: N optimizer steps of mlm / kd / codir through the recipes' own code.
+"""Throughput of the codir-ds training step, pre-training (--task pretrain) or finetuning (--task finetune): N optimizer
+steps of mlm / kd / codir through the recipes' own code.
 
     python bench/throughput.py --teacher_layers 12 --teacher_hidden 768 --teacher_heads 12 \
         --student_layers 6 --student_hidden 768 --student_heads 12 --seq_len 128 \
@@ -191,7 +192,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from codir_ds.cli import DefaultsHelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     _add_model_arguments(ap)
     _add_training_arguments(ap)
     _add_measurement_arguments(ap)

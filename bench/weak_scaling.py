@@ -1,4 +1,5 @@
-"""Weak scaling of the pre-training step on CPU ranks (gloo): bench/throughput.py on 1, 2, 4, ... ranks.
+"""Weak scaling of the training step (pre-training, or finetuning with --task finetune) on CPU ranks (gloo):
+bench/throughput.py on 1, 2, 4, ... ranks.
 
     python bench/weak_scaling.py --ranks 1,2,4 --objectives kd,codir -- \\
         --teacher_layers 6 --teacher_hidden 384 --teacher_heads 12 --student_layers 3 \\
@@ -90,7 +91,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if "--" in argv:  # everything after the first "--" is bench/throughput.py's, verbatim
         cut = argv.index("--")
         argv, after = argv[:cut], argv[cut + 1:]
-    ap = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False,
+    from codir_ds.cli import DefaultsHelpFormatter
+    ap = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=DefaultsHelpFormatter,
                  epilog="Any other argument (or everything after --) is passed to bench/throughput.py verbatim, "
                         "e.g. --teacher_layers 6 --seq_len 128 --micro_batch 16 --steps 6 --precision fp32.")
     ap.add_argument("--ranks", default=DEFAULT_RANKS, help=f"comma-separated world sizes (default {DEFAULT_RANKS})")

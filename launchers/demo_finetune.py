@@ -1,4 +1,7 @@
-"""The offline default main job: CoDIR-Fine on movie_snippets on a laptop-sized machine.
+"""The finetuning-stage demo: CoDIR-Fine against CE and KD on movie_snippets, on a laptop-sized machine.
+
+Not the main job (that is launchers/demo_pretrain.py, which ``bash scripts/demo.sh`` runs): this
+pipeline is its finetuning-stage counterpart.
 
 1. finetune the packaged MiniLM (6L/384) on movie_snippets with plain CE -> the teacher;
 2. distil a 2-layer student initialised from MiniLM layers with ce, kd and codir;
@@ -16,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codir_ds.cli import quiet_environment, run_main  # noqa: E402
+from codir_ds.cli import DefaultsHelpFormatter, quiet_environment, run_main  # noqa: E402
 
 
 def reads_teacher(method: str) -> bool:
@@ -27,7 +30,7 @@ def reads_teacher(method: str) -> bool:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--output_dir", default="runs/demo_finetune")
     ap.add_argument("--config", default="configs/fine_movie_snippets_cpu.yaml")
     ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")

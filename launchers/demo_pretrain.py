@@ -1,4 +1,4 @@
-"""The offline default main job: CoDIR-Pre vs MLM-Pre on a laptop-sized machine (paper Table 2, bottom).
+"""The main job (bash scripts/demo.sh), offline default: CoDIR-Pre vs MLM-Pre on a laptop-sized machine (paper Table 2).
 
 1. fit an MLM head on the frozen packaged MiniLM teacher (launchers/fit_teacher_head.py);
 2. stage 1: MLM pre-training of a 2-layer student (MiniLM layers 0 and 3) on the packaged
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codir_ds.cli import quiet_environment, run_main  # noqa: E402
+from codir_ds.cli import DefaultsHelpFormatter, quiet_environment, run_main  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
 
 PRE_NAMES = {"mlm": "MLM-Pre", "kd": "KD-Pre", "codir": "CoDIR-Pre"}
@@ -46,7 +46,7 @@ def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--output_dir", default="runs/demo")
     ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
     ap.add_argument("--stage1_config", default="configs/pre_mlm_cpu.yaml")

@@ -12,19 +12,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codir_ds.cli import quiet_environment, run_main  # noqa: E402
+from codir_ds.cli import DefaultsHelpFormatter, quiet_environment, run_main  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--teacher", required=True, help="teacher directory or the packaged 'all-MiniLM-L6-v2'")
     ap.add_argument("--output_dir", required=True, help="where teacher + head are saved (Hugging Face directory)")
     ap.add_argument("--config", help="experiment YAML whose corpus section gives the text (default corpus if omitted)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set corpus.max_documents=20000")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    ap.add_argument("--batch_size", type=int, default=32, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head")
     ap.add_argument("--teacher_sha256", default=None, help="expected sha256 of the teacher's model.safetensors")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     args = ap.parse_args()

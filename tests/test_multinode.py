@@ -228,15 +228,15 @@ def test_parse_hostfile_good(tmp_path):
 
 
 BAD_LINES = [
-    ("node2 slots=four", "not a whole number"),
-    ("node2 slots=", "not a whole number"),
-    ("node2 slots=-1", "not a whole number"),
+    ("node2 slots=four", "slots='four': slots must be a positive whole number"),
+    ("node2 slots=", "slots='': slots must be a positive whole number"),
+    ("node2 slots=-1", "slots='-1': slots must be a positive whole number"),  # -1 is a whole number
     ("node2 slots = 8", "is not '<hostname> slots=<n>'"),
     ("node2", "is not '<hostname> slots=<n>'"),
     ("node2 8", "is not '<hostname> slots=<n>'"),
     ("slots=8", "is not '<hostname> slots=<n>'"),
-    ("node2 slots=0", "at least 1"),            # DeepSpeed accepts: a host with no rank
-    ("node2 slots=8gpus", "DeepSpeed would read 8"),  # DeepSpeed accepts and reads 8
+    ("node2 slots=0", "slots must be a positive whole number (1, 2, ...), not 0"),  # DeepSpeed accepts: no rank
+    ("node2 slots=8gpus", "positive whole number (1, 2, ...), not '8gpus' (DeepSpeed would read 8)"),  # reads 8
     ("node2 slots=8 gpus", "unexpected text"),   # DeepSpeed accepts and ignores the rest
     ("node2,node3 slots=8", "contains ','"),
     ("node1 slots=4", "already listed on line 2"),
@@ -252,6 +252,7 @@ def test_parse_hostfile_bad_line(tmp_path, line, expected):
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"hostfile '{hf}' line 3: '{line}'") and expected in msg, msg
+    assert "not a whole number" not in msg, msg  # slots=-1 and slots=0 are whole numbers, just not positive ones
     assert "remove the line" in msg or "use the plain host name" in msg or "list each host once" in msg
 
 

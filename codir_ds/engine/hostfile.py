@@ -37,6 +37,7 @@ DEEPSPEED_PATTERN = re.compile(r"^(\S+)\s+slots=(\d+)")
 _SLOTS_VALUE = re.compile(r"^(\S+)\s+slots=(\S*)")
 _BAD_HOST_CHARS = set(",@:=")
 _FORMAT = "'<hostname> slots=<n>' with n >= 1"
+_SLOTS = "a positive whole number (1, 2, ...)"
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -71,15 +72,15 @@ def parse_hostfile_lines(lines: list[str], name: str) -> dict[str, int]:
         if match is None:
             loose = _SLOTS_VALUE.match(line)
             if loose is not None:
-                raise CodirError(f"{where} has slots='{_shorten(loose.group(2), 20)}', not a whole number: write "
-                                 f"{_FORMAT}, e.g. '{loose.group(1)} slots=8', or remove the line")
+                raise CodirError(f"{where} has slots='{_shorten(loose.group(2), 20)}': slots must be {_SLOTS}: "
+                                 f"write {_FORMAT}, e.g. '{loose.group(1)} slots=8', or remove the line")
             raise CodirError(f"{where} is not {_FORMAT} (one host per line, '#' starts a comment): fix or remove "
                              f"the line")
         host, slots = match.group(1), int(match.group(2))
         tail = line[match.end():]
         if tail and not tail[0].isspace():
             glued = _shorten(match.group(2) + tail.split()[0], 20)
-            raise CodirError(f"{where}: slots must be a whole number, not '{glued}' (DeepSpeed would read {slots}): "
+            raise CodirError(f"{where}: slots must be {_SLOTS}, not '{glued}' (DeepSpeed would read {slots}): "
                              f"write {_FORMAT} or remove the line")
         if not _check_tail(tail):
             raise CodirError(f"{where} has unexpected text after slots={match.group(2)}: write {_FORMAT}, optionally "
@@ -89,8 +90,8 @@ def parse_hostfile_lines(lines: list[str], name: str) -> dict[str, int]:
             raise CodirError(f"{where}: host name '{_shorten(host, 30)}' contains '{''.join(bad)}', which pdsh and "
                              f"deepspeed --include split on: use the plain host name or IP address")
         if slots < 1:
-            raise CodirError(f"{where}: slots must be at least 1 (the number of GPUs, or CPU ranks, to use on "
-                             f"'{host}'): set it or remove the line")
+            raise CodirError(f"{where}: slots must be {_SLOTS}, not {slots} (the number of GPUs, or CPU ranks, "
+                             f"to use on '{host}'): set it or remove the line")
         if host in hosts:
             raise CodirError(f"{where}: host '{host}' is already listed on line {first_line[host]}: list each host "
                              f"once, with all its slots")
