@@ -8,8 +8,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from codir_ds.distill.memory_bank import derive_seed
-from codir_ds.engine.checkpointing.store import (latest_tag, load_checkpoint, load_rank_states, rng_state,
-                                                 save_checkpoint, set_rng_state)
+from codir_ds.engine.checkpointing.store import (check_rank_files, latest_tag, load_checkpoint, load_rank_states,
+                                                 rng_state, save_checkpoint, set_rng_state)
 from codir_ds.engine.checkpointing.universal import (UNIVERSAL_SUFFIX, convert_to_universal, is_zero_checkpoint,
                                                      saved_world_size)
 from codir_ds.engine.distributed import set_seed
@@ -21,11 +21,13 @@ def resume_plan(ckpt_root: Path, world: int) -> Optional[str]:
 
     Returns ``"universal"`` when the newest checkpoint was written by another number of
     ranks with ZeRO-partitioned optimizer state (the engine must then be created with
-    ``checkpoint.load_universal``), else None.
+    ``checkpoint.load_universal``), else None. Refuses first a checkpoint whose rank files hold anything but
+    plain data (:func:`check_rank_files`), so such a file is reported before anything is started.
     """
     tag = latest_tag(ckpt_root)
     if tag is None:
         raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
+    check_rank_files(ckpt_root / tag)
     saved = saved_world_size(ckpt_root / tag)
     if saved and saved != world and is_zero_checkpoint(ckpt_root / tag):
         return "universal"
