@@ -41,3 +41,11 @@ def layers(key: str, value) -> None:
     elif not value or any(v < 0 for v in value):
         raise CodirError(f"config key '{key}' must be 'all' or a non-empty list of layer indices >= 0, got {value!r}: "
                          f"{fix(key)}")
+
+
+def fits_global_batch(n: int, what: str, ds: dict, deterministic: bool, unit: str = "examples") -> None:
+    """``training.deterministic`` cuts each epoch's one shuffle into whole global batches: ``n`` must fill one."""
+    if deterministic and n < ds["train_batch_size"]:
+        raise CodirError(f"{what} has {n} {unit}, fewer than one global batch of {ds['train_batch_size']} "
+                         f"(training.deterministic trains on whole global batches): lower the batch size, add data "
+                         f"or set training.deterministic=false")

@@ -382,6 +382,7 @@ def validate(cfg: ExperimentConfig, stage: Optional[str] = None, source: Optiona
     _validate_data(cfg.data)
     _validate_training(cfg.training)
     _validate_corpus(cfg.corpus)
+    _validate_extremes(cfg, evaluation)
     if not evaluation:
         _validate_model(cfg.model)
         _validate_method_needs(cfg, stage, source)
@@ -429,6 +430,29 @@ def _validate_training(t: TrainingConfig) -> None:
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise CodirError(f"config key 'training.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}: "
                          f"{_fix('training.warmup_ratio')}")
+
+
+def _validate_extremes(cfg: ExperimentConfig, evaluation: bool = False) -> None:
+    """Numbers at their extremes that the loop, the optimizer or the model cannot run with (a zero log
+    interval, NaN weight decay, a zero Adam epsilon, a seed numpy rejects, dropout 1, attention-map ILD on
+    the embeddings alone)."""
+    t, mc = cfg.training, cfg.model
+    _positive("logging.log_every", cfg.logging.log_every)
+    _positive("training.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("training.adam_eps", t.adam_eps)
+    checks.in_range("training.seed", t.seed, 0 <= t.seed < 2 ** 53, "[0, 2**53)")
+    if evaluation:
+        return
+    checks.in_range("model.dropout", mc.dropout, 0.0 <= mc.dropout < 1.0, "[0, 1)")
+    if mc.student_intermediate is not None and mc.student_init is None and mc.init_from is None:
+        _positive("model.student_intermediate", mc.student_intermediate)
+    method = get_method(cfg.method.name)
+    layer_map = getattr(cfg.method, "layer_map", None)
+    if (isinstance(layer_map, list) and method(cfg.method, method.stages[0]).needs.attention_maps
+            and not any(s > 0 and t_ > 0 for s, t_ in layer_map)):
+        raise CodirError(f"method.layer_map {layer_map} maps only the embeddings (layer 0), which have no attention "
+                         f"maps for method.alpha_attention: add a [student_layer, teacher_layer] pair of Transformer "
+                         f"layers (1..L) or set method.alpha_attention=0")
 
 
 def _validate_corpus(c: CorpusConfig) -> None:

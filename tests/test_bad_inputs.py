@@ -13,12 +13,14 @@ in-process, a few through the launchers) and checks three things:
 
 Items: (a) config keys, (b) teacher directory, (c) teacher checksum, (d) vocabularies,
 (e) data files, (f) label column, (g) unseen validation labels, (h) batch arithmetic,
-(i) output directory, (j) damaged checkpoints.
+(i) output directory, (j) damaged checkpoints, (k) inputs at their extremes (config values and data
+properties at their limits: refused when they cannot train or be scored; the limits themselves train).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -567,3 +569,188 @@ def pre_yaml(tmp_path_factory, tiny_mlm_teacher, corpus_file) -> Path:
     root = tmp_path_factory.mktemp("pre")
     return write(root / "pre.yaml", PRE_YAML.format(teacher=tiny_mlm_teacher, corpus=corpus_file,
                                                     cache=root / "cache"))
+
+
+# --------------------------------------------------------------------------- (k) inputs at their extremes
+
+def rows_csv(labels, texts=None) -> str:
+    """A ``text,label`` CSV with one row per label (texts: ``film number i`` unless given)."""
+    texts = texts or [f"film number {i}" for i in range(len(labels))]
+    return "text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels))
+
+
+def rows_jsonl(texts, labels, pairs=None) -> str:
+    out = []
+    for i, (t, y) in enumerate(zip(texts, labels)):
+        row = {"text": t, "label": y, **({"pair": pairs[i]} if pairs is not None else {})}
+        out.append(json.dumps(row, ensure_ascii=False) + "\n")
+    return "".join(out)
+
+
+def passes_the_checks(call) -> None:
+    """A borderline-but-valid input gets through every check to the process group (``guarded``'s tripwire)."""
+    with pytest.raises(AssertionError, match="init_distributed was reached"):
+        call()
+
+
+@pytest.fixture(scope="module")
+def short_teacher(tmp_path_factory) -> Path:
+    """A tiny BERT classifier whose position embeddings hold only 64 tokens."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from codir_ds.assets import minilm_dir
+    from codir_ds.models.loading import export_student, load_tokenizer
+    tok = load_tokenizer(minilm_dir())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=64, num_labels=2))
+    out = tmp_path_factory.mktemp("short_teacher") / "export"
+    export_student(model, tok, out)
+    return out
+
+
+NO_TEACHER = ["method.name=ce", "model.teacher=null"]  # + model.tokenizer=<tiny teacher>
+
+K_CONFIG_VALUES = {
+    # --set: fragments of the message. Each of these crashed, hung or trained on NaN before.
+    "logging.log_every=0": ("'logging.log_every'", "> 0"),            # ZeroDivisionError after the engine
+    "logging.log_every=-1": ("'logging.log_every'", "> 0"),
+    "training.weight_decay=.nan": ("'training.weight_decay'", ">= 0"),  # NaN loss from step 1
+    "training.weight_decay=-1": ("'training.weight_decay'", ">= 0"),
+    "training.adam_eps=0": ("'training.adam_eps'", "> 0"),            # 0/0 on untouched weights: NaN loss
+    "training.adam_eps=-1": ("'training.adam_eps'", "> 0"),           # torch ValueError
+    "training.seed=-1": ("'training.seed'", "[0, 2**53)"),            # numpy ValueError in pre-training masking
+    "training.seed=1180591620717411303424": ("'training.seed'", "[0, 2**53)"),  # torch overflow
+    "model.dropout=1.0": ("'model.dropout'", "[0, 1)"),              # every activation dropped
+    "model.dropout=-0.1": ("'model.dropout'", "[0, 1)"),             # torch ValueError
+    "model.student_intermediate=0": ("'model.student_intermediate'", "> 0"),
+    "model.student_intermediate=-4": ("'model.student_intermediate'", "> 0"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(K_CONFIG_VALUES))
+def test_k_config_values_at_their_extremes(tiny_config, old_run, guarded, setting):
+    key = setting.split("=")[0]
+    refused(lambda: finetune(tiny_config, old_run, setting), *K_CONFIG_VALUES[setting], f"--set {key}=")
+
+
+def test_k_attention_layer_map_of_embeddings_only(tiny_config, old_run, guarded):
+    """tinybert's attention-map term over pairs of embedding layers only (IndexError after the engine)."""
+    refused(lambda: finetune(tiny_config, old_run, "method.name=tinybert", "method.layer_map=[[0,0]]"),
+            "method.layer_map [[0, 0]] maps only the embeddings", "no attention maps", "method.alpha_attention=0")
+
+
+K_DATA = {
+    # name: (train file content, validation file content, extra --set, fragments). Suffix: the file format.
+    "one_class.csv": (rows_csv(["pos"] * 12), rows_csv(["pos"] * 4), [],
+                      ("every training example of data.train_file", "has label 'pos'", "at least 2 classes")),
+    "constant_target.csv": (rows_csv(["0.5"] * 12), rows_csv(["0.5", "1.5"]), ["data.task_type=regression"],
+                            ("every training target", "is 0.5", "nothing to fit")),
+    "constant_val_target.csv": (rows_csv([f"{i / 4}" for i in range(12)]), rows_csv(["0.5"] * 3),
+                                ["data.task_type=regression"],
+                                ("every validation target of data.validation_file", "correlations are undefined",
+                                 "data.max_eval_examples")),
+    "nan_target.csv": (rows_csv([f"{i / 4}" if i != 3 else "nan" for i in range(12)]), rows_csv(["0.5", "1.5"]),
+                       ["data.task_type=regression"], ("row 4 of data.train_file", "'nan'", "not a finite number")),
+    "inf_target.csv": (rows_csv([f"{i / 4}" if i != 5 else "-inf" for i in range(12)]), rows_csv(["0.5", "1.5"]),
+                       ["data.task_type=regression"], ("row 6 of data.train_file", "not a finite number")),
+    "huge_target.csv": (rows_csv([f"{i / 4}" if i != 0 else "1e300" for i in range(12)]), rows_csv(["0.5", "1.5"]),
+                        ["data.task_type=regression"], ("row 1", "1e+300", "rescale the targets")),
+    "nan_val_target.csv": (rows_csv([f"{i / 4}" for i in range(12)]), rows_csv(["0.5", "nan"]),
+                           ["data.task_type=regression"], ("row 2 of data.validation_file", "not a finite number")),
+    "one_bin.csv": (rows_csv([f"{i / 4}" for i in range(12)]), rows_csv(["0.5", "1.5"]),
+                    ["data.task_type=regression", "method.regression_bins=1"],
+                    ("method.regression_bins=1", "into one bin", "CRD has no negatives")),
+    "empty_texts.jsonl": (rows_jsonl([""] * 12, ["pos", "neg"] * 6), rows_jsonl(["a", "b"], ["pos", "neg"]), [],
+                          ("every training text", "empty or whitespace", "data.text_column")),
+    "blank_texts.jsonl": (rows_jsonl([" \t", "\u200b\ufeff", "\n"] * 4, ["pos", "neg"] * 6),
+                          rows_jsonl(["a", "b"], ["pos", "neg"]), [], ("every training text", "empty or whitespace")),
+    "blank_val_texts.jsonl": (rows_jsonl([f"film {i}" for i in range(12)], ["pos", "neg"] * 6),
+                              rows_jsonl(["", "  "], ["pos", "neg"]), [],
+                              ("every validation text of data.validation_file", "empty or whitespace")),
+    "max_length_2.csv": (GOOD_CSV, GOOD_CSV, ["data.max_length=2"],
+                         ("data.max_length 2 leaves no room for text", "set data.max_length >= 3")),
+    "max_length_4_pairs.jsonl": (rows_jsonl([f"film {i}" for i in range(12)], ["pos", "neg"] * 6, ["x"] * 12),
+                                 rows_jsonl(["a", "b"], ["pos", "neg"], ["x", "y"]),
+                                 ["data.max_length=4", "data.text_pair_column=pair"],
+                                 ("data.max_length 4", "3 special tokens per text pair", ">= 5")),
+    "max_length_513.csv": (GOOD_CSV, GOOD_CSV, ["data.max_length=513"],
+                           ("data.max_length 513 exceeds the 512 positions of model.teacher", "<= 512")),
+    "deterministic.csv": (GOOD_CSV, GOOD_CSV, ["data.max_train_examples=6", "training.deterministic=true"],
+                          ("6 examples, fewer than one global batch of 8", "training.deterministic=false")),
+}
+
+
+K_DATA_WITH_TEACHER = {"one_bin.csv", "max_length_513.csv"}  # the others run method ce, without a teacher
+
+
+@pytest.mark.parametrize("name", sorted(K_DATA))
+def test_k_data_at_their_extremes(tmp_path, tiny_config, tiny_teacher, old_run, guarded, name):
+    train_text, val_text, extra, fragments = K_DATA[name]
+    suffix = Path(name).suffix
+    train = write(tmp_path / f"train{suffix}", train_text)
+    val = write(tmp_path / f"val{suffix}", val_text)
+    teacherless = [] if name in K_DATA_WITH_TEACHER else [*NO_TEACHER, f"model.tokenizer={tiny_teacher}"]
+    refused(lambda: finetune(tiny_config, old_run, *files_args(train, val), *extra, *teacherless), *fragments)
+
+
+def test_k_packaged_task_cut_to_one_class(tiny_config, old_run, guarded):
+    """max_train_examples=2 of movie_snippets happens to leave two negatives (LabelNegativeSampler crashed)."""
+    refused(lambda: finetune(tiny_config, old_run, "data.max_train_examples=2"),
+            "every training example of task movie_snippets has label 'negative'", "data.max_train_examples")
+
+
+def test_k_max_length_beyond_the_position_embeddings(tiny_config, short_teacher, old_run, guarded):
+    """Crashed in the first forward (RuntimeError: tensor sizes) after the engine had started."""
+    refused(lambda: finetune(tiny_config, old_run, f"model.teacher={short_teacher}", "data.max_length=65"),
+            f"data.max_length 65 exceeds the 64 positions of model.teacher '{short_teacher}'", "<= 64",
+            "truncated")
+    refused(lambda: finetune(tiny_config, old_run, *NO_TEACHER, f"model.student_init={short_teacher}",
+                             "data.max_length=65"),
+            "64 positions of model.student_init", "<= 64")
+    refused(lambda: finetune(tiny_config, old_run, *NO_TEACHER, f"model.tokenizer={short_teacher}",
+                             "data.max_length=600"),
+            "600 exceeds the 512 positions of the student built from model.student_*")
+
+
+def test_k_pretraining_at_its_extremes(tmp_path, pre_yaml, old_run, guarded):
+    cache = f"corpus.cache_dir={tmp_path / 'cache'}"
+    refused(lambda: pretrain(pre_yaml, old_run, "method.mlm_probability=1e-4"),
+            "masks fewer than one token per optimizer step", "raise method.mlm_probability")
+    refused(lambda: pretrain(pre_yaml, old_run, "training.train_batch_size=1", "training.micro_batch_size=1"),
+            "method.name=codir contrasts each block with the other blocks of its global batch", "at least 2")
+    specials = write(tmp_path / "specials.txt", "[MASK] [CLS] [SEP]\n" * 300)
+    refused(lambda: pretrain(pre_yaml, old_run, f"corpus.sources=[{specials}]", cache),
+            "holds only special tokens", "never masked", "ordinary text")
+    refused(lambda: pretrain(pre_yaml, old_run, "corpus.max_documents=3", "corpus.validation_blocks=1",
+                             "training.deterministic=true", cache),
+            "training blocks, fewer than one global batch of 8")
+    refused(lambda: pretrain(pre_yaml, old_run, "logging.log_every=0"), "'logging.log_every'")
+
+
+def test_k_borderline_values_pass_the_checks(tmp_path, tiny_config, tiny_teacher, pre_yaml, old_run, guarded):
+    """The limits themselves are accepted: nothing is refused that can train."""
+    tok = f"model.tokenizer={tiny_teacher}"
+    passes_the_checks(lambda: finetune(tiny_config, old_run, "data.max_length=512"))
+    passes_the_checks(lambda: finetune(tiny_config, old_run, "data.max_length=3", "training.seed=9007199254740991",
+                                       "model.dropout=0", "training.weight_decay=0", "logging.log_every=1000"))
+    two = write(tmp_path / "two.csv", rows_csv(["0.5", "0.75"] * 6))  # two distinct targets, in both splits
+    passes_the_checks(lambda: finetune(tiny_config, old_run, *files_args(two, two), "data.task_type=regression",
+                                       *NO_TEACHER, tok))
+    some_blank = write(tmp_path / "some_blank.jsonl", rows_jsonl(["", " ", "a film"] * 4, ["pos", "neg"] * 6))
+    passes_the_checks(lambda: finetune(tiny_config, old_run, *files_args(some_blank, some_blank), *NO_TEACHER, tok))
+    passes_the_checks(lambda: pretrain(pre_yaml, old_run, "method.mlm_probability=0.005"))  # 1.2 masked per step
+
+
+def test_k_one_row_per_class_of_long_and_emoji_texts_trains(tmp_path, tiny_config, single_process_env):
+    """Borderline but valid, in one tiny codir run: one training row per class (the bank and the class
+    negatives hold one example each), a text far longer than data.max_length (truncated), emoji and
+    non-Latin text, and a blank validation text."""
+    from codir_ds.recipes import run_finetune
+    train = write(tmp_path / "train.jsonl", rows_jsonl(["a long film " * 3000, "😀🎬🔥 東京 café ☕"],
+                                                       ["pos", "neg"]))
+    val = write(tmp_path / "val.jsonl", rows_jsonl(["", "naïve 🎞️ Ελληνικά"], ["pos", "neg"]))
+    cfg = load_config(str(tiny_config), [*files_args(train, val), "training.max_steps=1"])
+    results = run_finetune(cfg, DS, str(tmp_path / "run"), overwrite=True)
+    assert results["steps"] == 1 and results["num_train_examples"] == 2
+    assert all(math.isfinite(v) for v in results["final"].values()), results["final"]

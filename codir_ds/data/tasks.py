@@ -701,7 +701,16 @@ def _float_labels(values: list, column: str, key: str, path: Any) -> list[float]
                 f"row {row} of data.{key} {str(path)!r} has non-numeric label {v!r} in column {column!r} but the "
                 "task is regression: fix the label or set data.task_type: classification"
             ) from None
+        if not abs(out[-1]) < MAX_TARGET:  # NaN, inf, or a square that overflows the fp32 MSE
+            raise CodirError(
+                f"row {row} of data.{key} {str(path)!r} has regression target {v!r} in column {column!r}, not a "
+                f"finite number below {MAX_TARGET:g} in magnitude (the MSE loss would be NaN or inf): fix or drop "
+                "the row, or rescale the targets"
+            )
     return out
+
+
+MAX_TARGET = 1e18  # regression targets: |y| below this keeps (prediction - y)^2 finite in fp32
 
 
 def _files_settings(cfg: Any) -> tuple:

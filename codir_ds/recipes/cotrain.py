@@ -40,7 +40,7 @@ from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit, resolve_layers
 from codir_ds.models.mlm import load_mlm_teacher
 from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped
-from codir_ds.recipes.finetune import check_task_inputs, task_lengths, task_summary
+from codir_ds.recipes.finetune import check_max_length, check_task_inputs, task_lengths, task_summary
 from codir_ds.recipes.pretrain import check_corpus_inputs, corpus_summary, count_tokens, mask_step
 
 LARGE = "large"  # the larger model's DeepSpeed tag inside each checkpoint folder: checkpoints/step_N/large/
@@ -89,6 +89,8 @@ class CoTrainRecipe(Recipe):
         self.large_dir = large_init_dir(self.cfg.method.ctcd_large_init)
         if self.large_dir is not None:
             check_same_vocab(self.tokenizer, self.large_dir, "method.ctcd_large_init")
+            if self.finetune:
+                check_max_length(self, [(f"method.ctcd_large_init '{self.large_dir}'", self.large_dir)])
         self.num_labels, self.is_regression = ((self.task.num_labels, self.task.is_regression) if self.finetune
                                                else (0, False))
 

@@ -9,9 +9,12 @@ and exports the best student; ``finish`` writes results.json.
 from __future__ import annotations
 
 import copy
+import unicodedata
+from pathlib import Path
 
 import torch
 
+from codir_ds import checks
 from codir_ds.assets import sha256_file
 from codir_ds.data.collate import ClassificationCollator, to_device, token_lengths
 from codir_ds.data.tasks import TaskData, load_supplementary, load_task
@@ -27,7 +30,7 @@ from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (WEIGHTS, build_student, check_same_vocab, hidden_size, load_teacher,
-                                     load_tokenizer, model_dir, resolve_layers, tokenizer_dir)
+                                     load_tokenizer, model_dir, position_limit, resolve_layers, tokenizer_dir)
 from codir_ds.recipes.base import Recipe
 
 
@@ -72,12 +75,88 @@ def check_task_inputs(recipe: Recipe) -> None:
     if len(recipe.task.train) < micro * recipe.world:
         raise CodirError(f"the training set has {len(recipe.task.train)} examples, fewer than one global "
                          f"micro-batch ({micro} x {recipe.world} ranks): lower the batch size or add data")
+    checks.fits_global_batch(len(recipe.task.train), "the training set", recipe.ds, cfg.training.deterministic)
+    check_task_extremes(recipe)
     recipe.teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
     recipe.tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
+    check_max_length(recipe, model_positions(recipe))
     if recipe.method.needs.teacher:
         check_same_vocab(recipe.tokenizer, recipe.teacher_dir, "model.teacher")
     recipe.supplementary = load_supplementary(cfg.data, recipe.task)  # CR-ILD's extra ILD inputs, ids < 0
     recipe.num_train = len(recipe.task.train)
+
+
+def has_text(text) -> bool:
+    """Whether a text holds anything a tokenizer keeps: a letter, digit, punctuation or symbol (emoji included),
+    not only whitespace, control or zero-width characters."""
+    return text is not None and any(ch.isalnum() or unicodedata.category(ch)[0] in "PS" for ch in text)
+
+
+def check_task_extremes(recipe: Recipe) -> None:
+    """Data that loads but cannot train or be scored meaningfully: one class, constant regression targets
+    (train: nothing to fit; validation: correlations undefined), CRD bins without negatives, no text at all."""
+    task, cfg = recipe.task, recipe.cfg
+    files = task.name == "files"
+    where = {"training": f"data.train_file '{cfg.data.train_file}'" if files else f"task {task.name}",
+             "validation": (f"data.validation_file '{cfg.data.validation_file}'" if files and cfg.data.validation_file
+                            else f"the validation split of task {task.name}")}
+    limit = {"training": "data.max_train_examples", "validation": "data.max_eval_examples"}
+    splits = (("training", task.train), ("validation", task.validation))
+    train_y = [ex.label for ex in task.train]
+    if not task.is_regression and len(set(train_y)) < 2:
+        raise CodirError(f"every training example of {where['training']} has label "
+                         f"{task.label_names[train_y[0]]!r}: a classifier needs at least 2 classes to learn "
+                         f"anything; add examples of other classes (check data.label_column, {limit['training']})")
+    for split, examples in splits if task.is_regression else ():
+        values = {ex.label for ex in examples}
+        if len(values) == 1:
+            why = ("there is nothing to fit" if split == "training"
+                   else "Pearson and Spearman correlations are undefined on constant targets")
+            raise CodirError(f"every {split} target of {where[split]} is {next(iter(values))}: {why}; add "
+                             f"examples with other targets (check data.label_column, {limit[split]})")
+    if task.is_regression and recipe.method.needs.bank and \
+            len(set(contrast_labels(task, cfg.method.regression_bins).tolist())) < 2:
+        raise CodirError(f"method.regression_bins={cfg.method.regression_bins} puts every training target of "
+                         f"{where['training']} into one bin, so CRD has no negatives (examples of other bins): "
+                         f"set method.regression_bins >= 2 or add examples with other targets")
+    for split, examples in splits:
+        if not any(has_text(ex.text) or has_text(ex.text_pair) for ex in examples):
+            raise CodirError(f"every {split} text of {where[split]} is empty or whitespace, so the model would see "
+                             f"only special tokens: check data.text_column (and data.text_pair_column)")
+
+
+def model_positions(recipe: Recipe) -> list:
+    """``[(what, model directory or None)]`` whose position embeddings bound ``data.max_length``: the teacher,
+    the student's init directory; None: a student built from a config without a template (512 positions)."""
+    mc = recipe.cfg.model
+    dirs = [(f"model.teacher '{recipe.teacher_dir}'", recipe.teacher_dir)] if recipe.teacher_dir else []
+    if mc.student_init:
+        dirs.append((f"model.student_init '{mc.student_init}'", model_dir(mc.student_init, "model.student_init")))
+    elif mc.init_from:
+        run = Path(mc.init_from)
+        run = run / "export" if (run / "export" / "config.json").is_file() else run
+        if (run / "config.json").is_file():
+            dirs.append((f"model.init_from '{mc.init_from}'", run))
+    elif not dirs:
+        dirs.append(("the student built from model.student_*", None))
+    return dirs
+
+
+def check_max_length(recipe: Recipe, dirs: list) -> None:
+    """``data.max_length`` between what the special tokens need and the position embeddings of ``dirs``."""
+    from transformers import AutoConfig
+    length, task = recipe.cfg.data.max_length, recipe.task
+    pairs = task.train[0].text_pair is not None
+    specials = recipe.tokenizer.num_special_tokens_to_add(pair=pairs)
+    least = specials + (2 if pairs else 1)  # one token of text (per side)
+    if length < least:
+        raise CodirError(f"data.max_length {length} leaves no room for text ({specials} special tokens per "
+                         f"{'text pair' if pairs else 'text'}): set data.max_length >= {least}")
+    for what, path in dirs:
+        limit = position_limit(AutoConfig.from_pretrained(str(path))) if path is not None else 512
+        if length > limit:
+            raise CodirError(f"data.max_length {length} exceeds the {limit} positions of {what}: set data.max_length "
+                             f"<= {limit} (longer texts are truncated)")
 
 
 def task_summary(task: TaskData) -> str:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from codir_ds import checks
 from codir_ds.config import teacher_hint
 from codir_ds.data.collate import to_device
 from codir_ds.data.corpus import load_corpus
@@ -82,13 +84,44 @@ def check_corpus_inputs(recipe: Recipe) -> None:
         if cfg.corpus.block_size > limit:
             raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the teacher's {limit} positions: "
                              f"lower corpus.block_size")
+    check_masking(recipe)
     recipe.corpus = load_corpus(cfg.corpus, recipe.tokenizer, verbose=recipe.rank == 0)
     micro = recipe.ds["train_micro_batch_size_per_gpu"]
     if len(recipe.corpus.train_ids) // recipe.world < micro:
         raise CodirError(f"the corpus has {len(recipe.corpus.train_ids)} training blocks, fewer than one global "
                          f"micro-batch ({micro} x {recipe.world} ranks): add text, lower corpus.block_size or the "
                          f"batch size")
+    checks.fits_global_batch(len(recipe.corpus.train_ids), "the corpus", recipe.ds, cfg.training.deterministic,
+                             "training blocks")
+    check_maskable_tokens(recipe.corpus, recipe.tokenizer)
     recipe.num_train = len(recipe.corpus.train_ids)  # training block ids are 0..num_train-1
+
+
+def check_masking(recipe: Recipe) -> None:
+    """Settings that leave a step without masked tokens (no MLM signal) or CRD without in-batch negatives."""
+    cfg, batch = recipe.cfg, recipe.ds["train_batch_size"]
+    p, block = cfg.method.mlm_probability, cfg.corpus.block_size
+    if p * (block - 2) * batch < 1:
+        raise CodirError(f"method.mlm_probability {p} x {block - 2} tokens per block (corpus.block_size {block}) x "
+                         f"global batch {batch} masks fewer than one token per optimizer step on average, so most "
+                         f"steps have nothing to predict: raise method.mlm_probability, corpus.block_size or the "
+                         f"batch size")
+    if recipe.method.needs.bank and batch < 2:
+        raise CodirError(f"method.name={cfg.method.name} contrasts each block with the other blocks of its global "
+                         f"batch, and a global batch of {batch} has none: set the global batch "
+                         f"(training.train_batch_size) to at least 2")
+
+
+def check_maskable_tokens(corpus, tokenizer) -> None:
+    """The training blocks hold some ordinary token: special tokens ([CLS], [MASK], ...) are never masked."""
+    special = np.asarray(sorted(tokenizer.all_special_ids))
+    end, chunk = len(corpus.train_ids) * (corpus.block_size - 2), 1 << 22
+    for start in range(0, min(end, len(corpus.tokens)), chunk):
+        if not np.isin(corpus.tokens[start:min(start + chunk, end)], special).all():
+            return
+    raise CodirError(f"the corpus {', '.join(corpus.sources)} holds only special tokens "
+                     f"({', '.join(tokenizer.all_special_tokens)}), which are never masked, so there is nothing to "
+                     f"predict: put ordinary text in corpus.sources")
 
 
 def corpus_summary(corpus) -> str:
