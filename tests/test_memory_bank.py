@@ -20,7 +20,7 @@ N, M, BETA, SEED = 37, 6, 0.75, 5
 
 
 class RefBank:
-    """Naive full replica: every row on one tensor, Eq. 5 then L2 re-normalise."""
+    """Naive full replica: every row on one tensor; the feature L2-normalised, Eq. 5, then L2 re-normalise."""
 
     def __init__(self, init_rows, beta):
         self.rows = init_rows.clone()
@@ -28,7 +28,7 @@ class RefBank:
 
     def update(self, ids, feats):
         for i, f in zip(ids.tolist(), feats.float()):
-            self.rows[i] = F.normalize(self.beta * self.rows[i] + (1 - self.beta) * f, dim=0)
+            self.rows[i] = F.normalize(self.beta * self.rows[i] + (1 - self.beta) * F.normalize(f, dim=0), dim=0)
 
 
 def _steps(n_steps=3, batch=12):
@@ -67,6 +67,20 @@ def test_init_rows_unit_norm_deterministic_and_world_size_independent(monkeypatc
         owned = shard.owned_ids()
         assert torch.equal(owned, torch.arange(r, n, 3))
         assert torch.equal(shard.rows, full.rows[owned])
+
+
+def test_update_normalises_the_feature_before_eq5():
+    """By hand: row (1, 0), feature (0, 10), β = 0.5 -> normalize(0.5·(1, 0) + 0.5·(0, 1)) = (√½, √½).
+    Eq. 5 on the raw feature would give normalize((0.5, 5)) = (0.0995, 0.995): the row would follow
+    the feature's norm instead of β."""
+    bank = ShardedMemoryBank(2, 2, 0.5, seed=0)
+    bank.rows[:] = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank.update(torch.tensor([0]), torch.tensor([[0.0, 10.0]]))
+    half = 0.5 ** 0.5
+    assert torch.allclose(bank.rows, torch.tensor([[half, half], [0.0, 1.0]]), atol=1e-7)
+    bank.rows[1] = torch.tensor([1.0, 0.0])
+    bank.update(torch.tensor([1]), torch.tensor([[0.0, 1e-3]]))  # a tiny feature moves the row just as far
+    assert torch.allclose(bank.rows[1], torch.tensor([half, half]), atol=1e-6)
 
 
 def test_single_process_updates_match_reference_and_read():

@@ -241,6 +241,11 @@ def test_codir_crd_by_hand():
     assert total.item() == pytest.approx(math.log(2) + 2.0 * crd, rel=1e-6)
     assert terms["bank/pos_sim"].item() == pytest.approx(1 / math.sqrt(2), rel=1e-6)
     assert terms["bank/neg_sim"].item() == pytest.approx(-0.5, rel=1e-6)
+    # the collapse diagnostics: gap, L_CRD / log(K+1) with K = 2, the projected features' norms
+    assert terms["bank/sim_gap"].item() == pytest.approx(1 / math.sqrt(2) + 0.5, rel=1e-6)
+    assert terms["crd/loss_over_log_k1"].item() == pytest.approx(crd / math.log(3), rel=1e-6)
+    assert terms["crd/student_norm"].item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    assert terms["crd/teacher_norm"].item() == pytest.approx(1.0, rel=1e-6)
 
 
 def test_codir_half_precision_logits_give_fp32_total():

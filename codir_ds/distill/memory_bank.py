@@ -165,11 +165,13 @@ class ShardedMemoryBank:
     # ----------------------------------------------------------------- access
     @torch.no_grad()
     def update(self, ids, feats: torch.Tensor) -> None:
-        """Momentum update of the positives' rows (CoDIR Eq. 5), then L2 re-normalise.
+        """Momentum update of the positives' rows (CoDIR Eq. 5) on L2-normalised features, then L2 re-normalise.
 
-        ``row ← normalize(β·row + (1-β)·h)`` where ``h`` is the row of ``feats``
-        *as given* (cast to fp32 and detached, not normalised first: the caller
-        passes the projected student features ``h^s`` exactly as Eq. 5 writes).
+        ``row ← normalize(β·row + (1-β)·normalize(h))`` where ``h`` is the row of ``feats``
+        (the projected student feature ``h^s``, cast to fp32 and detached). Normalising ``h``
+        first is the CRD convention (the authors' code normalises the embedding before the
+        update): with the raw feature, whose norm grows during training, the effective momentum
+        would fall towards 0 and the bank would only copy the latest feature.
 
         Args:
             ids: ``[B]`` global example ids, all owned by this rank.
@@ -190,7 +192,7 @@ class ShardedMemoryBank:
         # Duplicates are found on the host ids (no device-to-host sync on the training hot path).
         _, host_counts = torch.unique(local, return_counts=True)
         rounds = int(host_counts.max())
-        feats = feats.detach().to(device=self.device, dtype=torch.float32)
+        feats = F.normalize(feats.detach().to(device=self.device, dtype=torch.float32), dim=1)
         local = local.to(self.device, non_blocking=True)
         self.updates.index_add_(0, local, torch.ones_like(local))
         beta = self.momentum

@@ -42,6 +42,11 @@ class ClassNegatives:
     rows: torch.Tensor
     classes: torch.Tensor
 
+    @property
+    def per_anchor(self) -> float:
+        """K: negatives per anchor."""
+        return float(self.rows.shape[1])
+
     def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
         """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_classes`)."""
         return crd_loss_classes(h_t, h_s, self.rows, self.classes, tau)
@@ -53,6 +58,11 @@ class BatchNegatives:
     mini-batch and ``exclude`` ``[B, G]`` (True at each anchor's own row)."""
     candidates: torch.Tensor
     exclude: torch.Tensor
+
+    @property
+    def per_anchor(self) -> float:
+        """K: negatives per anchor (every candidate but the anchor's own row)."""
+        return float(self.exclude.shape[1] - 1)
 
     def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
         """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_shared`)."""

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.sampler import build_sampler
+from codir_ds.distill.diagnostics import CollapseWatch, last_diagnostics
 from codir_ds.distill.methods import build_method
 from codir_ds.engine.checkpointing import engine_config, resume_latest, resume_plan, save_run_checkpoint
 from codir_ds.engine.compile import check_compile, compile_engine
@@ -65,16 +66,17 @@ class Progress(ModelProgress):
     step: int = 0
     micro_step: int = 0
     large: Optional[ModelProgress] = None
+    collapse: dict = field(default_factory=dict)  # the CollapseWatch's state
 
     def state_dict(self) -> dict:
         state = {"micro_step": self.micro_step, "best": self.best, "history": self.history,
-                 "consecutive_skips": self.consecutive_skips}
+                 "consecutive_skips": self.consecutive_skips, "collapse": self.collapse}
         if self.large is not None:
             state["large"] = dataclasses.asdict(self.large)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("micro_step", "best", "history", "consecutive_skips"):
+        for key in ("micro_step", "best", "history", "consecutive_skips", "collapse"):
             if key in state:
                 setattr(self, key, state[key])
         if self.large is not None and "large" in state:
@@ -106,6 +108,8 @@ class Recipe:
         self.method = build_method(cfg.method, self.stage)  # refuses a method the stage does not have
         self.progress = Progress()
         self.engine = self.bank = self.sampler = self.monitor = None
+        self.collapse = CollapseWatch()
+        self.last_scalars: dict = {}
         self.extras: dict = {}          # name -> object with state_dict(), saved in the per-rank files
         self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
 
@@ -194,6 +198,7 @@ class Recipe:
             client = resume_latest(self.engine, self.ckpt_root, self.rank, self.world, self.sampler, self.bank,
                                    self.cfg.training.seed, self.extras, extra_engines=self.extra_engines)
             self.progress.load_state_dict(client)
+            self.collapse.load_state_dict(self.progress.collapse)
         else:
             set_seed(self.cfg.training.seed * 1000 + self.rank)
         self.progress.step = self.engine.global_steps
@@ -270,7 +275,7 @@ class Recipe:
         maybe_fault("step", step, self.engine.global_rank)
         self.monitor.advance()
         if step % self.cfg.logging.log_every == 0 or step == self.total_steps:
-            self.monitor.flush(step, self.train_scalars())
+            self.watch_training(step, self.monitor.flush(step, self.train_scalars()))
         if step >= self.total_steps:
             return False
         if tcfg.eval_every and step % tcfg.eval_every == 0:
@@ -285,12 +290,22 @@ class Recipe:
         return False
 
     def train_scalars(self) -> dict:
+        """Scalars logged beside the loss terms. Collective with a bank (every rank calls it at log steps)."""
         extra = {"train/lr": self.engine.get_lr()[0]}
         scale = getattr(self.engine.optimizer, "cur_scale", None)
         if self.dtype == torch.float16 and scale is not None:
             extra["train/loss_scale"] = float(scale)
         extra["train/skipped_steps"] = float(self.engine.skipped_steps)
+        if self.bank is not None:
+            extra["bank/never_updated"] = never_updated_fraction(self.bank)
         return extra
+
+    def watch_training(self, step: int, scalars: dict) -> None:
+        """Keep the last logged scalars (results.json's ``diagnostics``); warn once if CRD collapses."""
+        self.last_scalars = scalars
+        warning = self.collapse.observe(step, scalars)
+        if warning:
+            self.monitor.write(warning)
 
     def evaluate(self) -> dict:
         raise NotImplementedError
@@ -309,6 +324,7 @@ class Recipe:
 
     def save(self) -> None:
         """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and extras."""
+        self.progress.collapse = self.collapse.state_dict()
         save_run_checkpoint(self.engine, self.ckpt_root, self.progress.step, self.progress.state_dict(), self.rank,
                             self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.extras,
                             extra_engines=self.extra_engines)
@@ -338,9 +354,21 @@ class Recipe:
         return results
 
     def common_results(self) -> dict:
-        return {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
-                "precision": precision_name(self.dtype), "steps": self.progress.step,
-                "train_batch_size": self.ds["train_batch_size"]}
+        results = {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
+                   "precision": precision_name(self.dtype), "steps": self.progress.step,
+                   "train_batch_size": self.ds["train_batch_size"]}
+        diagnostics = last_diagnostics(self.last_scalars)
+        if diagnostics:  # the CRD and bank diagnostics at the last log step
+            results["diagnostics"] = {**diagnostics, "collapse_warning": self.collapse.warned}
+        return results
+
+
+def never_updated_fraction(bank) -> float:
+    """Fraction of all bank rows that no momentum update has reached yet (collective: sums every shard)."""
+    counts = torch.tensor([float((bank.updates == 0).sum()), float(bank.num_local)], device=bank.device)
+    if dist.is_available() and dist.is_initialized() and bank.world_size > 1:
+        dist.all_reduce(counts, group=bank.group)
+    return float(counts[0] / counts[1].clamp_min(1.0))
 
 
 def check_skipped(engine, progress: ModelProgress, limit: int, step: int) -> None:

@@ -8,6 +8,7 @@ loss are fp32 whatever the training precision.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -65,7 +66,23 @@ class CoDIR(KDMethod):
         crd, pos, neg = batch.negatives.loss(student.h_t, student.h_s, self.cfg.crd_temperature)
         total = total + self.cfg.alpha_crd * crd
         terms["loss/crd"] = crd.detach()
-        terms["bank/pos_sim"] = pos.mean()
-        terms["bank/neg_sim"] = neg.mean()
+        terms.update(crd_diagnostics(crd, pos, neg, student.h_s, student.h_t, batch.negatives.per_anchor))
         terms["loss/total"] = total.detach()
         return total, terms
+
+
+def crd_diagnostics(crd, pos, neg, h_s, h_t, k: float) -> dict:
+    """What shows a contrastive term that works or collapses (detached, no host sync):
+
+    - ``bank/pos_sim``, ``bank/neg_sim``: mean cosine of the teacher's feature with the student's
+      (the positive) and with the bank rows (the negatives); ``bank/sim_gap``: their difference;
+    - ``crd/loss_over_log_k1``: L_CRD / log(K+1), 1 for a term that cannot tell the positive from its
+      K negatives, towards 0 when it separates them;
+    - ``crd/student_norm``, ``crd/teacher_norm``: mean L2 norm of the projected features before the
+      cosine (an unbounded student norm shrinks the term's gradient).
+    """
+    pos, neg = pos.mean(), neg.mean()
+    return {"bank/pos_sim": pos, "bank/neg_sim": neg, "bank/sim_gap": pos - neg,
+            "crd/loss_over_log_k1": crd.detach() / math.log(k + 1.0),
+            "crd/student_norm": h_s.detach().float().norm(dim=1).mean(),
+            "crd/teacher_norm": h_t.detach().float().norm(dim=1).mean()}
