@@ -66,3 +66,65 @@ def test_a_codir_run_logs_and_reports_the_diagnostics(tmp_path, tiny_config, sin
     # 6 steps x batch 8 = 48 positives on 64 training examples: at least 16 rows never updated
     assert saved["bank/never_updated"] >= 16 / 64
     assert last_diagnostics({"loss/task": 1.0, "bank/pos_sim": 0.5}) == {"bank/pos_sim": 0.5}
+
+
+# --------------------------------------------------------------------------- method.bank_init=student
+
+def test_warm_start_fills_exactly_the_owned_rows(monkeypatch):
+    """Rank 1 of 2 writes the normalised student features of the ids it owns, nothing else, no communication."""
+    from types import SimpleNamespace
+    import torch
+    import torch.nn.functional as F
+    from codir_ds.distill import memory_bank as mb
+    from codir_ds.recipes.base import Recipe
+    monkeypatch.setattr(mb, "_dist_layout", lambda group: (1, 2))
+    bank = mb.ShardedMemoryBank(9, 3, 0.5, seed=1)
+    seen = []
+
+    def features(input_ids, attention_mask, token_type_ids=None):
+        return input_ids.float().repeat(1, 3) * torch.tensor([1.0, 2.0, -1.0])  # row i: i * (1, 2, -1)
+
+    fake = SimpleNamespace(bank=bank, mode="fresh", rank=1, num_train=9, train_mode=lambda on: None,
+                           cfg=SimpleNamespace(method=SimpleNamespace(bank_init="student"),
+                                               training=SimpleNamespace(eval_batch_size=2)),
+                           feature_batch=lambda ids: seen.append(ids.tolist()) or
+                           {"input_ids": ids.view(-1, 1), "attention_mask": torch.ones(len(ids), 1)},
+                           engine=SimpleNamespace(module=SimpleNamespace(student_features=features)))
+    Recipe.warm_start_bank(fake)
+    assert sum(seen, []) == [1, 3, 5, 7] and all(len(s) <= 2 for s in seen)
+    want = F.normalize(torch.tensor([1.0, 2.0, -1.0]).repeat(4, 1), dim=1)
+    assert torch.allclose(bank.rows, want) and fake.warm_start_seconds is not None
+    assert int(bank.updates.sum()) == 0  # a warm start is not a momentum update
+    resumed = SimpleNamespace(**{**vars(fake), "mode": "resume"})
+    bank.rows.zero_()
+    Recipe.warm_start_bank(resumed)  # a resumed run keeps its checkpoint's bank
+    assert bank.rows.abs().sum() == 0 and resumed.warm_start_seconds is None
+
+
+def test_warm_start_in_a_real_run_and_resume(tmp_path, tiny_config, single_process_env, capsys):
+    """The recipe's bank holds the student's projected features before step 0; a resumed run does not
+    redo the pass and ends where the uninterrupted one does."""
+    import torch
+    import torch.nn.functional as F
+    from codir_ds.recipes import recipe_for
+    sets = ["method.bank_init=student", "training.checkpoint_every=0"]
+    recipe = recipe_for(load_config(str(tiny_config), sets), "finetune", DS, str(tmp_path / "a"))
+    recipe.setup()
+    assert "bank warm start: 64 rows" in capsys.readouterr().out
+    ids = torch.arange(64)
+    recipe.engine.eval()
+    with torch.no_grad():
+        b = recipe.feature_batch(ids)
+        want = F.normalize(recipe.engine.module.student_features(b["input_ids"], b["attention_mask"],
+                                                                 b["token_type_ids"]).float(), dim=1)
+    recipe.engine.train()
+    assert torch.allclose(recipe.bank.rows, want, atol=1e-5)
+    full = recipe.train()
+    assert full["bank_warm_start_seconds"] >= 0
+    from codir_ds.recipes import run_finetune
+    run_finetune(load_config(str(tiny_config), sets + ["training.stop_at_step=3"]), DS, str(tmp_path / "b"))
+    capsys.readouterr()
+    resumed = run_finetune(load_config(str(tiny_config), sets), DS, str(tmp_path / "b"), resume=True)
+    assert "bank warm start" not in capsys.readouterr().out and "bank_warm_start_seconds" not in resumed
+    assert resumed["final"] == full["final"]
+    assert resumed["diagnostics"]["bank/pos_sim"] == full["diagnostics"]["bank/pos_sim"]

@@ -130,6 +130,12 @@ class DistillationModule(nn.Module):
     def _ild(self, out, mask) -> dict:
         return ild_features(out.hidden_states, out.attentions, mask, self.ild_spec, "student", self.ild_proj)
 
+    def student_features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """``[B, m]`` projected student features ``h^s`` alone (no teacher): the bank's warm start."""
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                           output_hidden_states=True)
+        return self.proj_s(pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling))
+
     def forward(self, input_ids, attention_mask, token_type_ids=None,
                 teacher_features: Optional[torch.Tensor] = None, ild: bool = False,
                 mix: Optional[tuple] = None, clean_model: Optional[nn.Module] = None) -> dict:
@@ -175,6 +181,12 @@ class PretrainModule(DistillationModule):
     with ``ild=True`` the mapped layers (``layers``) of the masked input (tinybert, distilbert
     pre-training).
     """
+
+    def student_features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """``[B, m]`` projected student features ``h^s`` alone (no teacher, no MLM head): the bank's warm start."""
+        out = mlm_parts(self.student)[0](input_ids=input_ids, attention_mask=attention_mask,
+                                         token_type_ids=token_type_ids, output_hidden_states=True)
+        return self.proj_s(pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling))
 
     def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
                 teacher_features: Optional[torch.Tensor] = None, ild: bool = False) -> dict:

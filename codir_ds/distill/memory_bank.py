@@ -213,6 +213,15 @@ class ShardedMemoryBank:
             self.rows[idx] = F.normalize(rows, dim=1)
 
     @torch.no_grad()
+    def set_rows(self, ids, feats: torch.Tensor) -> None:
+        """Replace the rows of owned ``ids`` by L2-normalised ``feats`` (a warm start; not counted as updates)."""
+        local = self._local_rows_of(ids, "set_rows")
+        if feats.shape != (local.numel(), self.dim):
+            raise ValueError(f"memory bank set_rows: feats must be [{local.numel()}, {self.dim}], "
+                             f"got {tuple(feats.shape)}")
+        self.rows[local.to(self.device)] = F.normalize(feats.detach().to(self.device, torch.float32), dim=1)
+
+    @torch.no_grad()
     def update_routed(self, ids, feats: torch.Tensor, id_group=None) -> None:
         """:meth:`update` for positives of ANY rank: each row is updated on its owner. COLLECTIVE.
 

@@ -131,6 +131,7 @@ class Recipe:
         self.setup_engines()
         self.setup_components()
         self.restore()
+        self.warm_start_bank()
         self.setup_logging()
 
     def check_inputs(self) -> None:
@@ -202,6 +203,32 @@ class Recipe:
         else:
             set_seed(self.cfg.training.seed * 1000 + self.rank)
         self.progress.step = self.engine.global_steps
+
+    def warm_start_bank(self) -> None:
+        """``method.bank_init=student``, new runs only: every rank fills its own bank rows with the student's
+        projected features, one inference pass over the ids it owns (no communication). A resumed run has
+        its bank from the checkpoint."""
+        self.warm_start_seconds = None
+        if self.bank is None or getattr(self.cfg.method, "bank_init", "random") != "student" or \
+                self.mode == "resume":
+            return
+        t0 = time.perf_counter()
+        self.train_mode(False)
+        with torch.no_grad():
+            for ids in self.bank.owned_ids().split(self.cfg.training.eval_batch_size):
+                batch = self.feature_batch(ids)
+                feats = self.engine.module.student_features(batch["input_ids"], batch["attention_mask"],
+                                                            batch.get("token_type_ids"))
+                self.bank.set_rows(ids, feats)
+        self.train_mode(True)
+        self.warm_start_seconds = round(time.perf_counter() - t0, 2)
+        if self.rank == 0:
+            print(f"bank warm start: {self.num_train} rows from the student's projected features "
+                  f"({self.bank.num_local} on this rank) in {self.warm_start_seconds} s", flush=True)
+
+    def feature_batch(self, ids: torch.Tensor) -> dict:
+        """The training inputs of ``ids`` on the device, as the bank's features are computed in training."""
+        raise NotImplementedError
 
     def setup_logging(self) -> None:
         if self.rank == 0:
@@ -357,6 +384,8 @@ class Recipe:
         results = {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
                    "precision": precision_name(self.dtype), "steps": self.progress.step,
                    "train_batch_size": self.ds["train_batch_size"]}
+        if getattr(self, "warm_start_seconds", None) is not None:
+            results["bank_warm_start_seconds"] = self.warm_start_seconds
         diagnostics = last_diagnostics(self.last_scalars)
         if diagnostics:  # the CRD and bank diagnostics at the last log step
             results["diagnostics"] = {**diagnostics, "collapse_warning": self.collapse.warned}

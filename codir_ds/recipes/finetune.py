@@ -280,6 +280,9 @@ class FinetuneRecipe(Recipe):
         if self.ema is not None and self.method.uses_layers(stage) and self.engine.was_step_applied():
             self.ema.update(self.engine.module.student)
 
+    def feature_batch(self, ids: torch.Tensor) -> dict:
+        return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)
+
     def micro_batch(self, ids: torch.Tensor, stage: str):
         """The collated micro-batch on the device and the mixup draw (staged methods' mixing stage only)."""
         examples = [self.task.train[i] for i in ids.tolist()]

@@ -184,6 +184,10 @@ class PretrainRecipe(Recipe):
         self.ids_group = host_group() if self.bank is not None else None  # step ids travel host to host (NCCL)
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 
+    def feature_batch(self, ids: torch.Tensor) -> dict:
+        """Masked as in epoch 0 (the bank holds features of masked blocks)."""
+        return to_device(self.collator([self.corpus[i] for i in ids.tolist()], ids, 0), self.device)
+
     def describe(self) -> str:
         return f"{self.method.name} pre-training: {corpus_summary(self.corpus)}, {self.batch_summary()}"
 

@@ -19,6 +19,7 @@ from codir_ds.distill.methods.registry import register_method
 from codir_ds.errors import CodirError
 
 POOLINGS = ("mean", "cls")
+BANK_INITS = ("random", "student")
 
 
 @dataclass
@@ -33,12 +34,16 @@ class CRDConfig(KDConfig):
         "all", "teacher layers whose pooled features are concatenated: 'all' or 1-based layer indices "
                "(0 = the embedding output)")
     student_layers: Union[str, list[int]] = option("all", "student layers, as teacher_layers")
+    bank_init: str = option("random", "initial bank rows: random (seeded unit vectors, the CRD convention) or "
+                                      "student (one inference pass of the student's projected features over the "
+                                      "training set before step 0; not redone on resume)")
     regression_bins: int = option(5, "regression tasks: targets are cut into this many equal-frequency bins and "
                                      "CRD negatives come from other bins")
 
     @staticmethod
     def check(m) -> None:
         checks.choice("method.pooling", m.pooling, POOLINGS)
+        checks.choice("method.bank_init", m.bank_init, BANK_INITS)
         checks.layers("method.teacher_layers", m.teacher_layers)
         checks.layers("method.student_layers", m.student_layers)
         for key in ("crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
