@@ -1,8 +1,11 @@
 """Export the student of any run's DeepSpeed checkpoint (ZeRO 1/2/3, any rank count) as a Hugging Face directory.
 
     python launchers/export.py --run_dir runs/codir                         # newest checkpoint
-    python launchers/export.py --run_dir runs/codir --tag step_00000120 --output_dir students/step120
-    python launchers/export.py --run_dir runs/ctcd --large                 # a CTCD run's larger model
+    python launchers/export.py --run_dir runs/codir --tag step_00000124 --output_dir students/step124
+    python launchers/export.py --run_dir runs/fine_ctcd_cpu --large         # a CTCD run's larger model
+
+(runs/codir: launchers/finetune.py's example, whose only checkpoint is its last step, 124;
+runs/fine_ctcd_cpu: configs/fine_ctcd_cpu.yaml's.)
 
 A finetuning run's result loads with ``AutoModelForSequenceClassification.from_pretrained`` and
 with ``launchers/evaluate.py --model``; a pre-training run's with ``AutoModelForMaskedLM``.

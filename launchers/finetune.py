@@ -1,7 +1,11 @@
 """Finetuning-stage distillation on one task, with any finetuning method (--help lists them).
 
     deepspeed --num_gpus 2 launchers/finetune.py --deepspeed_config ds_configs/zero2.json \
-        --config configs/fine_movie_snippets_cpu.yaml --set method.name=codir --output_dir runs/codir
+        --config configs/fine_movie_snippets_cpu.yaml --set method.name=codir \
+        --set model.teacher=runs/my_teacher/export --output_dir runs/codir
+
+The teacher runs/my_teacher/export is the README's first command (the packaged MiniLM
+finetuned with --set method.name=ce); methods without a teacher (ce, ctcd) need none.
 """
 import os
 import sys

@@ -1,9 +1,12 @@
 """Pre-training distillation on a text corpus, with any pre-training method (--help lists them).
 
     deepspeed launchers/pretrain.py --deepspeed_config ds_configs/zero2.json
-        [--config configs/pre_codir_cpu.yaml] [--output_dir runs/<config name>] [--set key=value ...]
 
-Stage 2 of the paper's schedule starts from stage 1: --set model.init_from=runs/mlm_pre
+Optional: --config YAML (default configs/pre_codir_cpu.yaml), --output_dir DIR (default
+runs/<config name>), --set key=value (repeatable).
+
+Stage 2 of the paper's schedule starts from stage 1: after a stage-1 run of
+configs/pre_mlm_cpu.yaml (into runs/pre_mlm_cpu), add --set model.init_from=runs/pre_mlm_cpu.
 """
 import os
 import sys

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . scripts/env.sh
-python -m pytest -q tests "$@"
+python -m pytest -q "$@"   # no arguments: pytest.ini's testpaths, i.e. tests/
