@@ -666,6 +666,9 @@ class RecipeRun(Run):
         cls = bench_recipe_class(args.task)
         self.recipe = r = cls(experiment_config(name, args, ctx), ctx["ds_config_path"],
                               os.path.join(ctx["run_root"], name), inputs=ctx)
+        if ctx["world"] > 1:  # every rank checks this objective's (new) run directory before rank 0 creates it
+            import torch.distributed as dist
+            dist.barrier()
         r.setup()
         self.finetune = args.task == "finetune"
         self.n_student = r.n_student
@@ -1029,9 +1032,9 @@ def run_root(rank: int, world: int):
         dist.broadcast_object_list(box, src=0)
     try:
         yield box[0]
-    finally:
         if world > 1 and dist.is_initialized():
-            dist.barrier()
+            dist.barrier()  # on success only: a rank failing alone must not wait for the others
+    finally:
         if rank == 0:
             shutil.rmtree(box[0], ignore_errors=True)
 

@@ -101,6 +101,7 @@ def test_fp16_on_cpu_is_refused_in_one_line():
     assert lines[0].startswith("error:") and "fp16" in lines[0] and "bf16" in lines[0] and "fp32" in lines[0]
 
 
+@pytest.mark.slow
 def test_plain_reference_runs_side_by_side_with_ratios():
     """ref_kd / ref_codir: the straightforward loop (no DeepSpeed, [B, K+1, m] per-anchor negatives)."""
     proc = _run(TINY + ["--precision", "fp32", "--objectives", "kd,ref_kd,codir,ref_codir", "--num_negatives", "20",
@@ -119,6 +120,7 @@ def test_plain_reference_runs_side_by_side_with_ratios():
     assert all(_number(v) and v > 0 for v in report["ratios"].values())
 
 
+@pytest.mark.slow
 def test_finetune_task_side_by_side_with_class_shared_negatives():
     """--task finetune: classification models, K negatives per class gathered once per step (C x K rows)."""
     proc = _run(TINY + ["--precision", "fp32", "--task", "finetune", "--num_classes", "3",
@@ -139,6 +141,7 @@ def test_finetune_task_side_by_side_with_class_shared_negatives():
         assert _number(report["ratios"][key]) and report["ratios"][key] > 0
 
 
+@pytest.mark.slow
 def test_global_negatives_fill_the_candidates_up_to_the_paper_batch():
     proc = _run(TINY + ["--precision", "fp32", "--objectives", "codir", "--num_examples", "512",
                         "--num_negatives", "300", "--global_negatives", "256", "--schedule", "sequential"])

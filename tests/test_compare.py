@@ -296,6 +296,7 @@ def test_a_failed_teacher_skips_only_the_methods_that_need_it(tmp_path, monkeypa
 # --------------------------------------------------------------------------- a real tiny grid
 
 
+@pytest.mark.slow
 def test_tiny_grid_end_to_end(tmp_path):
     """Teacher + ce and kd with two seeds each through the real launcher; the same command then reuses them."""
     out, work = tmp_path / "out", tmp_path / "work"

@@ -128,3 +128,26 @@ def test_warm_start_in_a_real_run_and_resume(tmp_path, tiny_config, single_proce
     assert "bank warm start" not in capsys.readouterr().out and "bank_warm_start_seconds" not in resumed
     assert resumed["final"] == full["final"]
     assert resumed["diagnostics"]["bank/pos_sim"] == full["diagnostics"]["bank/pos_sim"]
+
+
+# --------------------------------------------------------------------------- method.pretrain_negatives=bank
+
+def test_pretraining_candidates_filled_from_the_bank():
+    import torch
+    from codir_ds.distill.negatives import batch_negatives, other_ids
+    batch = torch.tensor([9, 3, 5])
+    plain = batch_negatives(batch, 9, seed=1, step=4, world=1)
+    assert plain.tolist() == [3, 5, 9]  # the paper's setting: the global batch only
+    filled = batch_negatives(batch, 9, seed=1, step=4, world=1, fill_from=20)
+    assert filled.numel() == 10 and filled.unique().numel() == 10 and set(plain.tolist()) <= set(filled.tolist())
+    assert int(filled.min()) >= 0 and int(filled.max()) < 20
+    assert torch.equal(filled, batch_negatives(batch, 9, seed=1, step=4, world=1, fill_from=20))  # every rank
+    assert not torch.equal(filled, batch_negatives(batch, 9, seed=1, step=5, world=1, fill_from=20))
+    # fewer examples than candidates wanted: all of them
+    assert sorted(batch_negatives(batch, 20, seed=1, step=4, world=1, fill_from=10).tolist()) == list(range(10))
+    # a large bank (the rejection path): distinct, never a batch id
+    extra = other_ids(batch, 100, 1_000_000, seed=2, step=0)
+    assert extra.numel() == 100 and extra.unique().numel() == 100 and not torch.isin(extra, batch).any()
+    # a batch larger than K + 1 is subsampled as before, nothing added
+    big = torch.arange(40)
+    assert torch.equal(batch_negatives(big, 9, 1, 4, 1, fill_from=100), batch_negatives(big, 9, 1, 4, 1))

@@ -187,6 +187,7 @@ def test_outputs_on_synthetic_records(ws, tmp_path):
 
 # --------------------------------------------------------------------------- one real run (1 and 2 ranks)
 
+@pytest.mark.slow
 def test_tiny_run_on_1_and_2_ranks_then_reused(ws, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ws"
     argv = ["--ranks", "1,2", "--objectives", "codir", "--output_dir", str(out), *TINY]
@@ -266,6 +267,7 @@ def test_failed_world_size_is_recorded_and_the_rest_still_runs(ws, monkeypatch, 
     assert "efficiencies are relative to N = 2" in md
 
 
+@pytest.mark.slow
 def test_a_failing_launch_records_exit_status_and_stderr(ws, capsys, tmp_path):
     """A real 1-rank launch that fails in bench/throughput.py (an unreadable DeepSpeed JSON)."""
     bad = tmp_path / "bad.json"

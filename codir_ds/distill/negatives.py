@@ -152,7 +152,7 @@ class LabelNegativeSampler:
 
 
 def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step: int,
-                    world: int, device=None, group=None) -> torch.Tensor:
+                    world: int, device=None, group=None, fill_from: int = 0) -> torch.Tensor:
     """Ids of the global mini-batch whose bank rows are this step's negatives. COLLECTIVE.
 
     Every rank contributes the ids of all its micro-batches of this optimizer step; the
@@ -164,6 +164,11 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
     ``group`` (a gloo group, :func:`~codir_ds.engine.distributed.host_group`) the all-gather runs
     on the host ids: no host-device sync. Without it, it runs on ``device`` (NCCL needs
     accelerator tensors) and the copy back to the CPU waits for the device.
+
+    ``fill_from`` = N > 0 (``method.pretrain_negatives=bank``): when the global batch has fewer than
+    ``num_negatives + 1`` examples, ids of other examples of ``0..N-1``, drawn uniformly without
+    replacement (seeded by ``(seed, step)``, the same on every rank), join the candidates up to
+    that size: a small batch's in-batch task is too easy to teach anything.
     """
     if world > 1:
         local = local_ids.cpu() if group is not None else local_ids.to(device or "cpu")
@@ -176,7 +181,41 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
     if ids.numel() > num_negatives + 1:
         g = torch.Generator().manual_seed(derive_seed(seed, step, 7))
         ids = ids[torch.randperm(ids.numel(), generator=g)[: num_negatives + 1]]
+    elif fill_from > 0 and ids.numel() < num_negatives + 1:
+        ids = torch.cat([ids, other_ids(ids, num_negatives + 1 - ids.numel(), fill_from, seed, step)])
     return ids
+
+
+def other_ids(taken: torch.Tensor, count: int, num_examples: int, seed: int, step: int) -> torch.Tensor:
+    """``count`` distinct ids of ``0..num_examples-1`` not in ``taken`` (fewer when not that many are left),
+    drawn uniformly, seeded by ``(seed, step)`` only: every rank draws the same."""
+    free = num_examples - int(torch.unique(taken).numel())
+    count = min(count, free)
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long)
+    g = torch.Generator().manual_seed(derive_seed(seed, step, 11))
+    if free <= 4 * count:  # a large share of what is left: one permutation of it
+        rest = torch.ones(num_examples, dtype=torch.bool)
+        rest[taken] = False
+        pool = rest.nonzero().flatten()
+        return pool[torch.randperm(pool.numel(), generator=g)[:count]]
+    picked = torch.empty(0, dtype=torch.long)
+    while picked.numel() < count:  # rejection: a few rounds, since at most a quarter of the free ids is wanted
+        draw = torch.randint(num_examples, (2 * count,), generator=g)
+        draw = draw[~torch.isin(draw, taken) & ~torch.isin(draw, picked)]
+        draw = draw[torch.tensor(_first_occurrence(draw), dtype=torch.long)]  # distinct, in drawing order
+        picked = torch.cat([picked, draw])[:count]
+    return picked
+
+
+def _first_occurrence(x: torch.Tensor) -> list:
+    """Positions of the first occurrence of each value of ``x``, in order."""
+    seen, keep = set(), []
+    for i, v in enumerate(x.tolist()):
+        if v not in seen:
+            seen.add(v)
+            keep.append(i)
+    return keep
 
 
 def self_mask(anchor_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from codir_ds.errors import CodirError
 
 POOLINGS = ("mean", "cls")
 BANK_INITS = ("random", "student")
+PRETRAIN_NEGATIVES = ("batch", "bank")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class CRDConfig(KDConfig):
     bank_init: str = option("random", "initial bank rows: random (seeded unit vectors, the CRD convention) or "
                                       "student (one inference pass of the student's projected features over the "
                                       "training set before step 0; not redone on resume)")
+    pretrain_negatives: str = option(
+        "batch", "pre-training: the negatives' candidates: batch (the global mini-batch's rows, the paper's setting) "
+                 "or bank (the batch's rows plus rows of other blocks drawn from the whole bank, up to "
+                 "num_negatives + 1 candidates: a harder task when the global batch is small)")
     regression_bins: int = option(5, "regression tasks: targets are cut into this many equal-frequency bins and "
                                      "CRD negatives come from other bins")
 
@@ -44,6 +49,7 @@ class CRDConfig(KDConfig):
     def check(m) -> None:
         checks.choice("method.pooling", m.pooling, POOLINGS)
         checks.choice("method.bank_init", m.bank_init, BANK_INITS)
+        checks.choice("method.pretrain_negatives", m.pretrain_negatives, PRETRAIN_NEGATIVES)
         checks.layers("method.teacher_layers", m.teacher_layers)
         checks.layers("method.student_layers", m.student_layers)
         for key in ("crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
