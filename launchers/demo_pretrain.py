@@ -45,6 +45,19 @@ def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
     return json.loads(manifest.read_text())
 
 
+def crd_lines(rows: list) -> list:
+    """What the contrastive term did in stage 2 (the last log window of each run that has one)."""
+    out = []
+    for r in rows:
+        d = r.get("crd_diagnostics") or {}
+        if "bank/pos_sim" in d:
+            out.append(f"\n{r['pretraining']} contrastive term at the end of stage 2: cosine with the positive "
+                       f"{d['bank/pos_sim']:.3f}, with the negatives {d['bank/neg_sim']:.3f} (gap "
+                       f"{d['bank/sim_gap']:.3f}); L_CRD / log(K+1) = {d['crd/loss_over_log_k1']:.4f} (1: no "
+                       f"separation, 0: perfect); collapse warning: {'yes' if d.get('collapse_warning') else 'no'}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--output_dir", default="runs/demo")
@@ -97,14 +110,15 @@ def main() -> int:
                      "mlm_loss": pre["final"]["mlm_loss"], "mlm_accuracy": pre["final"]["mlm_accuracy"],
                      "pretrain_samples_per_second": pre["samples_per_second"],
                      "finetune_metric": fine["main_metric"], "finetune_best": fine["best"][fine["main_metric"]],
-                     "finetune_final": fine["final"][fine["main_metric"]], "finetune_steps": fine["steps"]})
+                     "finetune_final": fine["final"][fine["main_metric"]], "finetune_steps": fine["steps"],
+                     "crd_diagnostics": pre.get("diagnostics")})
     elapsed = time.perf_counter() - t0
     lines = ["| pre-training (stage 2) | held-out MLM loss | held-out MLM acc. | pre-train samples/s "
              "| movie_snippets acc. (CE finetune, best) |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['pretraining']} | {r['mlm_loss']:.4f} | {r['mlm_accuracy']:.4f} | "
                      f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_best']:.4f} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + crd_lines(rows))
     summary = {"rows": rows, "stage1": {"steps": stage1["steps"], "final": stage1["final"]},
                "teacher_head": {k: v for k, v in head.items() if k.startswith("validation")},
                "elapsed_seconds": round(elapsed, 1), "ranks": args.ranks, "seed": args.seed,

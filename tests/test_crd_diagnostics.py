@@ -151,3 +151,19 @@ def test_pretraining_candidates_filled_from_the_bank():
     # a batch larger than K + 1 is subsampled as before, nothing added
     big = torch.arange(40)
     assert torch.equal(batch_negatives(big, 9, 1, 4, 1, fill_from=100), batch_negatives(big, 9, 1, 4, 1))
+
+
+def test_the_main_job_prints_what_the_contrastive_term_did():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "launchers" / "demo_pretrain.py"
+    spec = importlib.util.spec_from_file_location("demo_pretrain_for_test", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    diag = {"bank/pos_sim": 0.91, "bank/neg_sim": 0.12, "bank/sim_gap": 0.79, "crd/loss_over_log_k1": 0.0123,
+            "collapse_warning": False}
+    lines = demo.crd_lines([{"pretraining": "MLM-Pre", "crd_diagnostics": None},
+                            {"pretraining": "CoDIR-Pre", "crd_diagnostics": diag}])
+    assert len(lines) == 1
+    assert ("CoDIR-Pre contrastive term at the end of stage 2: cosine with the positive 0.910, with the negatives "
+            "0.120 (gap 0.790); L_CRD / log(K+1) = 0.0123") in lines[0] and lines[0].endswith("collapse warning: no")
