@@ -6,48 +6,22 @@ never unpickled. Real files, written by a real (tiny) run, load and resume RNGs 
 """
 from __future__ import annotations
 
-import hashlib
 import pathlib
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import conftest
-from conftest import REPO, TINY_YAML, free_port
-from codir_ds.config import load_config
+# The damaged-checkpoint tests' helpers: a real stopped run (module-scoped), its copies, resume, tripwires.
+from test_bad_inputs import _copy, _resume, guarded, refused, snapshot, stopped_run  # noqa: F401 (fixtures)
 from codir_ds.engine.checkpointing import store
-from codir_ds.errors import CodirError
 
-DS = str(REPO / "ds_configs" / "zero2.json")
 PLAIN = (torch.Tensor, bool, int, float, str, type(None))
 
 
 # --------------------------------------------------------------------------- helpers
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-            for p in sorted(root.rglob("*"))}
-
-
-def refused(call, *fragments) -> str:
-    """``call`` raises a CodirError whose message is one ``<problem>: <fix>`` line holding every fragment."""
-    with pytest.raises(CodirError) as info:
-        call()
-    msg = str(info.value)
-    assert msg and "\n" not in msg and "\r" not in msg and ": " in msg, msg
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in: {msg}"
-    return msg
-
-
-def finetune(config: Path, out: Path, *overrides: str, resume: bool = False):
-    from codir_ds.recipes import run_finetune
-    return run_finetune(load_config(str(config), list(overrides)), DS, str(out), resume=resume, overwrite=not resume)
-
 
 def leaves(obj, where="state"):
     """``(path, value)`` of every non-container value in ``obj``."""
@@ -69,50 +43,6 @@ class Planted:
 
     def __reduce__(self):
         return pathlib.Path.touch, (self.marker,)
-
-
-@pytest.fixture()
-def guarded(monkeypatch, single_process_env):
-    """Tripwires on what must not be reached when a checkpoint is refused."""
-    import deepspeed
-    import codir_ds.recipes.base as recipe_base
-
-    def tripwire(name):
-        def fail(*args, **kwargs):
-            raise AssertionError(f"{name} was reached: the checkpoint must be refused before it")
-        return fail
-
-    monkeypatch.setattr(deepspeed, "initialize", tripwire("deepspeed.initialize"))
-    monkeypatch.setattr(recipe_base, "init_distributed", tripwire("init_distributed"))
-    monkeypatch.setattr(recipe_base, "open_run_dir", tripwire("open_run_dir"))
-
-
-@pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory, tiny_teacher):
-    """A real 1-rank run stopped at step 4 (checkpoints at steps 2 and 4)."""
-    root = tmp_path_factory.mktemp("safety")
-    config = root / "tiny.yaml"
-    config.write_text(TINY_YAML.format(teacher=tiny_teacher))
-    overrides = ["training.checkpoint_every=2", "training.stop_at_step=4"]
-    if conftest._SINGLE_PROCESS_PORT is None:  # the process group the single_process_env fixture shares
-        conftest._SINGLE_PROCESS_PORT = str(free_port())
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=conftest._SINGLE_PROCESS_PORT).items():
-            mp.setenv(k, v)
-        assert finetune(config, root / "run", *overrides) == {"stopped_at_step": 4}
-    return config, overrides, root / "run"
-
-
-def _copy(stopped_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(stopped_run[2], run)
-    return run
-
-
-def _resume(stopped_run, run: Path):
-    config, overrides, _ = stopped_run
-    return lambda: finetune(config, run, *overrides, resume=True)
 
 
 # --------------------------------------------------------------------------- (a) real files
