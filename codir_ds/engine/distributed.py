@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import random
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from codir_ds.errors import CodirError
+from codir_ds.pipeline import free_port
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -67,13 +67,6 @@ def init_distributed() -> None:
     from deepspeed.accelerator import get_accelerator
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shm_buffer_path(rank: Optional[int] = None) -> Path:
