@@ -109,6 +109,7 @@ class Recipe:
         self.progress = Progress()
         self.engine = self.bank = self.sampler = self.monitor = None
         self.collapse = CollapseWatch()
+        self.warm_start_seconds: Optional[float] = None  # method.bank_init=student's pass, when it ran
         self.last_scalars: dict = {}
         self.extras: dict = {}          # name -> object with state_dict(), saved in the per-rank files
         self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
@@ -209,8 +210,7 @@ class Recipe:
         projected features, one inference pass over the ids it owns (no communication). A resumed run has
         its bank from the checkpoint."""
         self.warm_start_seconds = None
-        if self.bank is None or getattr(self.cfg.method, "bank_init", "random") != "student" or \
-                self.mode == "resume":
+        if self.bank is None or self.cfg.method.bank_init != "student" or self.mode == "resume":
             return
         t0 = time.perf_counter()
         self.train_mode(False)
@@ -384,7 +384,7 @@ class Recipe:
         results = {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
                    "precision": precision_name(self.dtype), "steps": self.progress.step,
                    "train_batch_size": self.ds["train_batch_size"]}
-        if getattr(self, "warm_start_seconds", None) is not None:
+        if self.warm_start_seconds is not None:
             results["bank_warm_start_seconds"] = self.warm_start_seconds
         diagnostics = last_diagnostics(self.last_scalars)
         if diagnostics:  # the CRD and bank diagnostics at the last log step

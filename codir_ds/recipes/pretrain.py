@@ -223,7 +223,7 @@ class PretrainRecipe(Recipe):
     def negative_ids(self, batches) -> torch.Tensor:
         """Ids (host) of the global mini-batch whose bank rows are this step's negatives. Collective."""
         m = self.cfg.method
-        fill = self.num_train if getattr(m, "pretrain_negatives", "batch") == "bank" else 0
+        fill = self.num_train if m.pretrain_negatives == "bank" else 0
         return batch_negatives(torch.cat([ids for _, ids in batches]), m.num_negatives, self.cfg.training.seed,
                                self.progress.step, self.world, self.device, self.ids_group, fill_from=fill)
 
