@@ -83,6 +83,17 @@ def test_update_normalises_the_feature_before_eq5():
     assert torch.allclose(bank.rows[1], torch.tensor([half, half]), atol=1e-6)
 
 
+def test_raw_feature_update_is_the_ablation():
+    """normalize_features=False (method.bank_normalize=false) applies Eq. 5 to the raw feature:
+    row (1, 0), feature (0, 10), β = 0.5 -> normalize((0.5, 5)) = (0.0995, 0.995), by hand."""
+    bank = ShardedMemoryBank(2, 2, 0.5, seed=0, normalize_features=False)
+    bank.rows[:] = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bank.update(torch.tensor([0]), torch.tensor([[0.0, 10.0]]))
+    r = 1.0 / (0.5 ** 2 + 5.0 ** 2) ** 0.5
+    assert torch.allclose(bank.rows[0], torch.tensor([0.5 * r, 5.0 * r]), atol=1e-6)
+    assert abs(bank.rows[0, 0].item() - 0.0995) < 1e-4
+
+
 def test_single_process_updates_match_reference_and_read():
     bank = ShardedMemoryBank(N, M, BETA, seed=SEED)
     assert (bank.rank, bank.world_size) == (0, 1)

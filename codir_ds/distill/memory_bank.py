@@ -81,6 +81,8 @@ class ShardedMemoryBank:
             ``(seed, i)``, not on the world size.
         group: ``torch.distributed`` process group to shard over (default group
             when None). Ignored when distributed is not initialised.
+        normalize_features: L2-normalise each feature before Eq. 5 (the CRD convention,
+            default). False applies Eq. 5 to the raw feature: only for ablations.
 
     Attributes:
         rank, world_size: layout of this bank.
@@ -88,7 +90,8 @@ class ShardedMemoryBank:
             ``rank + k * world_size``.
     """
 
-    def __init__(self, num_examples: int, dim: int, momentum: float, seed: int = 0, group=None):
+    def __init__(self, num_examples: int, dim: int, momentum: float, seed: int = 0, group=None,
+                 normalize_features: bool = True):
         if int(num_examples) <= 0:
             raise ValueError(f"memory bank: num_examples must be > 0, got {num_examples}")
         if int(dim) <= 0:
@@ -100,6 +103,7 @@ class ShardedMemoryBank:
         self.momentum = float(momentum)
         self.seed = int(seed)
         self.group = group
+        self.normalize_features = bool(normalize_features)
         self.rank, self.world_size = _dist_layout(group)
         self._owned = torch.arange(self.rank, self.num_examples, self.world_size, dtype=torch.long)
         self.rows = self._init_rows()
@@ -192,7 +196,9 @@ class ShardedMemoryBank:
         # Duplicates are found on the host ids (no device-to-host sync on the training hot path).
         _, host_counts = torch.unique(local, return_counts=True)
         rounds = int(host_counts.max())
-        feats = F.normalize(feats.detach().to(device=self.device, dtype=torch.float32), dim=1)
+        feats = feats.detach().to(device=self.device, dtype=torch.float32)
+        if self.normalize_features:
+            feats = F.normalize(feats, dim=1)
         local = local.to(self.device, non_blocking=True)
         self.updates.index_add_(0, local, torch.ones_like(local))
         beta = self.momentum

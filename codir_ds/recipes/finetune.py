@@ -230,7 +230,8 @@ class FinetuneRecipe(Recipe):
             self.ema.model.to(device=self.device, dtype=self.dtype)
         self.neg_sampler = self.labels_for_negatives = None
         if needs.bank:
-            self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum, seed=t.seed).to(self.device)
+            self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum, seed=t.seed,
+                                          normalize_features=m.bank_normalize).to(self.device)
             self.labels_for_negatives = contrast_labels(self.task, m.regression_bins)
             self.neg_sampler = LabelNegativeSampler(self.labels_for_negatives, m.num_negatives, seed=t.seed)
         self.cache = self.open_teacher_cache() if t.teacher_cache else None

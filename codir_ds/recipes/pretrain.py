@@ -180,7 +180,8 @@ class PretrainRecipe(Recipe):
                                            ild_spec=self.module.ild_spec)
         if needs.bank:
             self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum,
-                                          seed=self.cfg.training.seed).to(self.device)
+                                          seed=self.cfg.training.seed,
+                                          normalize_features=m.bank_normalize).to(self.device)
         self.ids_group = host_group() if self.bank is not None else None  # step ids travel host to host (NCCL)
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 

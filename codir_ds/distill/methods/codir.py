@@ -38,6 +38,9 @@ class CRDConfig(KDConfig):
     bank_init: str = option("random", "initial bank rows: random (seeded unit vectors, the CRD convention) or "
                                       "student (one inference pass of the student's projected features over the "
                                       "training set before step 0; not redone on resume)")
+    bank_normalize: bool = option(True, "L2-normalise the student feature before the bank's momentum update "
+                                        "(Eq. 5, the CRD convention); false only for ablations: the raw feature's "
+                                        "growing norm then shrinks the effective momentum towards 0")
     pretrain_negatives: str = option(
         "batch", "pre-training: the negatives' candidates: batch (the global mini-batch's rows, the paper's setting) "
                  "or bank (the batch's rows plus rows of other blocks drawn from the whole bank, up to "

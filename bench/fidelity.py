@@ -1,0 +1,431 @@
+"""Paired multi-seed study of the CoDIR paper's finetuning claims, through the real launcher.
+
+    python bench/fidelity.py --task trec6 --seeds 1,2,3,4,5 --size cpu --jobs 2 --out bench/results/fidelity_cpu
+
+1. finetune the packaged all-MiniLM-L6-v2 with ``ce`` on the task: the teacher, once per task
+   (``<work_dir>/<task>/teacher``, reused while its results.json exists and its config matches);
+2. for every variant (``VARIANTS``: a method plus --set overrides) and seed, one
+   ``launchers/finetune.py`` job in ``<work_dir>/<task>/<variant>_seed<seed>``. Runs of one seed
+   share everything the variant does not change: the seed, hence the data order and the student's
+   initialisation (MiniLM layers; the projection heads are drawn from the seed);
+3. write ``<out>/<task>.md``: one row per variant (mean ± sample std over seeds, the CRD diagnostics
+   at the last log step and the smallest positive-negative gap logged during training), then one
+   row per comparison (``COMPARISONS``: A vs B, the per-seed differences A - B, their mean ± std,
+   how many seeds A wins, and the exact two-sided sign-flip permutation p-value of the mean
+   difference over the 2^n sign assignments); ``<out>/<task>.json`` (every run's results.json,
+   command and seconds); ``<out>/<task>.png`` (left: every seed's value per variant; right: the
+   paired differences of every comparison around zero).
+
+The study's settings are fixed in the presets before any run; nothing is chosen on the validation
+split. Re-running the same command reuses finished runs whose config matches (``--force`` reruns).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import itertools
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+_spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" / "compare.py")
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
+from codir_ds.errors import CodirError  # noqa: E402
+
+# Variants: name -> (method, --set overrides on top of the preset and the method's headline keys at their
+# defaults, compare.METHOD_SETTINGS). "codir" is the shipped configuration (alpha_1 0.7, rho 2, alpha_2 0.1,
+# K 100, mean pooling, normalised bank update, random initial rows).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "ce": ("ce", []),
+    "kd": ("kd", []),
+    "codir": ("codir", []),
+    "codir_cls": ("codir", ["method.pooling=cls"]),
+    "codir_k500": ("codir", ["method.num_negatives=500"]),
+    "codir_k1000": ("codir", ["method.num_negatives=1000"]),
+    "codir_a0.5": ("codir", ["method.alpha_crd=0.5"]),
+    "codir_a1": ("codir", ["method.alpha_crd=1.0"]),
+    "codir_warm": ("codir", ["method.bank_init=student"]),
+    "codir_raw_bank": ("codir", ["method.bank_normalize=false"]),
+}
+# (A, B, the claim): the table and plot show A - B per seed.
+COMPARISONS: list[tuple[str, str, str]] = [
+    ("kd", "ce", "KD beats CE"),
+    ("codir", "kd", "CoDIR beats KD"),
+    ("codir", "ce", "CoDIR beats CE"),
+    ("codir", "codir_cls", "mean pooling beats [CLS]"),
+    ("codir_k500", "codir", "K = 500 vs K = 100"),
+    ("codir_k1000", "codir", "K = 1000 vs K = 100"),
+    ("codir_a0.5", "codir", "alpha_2 = 0.5 vs 0.1"),
+    ("codir_a1", "codir", "alpha_2 = 1 vs 0.1"),
+    ("codir_warm", "codir", "warm-started bank vs random rows"),
+    ("codir", "codir_raw_bank", "bank update on normalised vs raw features"),
+]
+
+_CPU_COMMON = ["data.max_train_examples=2000", "data.max_eval_examples=null", "data.max_length=64",
+               "training.train_batch_size=32", "training.micro_batch_size=32", "training.eval_batch_size=128"]
+PRESETS = {
+    # 2 CPU cores: 2,000 training examples, the whole validation split, 3 epochs (189 steps) at the shipped
+    # learning rate 2e-4, teacher outputs cached after the first epoch. The teacher is compare.py's cpu teacher.
+    "cpu": {
+        "common": _CPU_COMMON,
+        "teacher": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=null",
+                    "training.micro_batch_size=16", "training.max_steps=-1", "training.epochs=2",
+                    "training.lr=5e-5"],
+        "student": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=[0,3]",
+                    "training.max_steps=-1", "training.epochs=3", "training.lr=2e-4"],
+        "teacher_model": "MiniLM 6L/384",
+        "student_model": "2L/384 student from MiniLM layers 0 and 3",
+    },
+    # One GPU: whole training sets, 5 epochs.
+    "gpu": {
+        "common": ["data.max_train_examples=null", "data.max_eval_examples=null", "data.max_length=128",
+                   "training.train_batch_size=32", "training.micro_batch_size=32", "training.eval_batch_size=256"],
+        "teacher": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=null",
+                    "training.max_steps=-1", "training.epochs=3", "training.lr=5e-5"],
+        "student": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=[0,3]",
+                    "training.max_steps=-1", "training.epochs=5", "training.lr=2e-4"],
+        "teacher_model": "MiniLM 6L/384",
+        "student_model": "2L/384 student from MiniLM layers 0 and 3",
+    },
+    # Seconds per run, for the tests.
+    "tiny": compare.PRESETS["tiny"],
+}
+
+DIAGNOSTICS = ("bank/pos_sim", "bank/neg_sim", "bank/sim_gap", "crd/loss_over_log_k1")
+
+
+class _Parser(compare._Parser):
+    def error(self, message: str):
+        print(f"error: {message} (see python bench/fidelity.py --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = _Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("--task", required=True, help=f"one of {', '.join(compare.TASKS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {','.join(VARIANTS)}")
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated integers")
+    ap.add_argument("--size", default="cpu", help=f"preset: {', '.join(PRESETS)}")
+    ap.add_argument("--out", default=None, help="where <task>.md/.json/.png go (default bench/results/fidelity_<size>)")
+    ap.add_argument("--work_dir", default=None, help="run directories (default runs/fidelity_<size>)")
+    ap.add_argument("--jobs", type=int, default=1, help="student runs at a time (the CPU cores are split)")
+    ap.add_argument("--launcher", default="python", help="python (one rank, no launcher start-up) or deepspeed")
+    ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every student run (not the teacher), repeatable")
+    ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
+    args = ap.parse_args(argv)
+    try:
+        check_args(args)
+    except compare.ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.task not in compare.TASKS:
+        raise compare.ArgumentError(f"unknown task {args.task!r}: choose one of {', '.join(compare.TASKS)}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if not variants or unknown:
+        raise compare.ArgumentError(f"unknown or no --variants {','.join(unknown)!r}: choose from {','.join(VARIANTS)}")
+    args.variants = list(dict.fromkeys(variants))
+    try:
+        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        raise compare.ArgumentError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not args.seeds:
+        raise compare.ArgumentError("--seeds is empty: give at least one seed, e.g. --seeds 1,2,3,4,5")
+    if args.size not in PRESETS:
+        raise compare.ArgumentError(f"unknown --size {args.size!r}: choose one of {', '.join(PRESETS)}")
+    if args.launcher not in ("python", "deepspeed"):
+        raise compare.ArgumentError(f"unknown --launcher {args.launcher!r}: choose python or deepspeed")
+    if args.jobs < 1:
+        raise compare.ArgumentError(f"--jobs must be >= 1, got {args.jobs}")
+    args.out = args.out or f"bench/results/fidelity_{args.size}"
+    args.work_dir = args.work_dir or f"runs/fidelity_{args.size}"
+    # what compare.run_one reads
+    args.ranks, args.minilm = 1, compare.MINILM
+
+
+def regenerate_command(args: argparse.Namespace) -> str:
+    cmd = ["python", "bench/fidelity.py", "--task", args.task, "--seeds", ",".join(map(str, args.seeds)),
+           "--size", args.size]
+    if args.variants != list(VARIANTS):
+        cmd += ["--variants", ",".join(args.variants)]
+    if args.jobs != 1:
+        cmd += ["--jobs", str(args.jobs)]
+    cmd += ["--out", args.out]
+    if args.work_dir != f"runs/fidelity_{args.size}":
+        cmd += ["--work_dir", args.work_dir]
+    if args.launcher != "python":
+        cmd += ["--launcher", args.launcher]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    return " ".join(cmd)
+
+
+def teacher_overrides(args: argparse.Namespace) -> list[str]:
+    p = PRESETS[args.size]
+    return [f"data.task={args.task}", "logging.progress_bar=false", *p["common"], *p["teacher"], "method.name=ce",
+            f"training.seed={compare.TEACHER_SEED}"]
+
+
+def variant_overrides(args: argparse.Namespace, variant: str, seed: int, teacher_export: Path,
+                      teacher_sha: Optional[str]) -> list[str]:
+    method, extra = VARIANTS[variant]
+    p = PRESETS[args.size]
+    out = [f"data.task={args.task}", "logging.progress_bar=false", *p["common"], *p["student"],
+           f"method.name={method}", f"training.seed={seed}"]
+    if compare.uses_teacher(method):
+        sha = f"'{teacher_sha or 'unknown'}'"
+        out += [f"model.teacher={compare.launcher_path(teacher_export)}", f"model.teacher_sha256={sha}",
+                "training.teacher_cache=true"]
+    return out + compare.method_settings(method, args.task, p["common"]) + extra + list(args.overrides)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def sign_flip_p(diffs: list[float]) -> Optional[float]:
+    """Exact two-sided p-value of the mean paired difference under random sign flips (2^n assignments)."""
+    n = len(diffs)
+    if n == 0 or n > 16:
+        return None
+    observed = abs(statistics.fmean(diffs))
+    hits = sum(abs(statistics.fmean([s * d for s, d in zip(signs, diffs)])) >= observed - 1e-12
+               for signs in itertools.product((1, -1), repeat=n))
+    return hits / 2 ** n
+
+
+def paired(records: dict, a: str, b: str, seeds: list[int], metric: str) -> Optional[dict]:
+    """Per-seed differences A - B of ``metric`` over the seeds where both finished."""
+    pairs = []
+    for s in seeds:
+        ra, rb = records.get((a, s)), records.get((b, s))
+        if ra and rb and ra["status"] == rb["status"] == "ok":
+            pairs.append((s, ra["results"]["final"][metric] - rb["results"]["final"][metric]))
+    if not pairs:
+        return None
+    diffs = [d for _, d in pairs]
+    return {"seeds": [s for s, _ in pairs], "diffs": diffs, "mean": statistics.fmean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else None, "wins": sum(d > 0 for d in diffs),
+            "p": sign_flip_p(diffs)}
+
+
+def diagnostics_of(rec: dict) -> dict:
+    """The run's last-step CRD diagnostics (results.json) and the smallest logged gap (its TensorBoard)."""
+    out = dict(((rec.get("results") or {}).get("diagnostics")) or {})
+    gaps = _logged(Path(rec["run_dir"]), "bank/sim_gap")
+    if gaps:
+        out["min_sim_gap"] = min(gaps)
+    return out
+
+
+def _logged(run_dir: Path, tag: str) -> list[float]:
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return []
+    values = []
+    for events in sorted(run_dir.glob("**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            values += [e.value for e in acc.Scalars(tag)]
+        break
+    return values
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def variant_rows(args, records: dict, metric: str) -> list[str]:
+    lines = ["| variant | settings | " + metric + " (mean ± std) | n | pos cos | neg cos | gap | min gap | "
+             "L_CRD/log(K+1) | collapse warnings | train s |", "|" + "---|" * 11]
+    for v in args.variants:
+        ok = [records[(v, s)] for s in args.seeds if (v, s) in records and records[(v, s)]["status"] == "ok"]
+        vals = [r["results"]["final"][metric] for r in ok]
+        diags = [r["diagnostics"] for r in ok if r.get("diagnostics")]
+
+        def col(key: str) -> str:
+            xs = [d[key] for d in diags if d.get(key) is not None]
+            return f"{statistics.fmean(xs):.3f}" if xs else "–"
+        warned = f"{sum(bool(d.get('collapse_warning')) for d in diags)}/{len(diags)}" if diags else "–"
+        train = [r["results"].get("train_seconds_this_session") or 0 for r in ok]
+        method, extra = VARIANTS[v]
+        settings = " ".join([f"method.name={method}", *extra])
+        lines.append(f"| {v} | `{settings}` | {_mean_std(vals)} | {len(ok)} | {col('bank/pos_sim')} | "
+                     f"{col('bank/neg_sim')} | {col('bank/sim_gap')} | {col('min_sim_gap')} | "
+                     f"{col('crd/loss_over_log_k1')} | {warned} | "
+                     f"{statistics.fmean(train):.0f} |" if train else f"| {v} | `{settings}` | not run | 0 |" + " – |" * 7)
+    return lines
+
+
+def comparison_rows(args, comparisons: list[dict]) -> list[str]:
+    lines = ["| A vs B | claim | A − B per seed | mean ± std | A wins | p (sign flip) |", "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        d = c["paired"]
+        if d is None:
+            lines.append(f"| {c['a']} vs {c['b']} | {c['claim']} | not run | – | – | – |")
+            continue
+        per_seed = ", ".join(f"{x * 100:+.1f}" for x in d["diffs"])
+        std = f" ± {d['std'] * 100:.1f}" if d["std"] is not None else ""
+        p = f"{d['p']:.3f}" if d["p"] is not None else "–"
+        lines.append(f"| {c['a']} vs {c['b']} | {c['claim']} | {per_seed} | {d['mean'] * 100:+.2f}{std} | "
+                     f"{d['wins']}/{len(d['diffs'])} | {p} |")
+    return lines
+
+
+def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric: str, teacher_value) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
+    for x, v in enumerate(args.variants):
+        vals = [records[(v, s)]["results"]["final"][metric] for s in args.seeds
+                if records.get((v, s), {}).get("status") == "ok"]
+        if vals:
+            left.scatter([x + (i - len(vals) / 2) * 0.06 for i in range(len(vals))], vals, s=14, color="#4C72B0")
+            left.hlines(statistics.fmean(vals), x - 0.3, x + 0.3, color="black", linewidth=1.5)
+    if teacher_value is not None:
+        left.axhline(teacher_value, color="gray", linestyle="--", linewidth=1, label=f"teacher {teacher_value:.3f}")
+        left.legend(fontsize=8, loc="lower right")
+    left.set_xticks(range(len(args.variants)), args.variants, rotation=40, ha="right", fontsize=8)
+    left.set_ylabel(f"validation {metric}")
+    left.set_title(f"{args.task}: every seed (dots), mean (bar)", fontsize=10)
+    shown = [c for c in comparisons if c["paired"]]
+    for y, c in enumerate(shown):
+        d = c["paired"]
+        right.scatter([x * 100 for x in d["diffs"]], [y] * len(d["diffs"]), s=14, color="#4C72B0", zorder=3)
+        err = (d["std"] or 0) * 100
+        right.errorbar(d["mean"] * 100, y, xerr=err, fmt="D", color="#C44E52", capsize=4, zorder=4)
+    right.axvline(0, color="black", linewidth=1)
+    right.set_yticks(range(len(shown)), [f"{c['a']} − {c['b']}" for c in shown], fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel(f"paired difference in {metric} (points), one dot per seed; red: mean ± std")
+    right.set_title("paired differences (same seed, data order, student init)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(args, teacher: dict, records: dict) -> list[Path]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = ((teacher.get("results") or {}).get("main_metric")) or "accuracy"
+    comparisons = [{"a": a, "b": b, "claim": claim, "paired": paired(records, a, b, args.seeds, metric)}
+                   for a, b, claim in COMPARISONS if a in args.variants and b in args.variants]
+    teacher_value = ((teacher.get("results") or {}).get("final") or {}).get(metric)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    p = PRESETS[args.size]
+    lines = [regenerate_command(args), "", f"# {args.task}: paired study, {len(args.variants)} variants x "
+             f"{len(args.seeds)} seeds (preset {args.size})", "",
+             f"- Device: {compare.device_description(1)}; "
+             f"{', '.join(f'{k} {v}' for k, v in compare.versions().items())}. Date: {date} (UTC).",
+             f"- Teacher: {p['teacher_model']} finetuned with ce ({' '.join(p['teacher'][2:])}): {metric} "
+             f"{teacher_value if teacher_value is None else round(teacher_value, 4)}.",
+             f"- Students: {p['student_model']}; {' '.join(p['common'] + p['student'][2:])}; seeds "
+             f"{', '.join(map(str, args.seeds))}; teacher outputs cached (training.teacher_cache) for every "
+             f"variant that reads a teacher" + (f"; every student: {' '.join(args.overrides)}" if args.overrides
+                                                else "") + ".",
+             "- Diagnostics: the CRD values at the last log step (mean over seeds); min gap: the smallest "
+             "positive-minus-negative cosine logged during training; collapse warnings: runs that printed one.",
+             "", *variant_rows(args, records, metric), "",
+             f"Paired differences in {metric} (points = 100 × difference), same seed on both sides:", "",
+             *comparison_rows(args, comparisons)]
+    md, js, png = out / f"{args.task}.md", out / f"{args.task}.json", out / f"{args.task}.png"
+    md.write_text("\n".join(lines) + "\n")
+    runs = [{**rec, "variant": v, "seed": s} for (v, s), rec in records.items()]
+    js.write_text(json.dumps({"task": args.task, "command": regenerate_command(args), "size": args.size,
+                              "preset": p, "variants": {v: VARIANTS[v] for v in args.variants}, "seeds": args.seeds,
+                              "metric": metric, "date_utc": date, "versions": compare.versions(),
+                              "teacher": teacher, "runs": runs, "comparisons": comparisons}, indent=2))
+    written = [md, js]
+    if write_chart(png, args, records, comparisons, metric, teacher_value):
+        written.append(png)
+    return written
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    task_dir = Path(args.work_dir) / args.task
+    teacher_dir = task_dir / "teacher"
+    try:  # every config is validated before the first job
+        compare.load_config(str(REPO / compare.BASE_CONFIG), teacher_overrides(args))
+        for v in args.variants:
+            compare.load_config(str(REPO / compare.BASE_CONFIG),
+                                variant_overrides(args, v, args.seeds[0], teacher_dir / "export", "0" * 64))
+    except CodirError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    t0 = time.perf_counter()
+    print(f"teacher: {teacher_dir}", flush=True)
+    teacher = compare.run_one(args, "teacher", teacher_dir, teacher_overrides(args), task_dir / "logs" / "teacher.log")
+    if teacher["status"] != "ok":
+        print(f"error: the teacher run failed: {teacher['error']} (log {teacher['log']})", file=sys.stderr)
+        return 1
+    sha = (compare._read_json(teacher_dir / "export" / compare.EXPORT_MANIFEST) or {}).get("sha256")
+    grid = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: the first seeds complete first
+    records: dict = {}
+    lock = threading.Lock()
+
+    def one(k: int, v: str, s: int) -> None:
+        name = f"{v}_seed{s}"
+        rec = compare.run_one(args, name, task_dir / name, variant_overrides(args, v, s, teacher_dir / "export", sha),
+                              task_dir / "logs" / f"{name}.log")
+        if rec["status"] == "ok":
+            rec["diagnostics"] = diagnostics_of(rec)
+        with lock:
+            records[(v, s)] = rec
+            value = (rec.get("results") or {}).get("final", {}).get("accuracy") if rec["status"] == "ok" else None
+            print(f"[{len(records)}/{len(grid)}] {name}: "
+                  + (f"accuracy {value:.4f}" if value is not None else f"{rec['status']} {rec.get('error', '')}"),
+                  flush=True)
+            write_outputs(args, teacher, records)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one, k, v, s) for k, (v, s) in enumerate(grid)]:
+            f.result()
+    written = write_outputs(args, teacher, records)
+    failed = [f"{v}_seed{s}" for (v, s), r in records.items() if r["status"] != "ok"]
+    print(f"done in {time.perf_counter() - t0:.0f} s; {len(failed)} failed" + (f": {', '.join(failed)}" if failed
+                                                                                 else ""), flush=True)
+    print("written:\n" + "\n".join(f"  {p}" for p in written), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
