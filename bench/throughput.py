@@ -39,12 +39,24 @@ median micro-step time minus the reference's), measurable on a CPU:
 (finetuning: in pre-training the reference computes full-vocabulary logits at every position, so
 the difference there is not framework overhead alone; drop ``--no_breakdown`` to see where it goes).
 
+The paper's global batch on one GPU is reached by accumulation: ``--global_batch 8192`` sets
+``grad_accum`` = 8192 / (micro x world) for each micro-batch. ``--micro_batch``, ``--zero_stage``
+and ``--bucket_size`` take comma-separated lists: every combination is a point, run one after
+another in one process (``run_sweep``); a point that runs out of memory is recorded (``status:
+oom``) and the larger micro-batches of its group skipped. ``--peak_json`` takes MFU's peak from
+``bench/matmul_peak.py``'s measurement:
+
+    python bench/throughput.py --seq_len 128 --precision fp16 --global_batch 8192 \
+        --micro_batch 128,256,512,1024 --zero_stage 2 --objectives kd,codir --no_breakdown \
+        --peak_json peak.json
+
 Prints one JSON object on stdout (see bench/README.md).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import functools
 import gc
@@ -96,6 +108,17 @@ class BenchError(Exception):
     """Bad arguments: printed as one ``error: ...`` line, exit status 2."""
 
 
+def _int_list(text: str) -> list[int]:
+    """``"64,128"`` -> ``[64, 128]`` (an argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no value")
+    return values
+
+
 def _add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The teacher's and student's sizes, the vocabulary and the sequence length."""
     ap.add_argument("--teacher_layers", type=int, default=12)
@@ -110,11 +133,25 @@ def _add_model_arguments(ap: argparse.ArgumentParser) -> None:
 
 def _add_training_arguments(ap: argparse.ArgumentParser) -> None:
     """Batch, precision, DeepSpeed JSON, the objectives and the task."""
-    ap.add_argument("--micro_batch", type=int, default=32, help="sequences per micro-batch per rank")
-    ap.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--micro_batch", type=_int_list, default=[32],
+                    help="sequences per micro-batch per rank; comma-separated values (64,128,...) are a sweep in "
+                         "one process, an out-of-memory point recorded and the larger ones skipped")
+    ap.add_argument("--grad_accum", type=int, default=None,
+                    help="micro-batches per optimizer step (default: 1, or global_batch / (micro_batch x world))")
+    ap.add_argument("--global_batch", type=int, default=None,
+                    help="sequences per optimizer step, all ranks: sets grad_accum for each micro-batch (e.g. the "
+                         "paper's 8192; default: micro_batch x grad_accum x world)")
     ap.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="bf16")
     ap.add_argument("--deepspeed_config", default=os.path.join(REPO, "ds_configs", "zero2.json"),
                     help="DeepSpeed JSON (batch sizes and precision are overridden)")
+    ap.add_argument("--zero_stage", type=_int_list, default=None,
+                    help="ZeRO stage(s) 0-3 set in the DeepSpeed JSON; comma-separated values are swept in one "
+                         "process (default: the JSON's stage)")
+    ap.add_argument("--bucket_size", type=_int_list, default=None,
+                    help="ZeRO reduce_bucket_size and allgather_bucket_size (elements); comma-separated values are "
+                         "swept in one process (default: the JSON's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="training.compile=true for the codir-ds objectives (the plain references stay eager)")
     ap.add_argument("--objectives", default=",".join(OBJECTIVE_NAMES),
                     help="comma-separated subset of mlm,kd,codir and the plain references ref_kd,ref_codir "
                          "(1 process; the report then has their throughput ratios)")
@@ -138,6 +175,9 @@ def _add_measurement_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num_negatives", type=int, default=None,
                     help="method.num_negatives (codir): default 8191 (pretrain), 1000 (finetune)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (else detected)")
+    ap.add_argument("--peak_json", default=None,
+                    help="bench/matmul_peak.py's report: MFU against its measured peak for --precision "
+                         "(default: --peak_tflops, else the device table or a measured matmul)")
     ap.add_argument("--no_breakdown", action="store_true",
                     help="no per-section timing (no CUDA syncs inside a step); breakdown fields are null")
     ap.add_argument("--sync_debug", action="store_true",
@@ -173,7 +213,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise BenchError(f"--global_negatives {args.global_negatives} exceeds --num_examples {args.num_examples}: "
                          f"raise --num_examples")
     for name in ("teacher_layers", "teacher_hidden", "teacher_heads", "student_layers", "student_hidden",
-                 "student_heads", "vocab", "micro_batch", "grad_accum", "steps", "num_examples", "num_negatives"):
+                 "student_heads", "vocab", "steps", "num_examples", "num_negatives"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -189,6 +229,40 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise BenchError(f"--{who}_hidden {h} is not a multiple of --{who}_heads {n}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise BenchError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
+    if args.peak_tflops is not None and args.peak_json is not None:
+        raise BenchError("--peak_tflops and --peak_json both give the peak: pass one")
+    if args.peak_json is not None:
+        if not os.path.isfile(args.peak_json):
+            raise BenchError(f"--peak_json {args.peak_json}: no such file (write it with bench/matmul_peak.py "
+                             f"--output)")
+        peak_from_json(args.peak_json, args.precision)
+
+
+def _check_batches(args: argparse.Namespace) -> None:
+    """``--micro_batch`` / ``--zero_stage`` / ``--bucket_size`` lists, ``--grad_accum`` against ``--global_batch``.
+
+    Sets ``args.micro_batches`` (the sweep) and ``args.micro_batch`` (its first value, for the one-point checks).
+    """
+    args.micro_batches = list(dict.fromkeys(args.micro_batch))
+    args.micro_batch = args.micro_batches[0]
+    args.sweep_zero_stage, args.sweep_bucket_size = args.zero_stage, args.bucket_size
+    if min(args.micro_batches) < 1:
+        raise BenchError(f"--micro_batch values must be >= 1, got {args.micro_batches}")
+    if args.zero_stage is not None and not set(args.zero_stage) <= {0, 1, 2, 3}:
+        raise BenchError(f"--zero_stage values are ZeRO stages 0, 1, 2, 3, got {args.zero_stage}")
+    if args.bucket_size is not None and min(args.bucket_size) < 1:
+        raise BenchError(f"--bucket_size values must be >= 1 (elements), got {args.bucket_size}")
+    if args.global_batch is None:
+        args.grad_accum = 1 if args.grad_accum is None else args.grad_accum
+        if args.grad_accum < 1:
+            raise BenchError(f"--grad_accum must be >= 1, got {args.grad_accum}")
+        return
+    if args.grad_accum is not None:
+        raise BenchError("--grad_accum and --global_batch both set the accumulation: pass one")
+    bad = [m for m in args.micro_batches if args.global_batch < m or args.global_batch % m]
+    if bad:
+        raise BenchError(f"--global_batch {args.global_batch} is not a multiple of --micro_batch {bad[0]}: "
+                         f"use micro-batches that divide it")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -199,6 +273,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_measurement_arguments(ap)
     args = ap.parse_args(argv)
     _check_objectives(args)
+    _check_batches(args)
     _check_numbers(args)
     return args
 
@@ -269,16 +344,42 @@ def measure_matmul_tflops(dtype, device, seconds: float = 0.5) -> float:
 
 
 def peak_tflops(args, dtype, device) -> tuple[float, str]:
-    """``(peak TFLOP/s per device, source)``: given, the CUDA table, or a measured matmul."""
+    """``(peak TFLOP/s per device, source)``: given, from ``--peak_json``, the CUDA table, or a measured matmul."""
     if args.peak_tflops is not None:
         return args.peak_tflops, "given"
-    import torch
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in CUDA_PEAK_TFLOPS:
-            if key.lower() in name.lower():
-                return peaks["fp32" if dtype == torch.float32 else "half"], f"table:{name}"
+    if args.peak_json is not None:
+        return peak_from_json(args.peak_json, args.precision), f"peak_json:{os.path.basename(args.peak_json)}"
+    table = table_peak_tflops(dtype, device)
+    if table is not None:
+        import torch
+        return table, f"table:{torch.cuda.get_device_name(device)}"
     return measure_matmul_tflops(dtype, device), "measured_matmul"
+
+
+def peak_from_json(path: str, precision: str) -> float:
+    """The measured peak (TFLOP/s) for ``precision`` in a ``bench/matmul_peak.py`` report."""
+    try:
+        with open(path) as f:
+            peaks = json.load(f)["tflops"]
+        value = float(peaks[precision])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"--peak_json {path}: no measured {precision} peak in it ({type(e).__name__}: {e}); "
+                         f"measure it with bench/matmul_peak.py --dtypes {precision}") from None
+    if not value > 0:
+        raise BenchError(f"--peak_json {path}: the {precision} peak is {value}, not > 0")
+    return value
+
+
+def table_peak_tflops(dtype, device) -> Optional[float]:
+    """The CUDA table's dense peak for ``dtype`` on ``device`` (None off the table or on CPU)."""
+    import torch
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in CUDA_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return peaks["fp32" if dtype == torch.float32 else "half"]
+    return None
 
 
 def non_embedding_params(model) -> int:
@@ -305,8 +406,10 @@ def build_cls_model(layers: int, hidden: int, heads: int, args, tokenizer):
 def ds_config_for(args, world: int):
     """``(raw JSON with this run's precision, prepared config, dtype, TrainingConfig)``.
 
-    The raw JSON is what the recipes read (``--deepspeed_config`` with the ``fp16`` / ``bf16``
-    blocks set by ``--precision``, checked by ``read_ds_config``'s own ``check_deepspeed_keys``
+    ``args`` holds one point's scalar ``micro_batch``, ``grad_accum``, ``zero_stage`` and
+    ``bucket_size`` (``sweep_points``). The raw JSON is what the recipes read (``--deepspeed_config``
+    with the ``fp16`` / ``bf16`` blocks set by ``--precision``, ZeRO's ``stage`` and bucket sizes
+    by ``--zero_stage`` / ``--bucket_size``, checked by ``read_ds_config``'s own ``check_deepspeed_keys``
     before torch.distributed starts); the prepared one is what ``prepare_ds_config`` makes of it
     with this run's batch (the recipes call it themselves, in ``Recipe.check_inputs``).
     """
@@ -324,6 +427,13 @@ def ds_config_for(args, world: int):
         raw["fp16"], raw["bf16"] = {"enabled": False}, {"enabled": True}
     else:
         raw["fp16"], raw["bf16"] = {"enabled": False}, {"enabled": False}
+    zero = dict(raw.get("zero_optimization") or {})
+    if args.zero_stage is not None:
+        zero["stage"] = args.zero_stage
+    if args.bucket_size is not None:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = args.bucket_size
+    if zero:
+        raw["zero_optimization"] = zero
     check_deepspeed_keys(raw, args.deepspeed_config)
     tcfg = TrainingConfig(seed=args.seed, max_steps=args.warmup + args.steps,
                           train_batch_size=args.micro_batch * args.grad_accum * world,
@@ -351,7 +461,7 @@ def experiment_config(name: str, args, ctx: dict):
             f"training.max_steps={args.warmup + args.steps}",
             f"training.train_batch_size={ctx['ds']['train_batch_size']}",
             f"training.micro_batch_size={args.micro_batch}", "training.fp16_fallback=fp32",
-            "logging.progress_bar=false", "logging.tensorboard=false"]
+            "logging.progress_bar=false", "logging.tensorboard=false", f"training.compile={str(args.compile).lower()}"]
     if args.task == "pretrain":
         sets.append(f"corpus.block_size={args.seq_len}")
     if reads_teacher(name, args.task):
@@ -791,6 +901,7 @@ class RecipeRun(Run):
             self.gather_bytes.append(0)
 
     def result(self) -> dict:
+        r = self.recipe
         self.last_loss = float(self.last_terms["loss/total"])
         result = self.base_result(self.n_teacher, self.n_student, self.recipe.ds["train_batch_size"])
         result.update({
@@ -803,6 +914,13 @@ class RecipeRun(Run):
             # bank rows fetched per step: the step's candidates (pretrain) or C x K (finetune)
             "bank_rows_gathered_per_step": round(statistics.fmean(self.rows_gathered)) if self.rows_gathered else 0,
             "overhead_ms_per_micro_step": None,  # set in run() when the plain reference ran alongside
+            # the engine's own counts over the whole run (warm-up included): one optimizer step per
+            # grad_accum micro steps; and what reached DeepSpeed from --zero_stage / --bucket_size
+            "optimizer_steps": r.engine.global_steps,
+            "micro_steps": r.engine.micro_steps,
+            "engine_zero_stage": r.engine.zero_optimization_stage(),
+            "engine_reduce_bucket_size": (r.engine.zero_reduce_bucket_size() if r.engine.zero_optimization_stage()
+                                          else None),
         })
         if self.sections.enabled:
             steps = len(self.step_times)
@@ -871,6 +989,7 @@ class ReferenceRun(Run):
             self.class_start, self.class_count = torch.cumsum(counts, 0) - counts, counts
         self.n_student = non_embedding_params(self.student)
         self.student.train()
+        self.optimizer_steps = self.micro_steps = 0
 
     def negative_ids(self, ids):
         """``[B, K]`` negative ids drawn for each anchor on its own."""
@@ -926,6 +1045,7 @@ class ReferenceRun(Run):
                 crd = F.cross_entropy(scores, torch.zeros(len(ids), dtype=torch.long, device=device))
                 loss = loss + mcfg.alpha_crd * crd
             self.scaler.scale(loss / self.accum).backward()
+            self.micro_steps += 1
             if self.codir:
                 with torch.no_grad():
                     rows = batch["ids"]
@@ -934,6 +1054,7 @@ class ReferenceRun(Run):
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
         self.last_loss = loss.detach()
 
     def result(self) -> dict:
@@ -941,6 +1062,8 @@ class ReferenceRun(Run):
         result = self.base_result(self.ctx["teacher_params"], self.n_student, self.ctx["ds"]["train_batch_size"])
         result["negatives_copy_bytes_per_micro_step"] = (
             self.args.micro_batch * (self.args.num_negatives + 1) * PROJECTION_DIM * 4 if self.codir else 0)
+        result.update(optimizer_steps=self.optimizer_steps, micro_steps=self.micro_steps, engine_zero_stage=None,
+                      engine_reduce_bucket_size=None)
         return result
 
 
@@ -986,25 +1109,41 @@ def run_class(name: str, args):
 
 
 def run_objectives(args, ctx: dict) -> dict:
-    """Every objective's timed steps, one after another or interleaved step by step."""
-    import torch
-    total = args.warmup + args.steps
-    results = {}
+    """Every objective's timed steps, one after another or interleaved step by step.
+
+    The runs still open when a step raises (out of memory in a sweep) are closed before the error goes on.
+    """
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx["rank"] == 0 else (lambda msg: None)
-    if args.schedule == "sequential":
-        for name in args.objectives:
-            say(f"bench: {args.task} {name} ({args.warmup} warm-up + {args.steps} timed steps)")
-            if torch.cuda.is_available():  # peak memory per objective (plus the shared teacher)
-                torch.cuda.reset_peak_memory_stats()
-            run = run_class(name, args)(name, args, ctx)
-            for step in range(total):
-                run.timed_step(step)
-                if (step + 1) % 10 == 0 or step + 1 == total:
-                    say(f"bench: {name} step {step + 1}/{total}")
-            results[name] = run.result()
-            run.close()
-        return results
-    runs = {}
+    runs: dict = {}
+    try:
+        if args.schedule == "sequential":
+            return _run_sequential(args, ctx, runs, say)
+        return _run_interleaved(args, ctx, runs, say)
+    finally:
+        for run in runs.values():
+            with contextlib.suppress(Exception):
+                run.close()
+
+
+def _run_sequential(args, ctx: dict, runs: dict, say) -> dict:
+    import torch
+    total, results = args.warmup + args.steps, {}
+    for name in args.objectives:
+        say(f"bench: {args.task} {name} ({args.warmup} warm-up + {args.steps} timed steps)")
+        if torch.cuda.is_available():  # peak memory per objective (plus the shared teacher)
+            torch.cuda.reset_peak_memory_stats()
+        run = runs[name] = run_class(name, args)(name, args, ctx)
+        for step in range(total):
+            run.timed_step(step)
+            if (step + 1) % 10 == 0 or step + 1 == total:
+                say(f"bench: {name} step {step + 1}/{total}")
+        results[name] = run.result()
+        runs.pop(name).close()
+    return results
+
+
+def _run_interleaved(args, ctx: dict, runs: dict, say) -> dict:
+    total, results = args.warmup + args.steps, {}
     for name in args.objectives:
         say(f"bench: {args.task} {name}: building")
         runs[name] = run_class(name, args)(name, args, ctx)
@@ -1019,8 +1158,57 @@ def run_objectives(args, ctx: dict) -> dict:
             f"in {time.perf_counter() - t:.1f} s")
     for name in args.objectives:
         results[name] = runs[name].result()
-        runs[name].close()
+    for name in args.objectives:
+        runs.pop(name).close()
     return results
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether ``error`` is the device (or host) running out of memory."""
+    import torch
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def run_sweep(points: list[dict], run_point, on_point=None, catch_oom: bool = True) -> list[dict]:
+    """Each point's record: its public fields (keys without ``_``), ``status`` and what ``run_point(point)`` returned.
+
+    ``status`` is ``ok``, ``oom`` (``run_point`` ran out of memory: the error's first line is kept, memory
+    is freed, and the sweep goes on) or ``skipped_after_oom`` (a micro-batch at least as large as one
+    that ran out of memory with the same ZeRO stage and bucket size). ``on_point(records)`` after each
+    point. Other errors propagate; so does an out-of-memory error with ``catch_oom=False`` (several ranks:
+    one rank alone failing would leave the others waiting in a collective).
+    """
+    records: list[dict] = []
+    oom_at: dict = {}
+    for point in points:
+        record = {k: v for k, v in point.items() if not k.startswith("_")}
+        group = (point.get("zero_stage"), point.get("bucket_size"))
+        if group in oom_at and point["micro_batch"] >= oom_at[group]:
+            record.update(status="skipped_after_oom", error=f"micro_batch {oom_at[group]} ran out of memory")
+        else:
+            try:
+                record.update(status="ok", **run_point(point))
+            except Exception as e:  # noqa: BLE001 - only out of memory is recorded, see is_oom
+                if not catch_oom or not is_oom(e):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0]
+                record.update(status="oom", error=f"{type(e).__name__}: {first[:300]}")
+                oom_at[group] = point["micro_batch"]
+        if record["status"] == "oom":
+            free_device_memory()
+        records.append(record)
+        if on_point is not None:
+            on_point(records)
+    return records
+
+
+def free_device_memory() -> None:
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -1054,9 +1242,9 @@ def _check_against_tokenizer(args, tokenizer, world: int) -> None:
     if args.vocab < len(tokenizer):
         raise BenchError(f"--vocab {args.vocab} is smaller than the tokenizer's {len(tokenizer)} tokens: "
                          f"use --vocab {len(tokenizer)} or more")
-    if args.num_examples // world < args.micro_batch:
+    if args.num_examples // world < max(args.micro_batches):
         raise BenchError(f"--num_examples {args.num_examples} gives each of {world} ranks fewer ids than "
-                         f"--micro_batch {args.micro_batch}: raise --num_examples")
+                         f"--micro_batch {max(args.micro_batches)}: raise --num_examples")
 
 
 def _shared_peak(args, dtype, device, rank: int, world: int) -> tuple[float, str]:
@@ -1142,6 +1330,11 @@ def _report_setup(args, ds: dict, world: int, teacher, n_teacher: int) -> dict:
         "projection_dim": PROJECTION_DIM, "bank_momentum": BANK_MOMENTUM,
         "deepspeed_config": os.path.relpath(os.path.abspath(args.deepspeed_config), REPO),
         "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+        "reduce_bucket_size": ds.get("zero_optimization", {}).get("reduce_bucket_size"),
+        "global_batch": args.global_batch, "compile": args.compile,
+        # what was swept (the lists as given; this config is the chosen point's)
+        "sweep": {"micro_batch": args.micro_batches, "zero_stage": args.sweep_zero_stage,
+                  "bucket_size": args.sweep_bucket_size},
     }
 
 
@@ -1167,14 +1360,89 @@ def _report_environment(args, device) -> dict:
     }
 
 
-def run(args) -> Optional[dict]:
-    import torch
-    if args.precision == "fp16" and not torch.cuda.is_available():
-        raise BenchError("--precision fp16 is not supported on CPU (no CUDA device): use --precision bf16 or fp32")
-    from codir_ds.cli import quiet_environment
-    quiet_environment()
-    _set_process_defaults()
+def _accumulation(args, micro: int, world: int) -> int:
+    """Micro-batches per optimizer step at ``micro``: ``--grad_accum``, or ``--global_batch`` / (micro x world)."""
+    if args.global_batch is None:
+        return args.grad_accum
+    if args.global_batch % (micro * world):
+        raise BenchError(f"--global_batch {args.global_batch} is not a multiple of --micro_batch {micro} x "
+                         f"{world} ranks: use micro-batches that divide global_batch / world")
+    return args.global_batch // (micro * world)
 
+
+def sweep_points(args, world: int) -> list[dict]:
+    """Every (ZeRO stage, bucket size, micro-batch) point, nested in that order, micro-batches as given.
+
+    Each point holds its public fields and, under ``_args`` / ``_ds``, its own arguments (scalar
+    micro_batch, grad_accum, zero_stage, bucket_size) and ``ds_config_for``'s result: every point's
+    DeepSpeed JSON is checked before anything is built.
+    """
+    points = []
+    for stage in args.zero_stage or [None]:
+        for bucket in args.bucket_size or [None]:
+            for micro in args.micro_batches:
+                pargs = copy.copy(args)
+                pargs.micro_batch, pargs.zero_stage, pargs.bucket_size = micro, stage, bucket
+                pargs.grad_accum = _accumulation(args, micro, world)
+                raw, ds, dtype, tcfg = ds_config_for(pargs, world)
+                points.append({"micro_batch": micro, "grad_accum": ds["gradient_accumulation_steps"],
+                               "train_batch_size": ds["train_batch_size"],
+                               "zero_stage": (raw.get("zero_optimization") or {}).get("stage", 0),
+                               "bucket_size": bucket, "_args": pargs, "_ds": (raw, ds, dtype, tcfg)})
+    return points
+
+
+def measure_point(point: dict, shared: dict) -> dict:
+    """One point's objectives (``run_objectives``): results, ratios and overhead; peak memory counted afresh."""
+    import torch
+    pargs, (raw_ds, ds, _, tcfg) = point["_args"], point["_ds"]
+    rank, world = shared["rank"], shared["world"]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with run_root(rank, world) as root:
+        ctx = {**shared, "args": pargs, "ds": ds, "tcfg": tcfg, "raw_ds": raw_ds, "run_root": root,
+               "ds_config_path": write_ds_config(raw_ds, root, rank)}
+        results = run_objectives(pargs, ctx)
+    ratios, overhead = _ratios(results)
+    return {"results": results, "ratios": ratios, "overhead_ms_per_micro_step": overhead}
+
+
+def best_point(records: list[dict]) -> Optional[int]:
+    """Index of the ``ok`` point whose slowest objective has the most samples/s (None when none is ok)."""
+    ok = [(min(r["samples_per_second"] for r in rec["results"].values()), i)
+          for i, rec in enumerate(records) if rec["status"] == "ok" and rec["results"]]
+    return max(ok)[1] if ok else None
+
+
+def build_report(args, points: list[dict], records: list[dict], shared: dict, complete: bool) -> dict:
+    """The JSON report: the best point's config, results and ratios at the top, every point under ``points``."""
+    best = best_point(records)
+    point = points[best if best is not None else 0]
+    chosen = records[best] if best is not None else {}
+    ds = point["_ds"][1]
+    return {
+        "benchmark": f"codir-ds {args.task} throughput (bench/throughput.py)",
+        "config": {**_report_setup(point["_args"], ds, shared["world"], shared["teacher"], shared["teacher_params"]),
+                   **_report_environment(args, shared["device"])},
+        "peak_tflops": shared["peak_tflops"],
+        "peak_source": shared["peak_source"],
+        "table_peak_tflops": table_peak_tflops(shared["dtype"], shared["device"]),
+        "results": chosen.get("results", {}),
+        "ratios": chosen.get("ratios", {}),
+        # codir-ds's micro-step time minus the plain reference's (median step / grad_accum), ms; only the
+        # objectives whose reference ran alongside. Framework overhead when the models are tiny.
+        "overhead_ms_per_micro_step": chosen.get("overhead_ms_per_micro_step", {}),
+        # the sweep: every point's status and results (one point without --micro_batch/--zero_stage/--bucket_size
+        # lists); the top-level results are those of points[best_point]
+        "best_point": best,
+        "points": records,
+        "complete": complete,
+    }
+
+
+def _start(args) -> tuple[list[dict], dict]:
+    """Distributed start, every point's DeepSpeed config, the tokenizer, the peak, the shared teacher and inputs."""
+    import torch
     from deepspeed.accelerator import get_accelerator
 
     from codir_ds.assets import minilm_dir
@@ -1182,7 +1450,8 @@ def run(args) -> Optional[dict]:
     from codir_ds.models.loading import load_tokenizer
 
     rank, local_rank, world = dist_env()
-    raw_ds, ds, dtype, tcfg = ds_config_for(args, world)
+    points = sweep_points(args, world)
+    _, _, dtype, tcfg = points[0]["_ds"]
     tokenizer_dir = minilm_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
     _check_against_tokenizer(args, tokenizer, world)
@@ -1192,26 +1461,34 @@ def run(args) -> Optional[dict]:
     device = torch.device(get_accelerator().current_device_name())
     peak, peak_source = _shared_peak(args, dtype, device, rank, world)
     teacher, n_teacher = _shared_teacher(args, tcfg, tokenizer, device, dtype)
-    sources = _synthetic_sources(args, tcfg, tokenizer)
-    with run_root(rank, world) as root:
-        ctx = {"rank": rank, "world": world, "device": device, "dtype": dtype, "ds": ds, "tcfg": tcfg, "args": args,
-               "tokenizer": tokenizer, "tokenizer_dir": str(tokenizer_dir), **sources, "teacher": teacher,
-               "teacher_params": n_teacher, "peak_tflops": peak, "run_root": root, "raw_ds": raw_ds,
-               "ds_config_path": write_ds_config(raw_ds, root, rank)}
-        results = run_objectives(args, ctx)
-    ratios, overhead = _ratios(results)
-    report = {
-        "benchmark": f"codir-ds {args.task} throughput (bench/throughput.py)",
-        "config": {**_report_setup(args, ds, world, teacher, n_teacher), **_report_environment(args, device)},
-        "peak_tflops": peak,
-        "peak_source": peak_source,
-        "results": results,
-        "ratios": ratios,
-        # codir-ds's micro-step time minus the plain reference's (median step / grad_accum), ms; only the
-        # objectives whose reference ran alongside. Framework overhead when the models are tiny.
-        "overhead_ms_per_micro_step": overhead,
-    }
-    return report if rank == 0 else None
+    shared = {"rank": rank, "world": world, "device": device, "dtype": dtype, "tokenizer": tokenizer,
+              "tokenizer_dir": str(tokenizer_dir), **_synthetic_sources(args, tcfg, tokenizer), "teacher": teacher,
+              "teacher_params": n_teacher, "peak_tflops": peak, "peak_source": peak_source}
+    return points, shared
+
+
+def run(args) -> Optional[dict]:
+    import torch
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise BenchError("--precision fp16 is not supported on CPU (no CUDA device): use --precision bf16 or fp32")
+    from codir_ds.cli import quiet_environment
+    quiet_environment()
+    _set_process_defaults()
+    points, shared = _start(args)
+    rank = shared["rank"]
+
+    def partial(records: list[dict]) -> None:  # after each point of a sweep: the report so far
+        if rank == 0 and args.output and len(records) < len(points):
+            write_report(build_report(args, points, records, shared, complete=False), args.output)
+
+    records = run_sweep(points, lambda p: measure_point(p, shared), partial, catch_oom=shared["world"] == 1)
+    return build_report(args, points, records, shared, complete=True) if rank == 0 else None
+
+
+def write_report(report: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
@@ -1236,12 +1513,12 @@ def main(argv=None) -> int:
     finally:
         sys.stdout.flush()
     if report is not None:
-        text = json.dumps(report, indent=2)
         if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                f.write(text + "\n")
-        os.write(json_fd, (text + "\n").encode())
+            write_report(report, args.output)
+        os.write(json_fd, (json.dumps(report, indent=2) + "\n").encode())
+        if report["best_point"] is None:  # every point ran out of memory: recorded, but nothing was measured
+            print("error: every point ran out of memory (the report's points say where)", file=sys.stderr, flush=True)
+            return 3
     return 0
 
 

@@ -162,3 +162,149 @@ def test_bad_arguments_get_one_line(extra, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--micro_batch", "4,3", "--global_batch", "8"], ("--global_batch 8", "--micro_batch 3")),
+    (["--grad_accum", "2", "--global_batch", "8"], ("--grad_accum", "--global_batch")),
+    (["--zero_stage", "0,5"], ("--zero_stage", "0, 1, 2, 3")),
+    (["--peak_json", "/nonexistent/peak.json"], ("--peak_json", "matmul_peak.py")),
+])
+def test_bad_batch_and_peak_arguments_get_one_line(extra, words):
+    test_bad_arguments_get_one_line(extra, words)
+
+
+# ------------------------------------------------------------------ sweeps, accumulation, ZeRO stage, peak, OOM
+
+def _throughput_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bench_throughput_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # stdlib imports only at module level
+    return module
+
+
+def test_run_sweep_records_oom_and_skips_the_larger_micro_batches():
+    """An out-of-memory point is a result (status oom, the error's first line), not a crash; the larger micro-batches
+    of the same ZeRO stage / bucket size are skipped, the other groups still run."""
+    import torch
+    bench = _throughput_module()
+    points = [{"zero_stage": z, "bucket_size": None, "micro_batch": m, "_private": object()}
+              for z in (2, 1) for m in (2, 4, 8)]
+    ran = []
+
+    def run_point(p):
+        ran.append((p["zero_stage"], p["micro_batch"]))
+        if p["zero_stage"] == 2 and p["micro_batch"] >= 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
+        return {"results": {"kd": {"samples_per_second": float(p["micro_batch"])}}}
+
+    seen = []
+    records = bench.run_sweep(points, run_point, on_point=lambda recs: seen.append(len(recs)))
+    assert ran == [(2, 2), (2, 4), (1, 2), (1, 4), (1, 8)]  # (2, 8) skipped after the OOM at 4
+    assert [r["status"] for r in records] == ["ok", "oom", "skipped_after_oom", "ok", "ok", "ok"]
+    assert records[1]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "micro_batch 4" in records[2]["error"] and "results" not in records[2]
+    assert all("_private" not in r for r in records)  # only the public fields are recorded
+    assert seen == [1, 2, 3, 4, 5, 6]                 # a partial report can be written after each point
+    assert bench.best_point(records) == 5             # the fastest ok point
+
+    def broken(p):
+        raise ValueError("not a memory error")
+    with pytest.raises(ValueError):
+        bench.run_sweep(points[:1], broken)
+    with pytest.raises(torch.OutOfMemoryError):       # several ranks: not caught
+        bench.run_sweep(points[1:2], run_point, catch_oom=False)
+    assert bench.best_point([{"status": "oom"}]) is None
+
+
+def test_sweep_points_derive_accumulation_and_set_stage_and_buckets_in_the_deepspeed_json():
+    bench = _throughput_module()
+    args = bench.parse_args(TINY + ["--precision", "fp32", "--micro_batch", "2,4", "--global_batch", "8",
+                                    "--zero_stage", "0,1", "--bucket_size", "1000000"])
+    assert args.micro_batches == [2, 4] and args.micro_batch == 2 and args.grad_accum is None
+    points = bench.sweep_points(args, world=1)
+    assert [(p["zero_stage"], p["micro_batch"], p["grad_accum"], p["train_batch_size"]) for p in points] == \
+        [(0, 2, 4, 8), (0, 4, 2, 8), (1, 2, 4, 8), (1, 4, 2, 8)]
+    for p in points:
+        raw, ds, _, _ = p["_ds"]
+        assert raw["zero_optimization"]["stage"] == p["zero_stage"]
+        assert raw["zero_optimization"]["reduce_bucket_size"] == raw["zero_optimization"]["allgather_bucket_size"] \
+            == 1000000
+        assert ds["gradient_accumulation_steps"] == p["grad_accum"] and p["_args"].micro_batch == p["micro_batch"]
+    with pytest.raises(bench.BenchError, match="2 ranks"):
+        bench.sweep_points(bench.parse_args(TINY + ["--micro_batch", "4", "--global_batch", "4"]), world=2)
+
+
+def test_peak_json_is_the_mfu_peak(tmp_path):
+    import torch
+    bench = _throughput_module()
+    peak = tmp_path / "peak.json"
+    peak.write_text(json.dumps({"tflops": {"fp32": 2.5, "bf16": 10.0}}))
+    args = bench.parse_args(TINY + ["--precision", "bf16", "--peak_json", str(peak)])
+    assert bench.peak_tflops(args, torch.bfloat16, torch.device("cpu")) == (10.0, "peak_json:peak.json")
+    with pytest.raises(bench.BenchError, match="no measured fp16 peak"):
+        bench.peak_from_json(str(peak), "fp16")
+    with pytest.raises(bench.BenchError, match="both give the peak"):
+        bench.parse_args(TINY + ["--peak_tflops", "1", "--peak_json", str(peak)])
+
+
+def test_global_batch_accumulates_one_optimizer_step_per_window_and_zero_stage_reaches_deepspeed(tmp_path):
+    """Two points in one process (ZeRO-0 and ZeRO-1) at global batch 8 = micro 2 x 4: every objective took one
+    optimizer step per 4 micro steps, the engine runs the asked stage, MFU is against the given peak."""
+    peak = tmp_path / "peak.json"
+    peak.write_text(json.dumps({"tflops": {"fp32": 0.5}}))
+    out = tmp_path / "sweep.json"
+    proc = _run(TINY[:12] + ["--micro_batch", "2", "--global_batch", "8", "--zero_stage", "0,1", "--steps", "2",
+                             "--warmup", "1", "--precision", "fp32", "--objectives", "kd,ref_kd", "--no_breakdown",
+                             "--num_examples", "64", "--peak_json", str(peak), "--output", str(out)])
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report and report["complete"] is True
+    assert report["peak_tflops"] == 0.5 and report["peak_source"] == "peak_json:peak.json"
+    assert [(p["zero_stage"], p["status"], p["grad_accum"]) for p in report["points"]] == [(0, "ok", 4), (1, "ok", 4)]
+    assert report["config"]["global_batch"] == 8 and report["config"]["train_batch_size"] == 8
+    assert report["config"]["sweep"]["zero_stage"] == [0, 1]
+    assert report["results"] == report["points"][report["best_point"]]["results"]
+    for p in report["points"]:
+        for name, r in p["results"].items():
+            assert (r["optimizer_steps"], r["micro_steps"]) == (3, 12), name   # 1 warm-up + 2 timed steps
+            assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 0.5)
+        assert p["results"]["kd"]["engine_zero_stage"] == p["zero_stage"]
+        assert p["results"]["ref_kd"]["engine_zero_stage"] is None
+        assert _number(p["ratios"]["kd_over_ref_kd"])
+
+
+def test_matmul_peak_writes_a_peak_per_dtype(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bench_matmul_peak", REPO / "bench" / "matmul_peak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "peak.json"
+    assert module.main(["--size", "64", "--iters", "2", "--repeats", "2", "--dtypes", "fp32,bf16",
+                        "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert set(report["tflops"]) == {"fp32", "bf16"} and report["size"] == 64 and report["device_type"] == "cpu"
+    for name, peak in report["peaks"].items():
+        assert _number(peak["tflops"]) and peak["tflops"] >= peak["tflops_median"] > 0
+        assert report["tflops"][name] == peak["tflops"]
+
+
+def test_teacher_cache_sizes_build_the_paper_size_runs():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_bench_teacher_cache", REPO / "bench" / "teacher_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--method", "codir", "--teacher_size", "12/768/12", "--student_size", "6/768/12",
+                              "--set", "method.num_negatives=1000"])
+    assert args.teacher_size == (12, 768, 12) and args.student_size == (6, 768, 12)
+    args.teacher = "/tmp/teacher"
+    common = module.common_arguments(args)
+    sets = [common[i + 1] for i, a in enumerate(common) if a == "--set"]
+    for expected in ("model.student_init=null", "model.student_layers=6", "model.student_hidden=768",
+                     "model.student_heads=12", "method.num_negatives=1000", "model.teacher=/tmp/teacher"):
+        assert expected in sets
+    assert sets.index("model.student_init=null") > sets.index(f"model.student_init={args.minilm}")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--teacher_size", "12/770/12"])
