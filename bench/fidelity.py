@@ -77,7 +77,7 @@ COMPARISONS: list[tuple[str, str, str]] = [
 _CPU_COMMON = ["data.max_train_examples=2000", "data.max_eval_examples=null", "data.max_length=64",
                "training.train_batch_size=32", "training.micro_batch_size=32", "training.eval_batch_size=128"]
 PRESETS = {
-    # 2 CPU cores: 2,000 training examples, the whole validation split, 3 epochs (189 steps) at the shipped
+    # 2 CPU cores: 2,000 training examples, the whole validation split, 2 epochs (124 steps) at the shipped
     # learning rate 2e-4, teacher outputs cached after the first epoch. The teacher is compare.py's cpu teacher.
     "cpu": {
         "common": _CPU_COMMON,
@@ -85,7 +85,7 @@ PRESETS = {
                     "training.micro_batch_size=16", "training.max_steps=-1", "training.epochs=2",
                     "training.lr=5e-5"],
         "student": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=[0,3]",
-                    "training.max_steps=-1", "training.epochs=3", "training.lr=2e-4"],
+                    "training.max_steps=-1", "training.epochs=2", "training.lr=2e-4"],
         "teacher_model": "MiniLM 6L/384",
         "student_model": "2L/384 student from MiniLM layers 0 and 3",
     },
@@ -230,25 +230,27 @@ def paired(records: dict, a: str, b: str, seeds: list[int], metric: str) -> Opti
 def diagnostics_of(rec: dict) -> dict:
     """The run's last-step CRD diagnostics (results.json) and the smallest logged gap (its TensorBoard)."""
     out = dict(((rec.get("results") or {}).get("diagnostics")) or {})
-    gaps = _logged(Path(rec["run_dir"]), "bank/sim_gap")
-    if gaps:
-        out["min_sim_gap"] = min(gaps)
+    logged = _logged(Path(rec["run_dir"]), ("bank/sim_gap", "crd/student_norm"))
+    if logged.get("bank/sim_gap"):
+        out["min_sim_gap"] = min(logged["bank/sim_gap"])
+    if logged.get("crd/student_norm"):
+        out["first_student_norm"] = logged["crd/student_norm"][0]
     return out
 
 
-def _logged(run_dir: Path, tag: str) -> list[float]:
+def _logged(run_dir: Path, tags: tuple) -> dict:
+    """``{tag: [values in step order]}`` from the run's TensorBoard events (empty without tensorboard)."""
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
-        return []
-    values = []
-    for events in sorted(run_dir.glob("**/events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            values += [e.value for e in acc.Scalars(tag)]
-        break
-    return values
+        return {}
+    events = sorted(run_dir.glob("**/events.out.tfevents.*"))
+    if not events:
+        return {}
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = acc.Tags().get("scalars", [])
+    return {t: [e.value for e in sorted(acc.Scalars(t), key=lambda e: e.step)] for t in tags if t in have}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -262,9 +264,18 @@ def _mean_std(values: list[float]) -> str:
 # --------------------------------------------------------------------------- outputs
 
 
+def norms(diags: list[dict]) -> str:
+    """Mean projected student-feature norm at the first and the last log step."""
+    pairs = [(d["first_student_norm"], d["crd/student_norm"]) for d in diags
+             if d.get("first_student_norm") is not None and d.get("crd/student_norm") is not None]
+    if not pairs:
+        return "–"
+    return f"{statistics.fmean(p[0] for p in pairs):.1f} → {statistics.fmean(p[1] for p in pairs):.1f}"
+
+
 def variant_rows(args, records: dict, metric: str) -> list[str]:
     lines = ["| variant | settings | " + metric + " (mean ± std) | n | pos cos | neg cos | gap | min gap | "
-             "L_CRD/log(K+1) | collapse warnings | train s |", "|" + "---|" * 11]
+             "L_CRD/log(K+1) | ‖h_s‖ first → last | collapse warnings | train s |", "|" + "---|" * 12]
     for v in args.variants:
         ok = [records[(v, s)] for s in args.seeds if (v, s) in records and records[(v, s)]["status"] == "ok"]
         vals = [r["results"]["final"][metric] for r in ok]
@@ -279,8 +290,8 @@ def variant_rows(args, records: dict, metric: str) -> list[str]:
         settings = " ".join([f"method.name={method}", *extra])
         lines.append(f"| {v} | `{settings}` | {_mean_std(vals)} | {len(ok)} | {col('bank/pos_sim')} | "
                      f"{col('bank/neg_sim')} | {col('bank/sim_gap')} | {col('min_sim_gap')} | "
-                     f"{col('crd/loss_over_log_k1')} | {warned} | "
-                     f"{statistics.fmean(train):.0f} |" if train else f"| {v} | `{settings}` | not run | 0 |" + " – |" * 7)
+                     f"{col('crd/loss_over_log_k1')} | {norms(diags)} | {warned} | "
+                     f"{statistics.fmean(train):.0f} |" if train else f"| {v} | `{settings}` | not run | 0 |" + " – |" * 8)
     return lines
 
 

@@ -57,7 +57,8 @@ def test_outputs_from_fake_runs(tmp_path):
     args = fidelity.parse_args(["--task", "trec6", "--variants", "kd,codir", "--seeds", "1,2", "--size", "tiny",
                                 "--out", str(tmp_path)])
     diag = {"bank/pos_sim": 0.9, "bank/neg_sim": 0.3, "bank/sim_gap": 0.6, "crd/loss_over_log_k1": 0.4,
-            "collapse_warning": False, "min_sim_gap": 0.2}
+            "collapse_warning": False, "min_sim_gap": 0.2,
+            "crd/student_norm": 9.0, "first_student_norm": 2.5}
     records = {("kd", 1): _rec(0.70), ("kd", 2): _rec(0.72), ("codir", 1): _rec(0.73, diag),
                ("codir", 2): _rec(0.71, diag)}
     teacher = {"results": {"main_metric": "accuracy", "final": {"accuracy": 0.88}}}
@@ -65,7 +66,7 @@ def test_outputs_from_fake_runs(tmp_path):
     md = (tmp_path / "trec6.md").read_text()
     assert md.splitlines()[0].startswith("python bench/fidelity.py --task trec6 --seeds 1,2 --size tiny")
     assert "| codir vs kd | CoDIR beats KD | +3.0, -1.0 | +1.00 ± 2.8 | 1/2 | 1.000 |" in md
-    assert "| 0.900 | 0.300 | 0.600 | 0.200 | 0.400 | 0/2 |" in md
+    assert "| 0.900 | 0.300 | 0.600 | 0.200 | 0.400 | 2.5 → 9.0 | 0/2 |" in md
     data = json.loads((tmp_path / "trec6.json").read_text())
     assert data["comparisons"][0]["paired"]["diffs"] == pytest.approx([0.03, -0.01])
     if importlib.util.find_spec("matplotlib") is not None:
