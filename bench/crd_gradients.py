@@ -1,0 +1,152 @@
+"""How hard does the CRD term pull on the student, and in which direction? A probe of a real codir run.
+
+    python bench/crd_gradients.py --config configs/fine_movie_snippets_cpu.yaml \
+        --set data.task=trec6 --set model.teacher=runs/fidelity_cpu/trec6/teacher/export \
+        --output_dir /tmp/crd_gradients --out bench/results/cpu_xeon/crd_gradients_trec6.json
+
+Runs ``launchers/finetune.py``'s recipe unchanged (one process) with the method's loss wrapped: at
+every ``--every``-th optimizer step, before the engine's backward, the gradients of the supervised
+part (``L_task + alpha_1 L_KD``) and of the contrastive part (``alpha_2 L_CRD``) with respect to the
+student encoder's hidden states (the embedding output and every layer's output, captured by forward
+hooks) are taken separately (``torch.autograd.grad`` on those activations; DeepSpeed's parameter
+hooks and the engine's own gradients are untouched) and their norms, ratio and cosine are recorded
+per layer, together with the projected student feature's norm (the CRD gradient through the cosine
+scales as 1 / (tau * ||h_s||)). The training itself, and its results.json, are those of the plain run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
+
+
+def hidden_state_hooks(student, captured: list) -> None:
+    """Forward hooks that append the embedding output and every encoder layer's output to ``captured``."""
+    def keep(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    body = getattr(student, student.base_model_prefix, student)  # e.g. BertForSequenceClassification.bert
+    def first(module, inputs, output):  # a new forward starts at the embeddings
+        captured.clear()
+        keep(module, inputs, output)
+
+    body.embeddings.register_forward_hook(first)
+    for layer in body.encoder.layer:
+        layer.register_forward_hook(keep)
+
+
+def gradient_record(step: int, sup, crd, captured: list, student, batch) -> dict:
+    """Norms, ratio and cosine of the two terms' gradients at every captured hidden state."""
+    import torch
+
+    g_sup = torch.autograd.grad(sup, captured, retain_graph=True, allow_unused=True)
+    g_crd = torch.autograd.grad(crd, captured, retain_graph=True, allow_unused=True)
+    layers = []
+    for a, b in zip(g_sup, g_crd):
+        a = a.flatten() if a is not None else torch.zeros(1)
+        b = b.flatten() if b is not None else torch.zeros(1)
+        layers.append({"supervised_grad_norm": a.norm().item(), "crd_grad_norm": b.norm().item(),
+                       "ratio_crd_to_supervised": (b.norm() / a.norm().clamp_min(1e-30)).item(),
+                       "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()})
+    h_norm = student.h_s.detach().float().norm(dim=1).mean().item()
+    return {"step": step, "layers": layers, "student_norm": h_norm, "crd_loss_over_log_k1":
+            crd.item() / math.log(batch.negatives.per_anchor + 1)}
+
+
+def probe(recipe, every: int, records: list) -> None:
+    """Wrap ``recipe.method.loss`` so that every ``every``-th optimizer step records the two gradients.
+
+    The gradients are taken on a copy of the trained module (same weights, same micro-batch, same teacher
+    features): a backward through the engine's own outputs would run DeepSpeed's gradient hooks."""
+    import copy as copy_module
+
+    import torch
+
+    from codir_ds.distill.methods.base import StudentOutput
+
+    method, original, micro_batch = recipe.method, recipe.method.loss, recipe.micro_batch
+    alpha, tau = recipe.cfg.method.alpha_crd, recipe.cfg.method.crd_temperature
+    last: dict = {}
+    seen = set()
+
+    def keep_batch(ids, stage):
+        last["batch"], mix = micro_batch(ids, stage)
+        return last["batch"], mix
+
+    def loss(student, teacher, batch):
+        step = recipe.progress.step
+        if step % every == 0 and step not in seen and batch.negatives is not None:
+            seen.add(step)
+            rng = torch.get_rng_state()  # the copy's dropout must not shift the real run's random stream
+            module = copy_module.deepcopy(recipe.engine.module).train()
+            captured: list = []
+            hidden_state_hooks(module.student, captured)
+            b = last["batch"]
+            out = StudentOutput.from_module(module(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                   token_type_ids=b.get("token_type_ids"),
+                                                   teacher_features=teacher.features, ild=False, mix=None,
+                                                   clean_model=None))
+            sup = method.supervised(out, teacher, batch, {})
+            crd, _, _ = batch.negatives.loss(out.h_t, out.h_s, tau)
+            records.append(gradient_record(step, sup, alpha * crd, list(captured), out, batch))
+            torch.set_rng_state(rng)
+            r = records[-1]
+            cells = "  ".join(f"L{i}: ratio {x['ratio_crd_to_supervised']:.2f} cos {x['cosine']:+.2f}"
+                              for i, x in enumerate(r["layers"]))
+            print(f"probe step {step}: |h_s| {r['student_norm']:.2f}  {cells}", flush=True)
+        return original(student, teacher, batch)
+
+    recipe.micro_batch = keep_batch
+    method.loss = loss
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    ap.add_argument("--output_dir", required=True, help="the run directory (must not hold a run)")
+    ap.add_argument("--every", type=int, default=10, help="probe every N optimizer steps")
+    ap.add_argument("--out", required=True, help="JSON with the probe's records and the run's results")
+    args = ap.parse_args(argv)
+    from codir_ds.cli import quiet_environment
+    from codir_ds.config import load_config
+    from codir_ds.errors import CodirError
+    from codir_ds.pipeline import free_port
+    from codir_ds.recipes import recipe_for
+
+    quiet_environment()
+    try:
+        cfg = load_config(args.config, args.overrides, stage="finetune")
+        if cfg.method.name != "codir":
+            raise CodirError(f"method.name is {cfg.method.name}: the probe measures codir's CRD term "
+                             f"(--set method.name=codir)")
+    except CodirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    recipe = recipe_for(cfg, "finetune", args.deepspeed_config, args.output_dir)
+    records: list = []
+    recipe.setup()
+    probe(recipe, args.every, records)
+    results = recipe.train()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(["python", "bench/crd_gradients.py", *sys.argv[1:]]),
+                                          "probe": records, "final": results.get("final"),
+                                          "diagnostics": results.get("diagnostics")}, indent=2))
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
