@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
+from codir_ds.cli import DefaultsHelpFormatter, run_main  # noqa: E402
 
 
 def hidden_state_hooks(student, captured: list) -> None:
@@ -120,21 +119,13 @@ def main(argv=None) -> int:
     from codir_ds.cli import quiet_environment
     from codir_ds.config import load_config
     from codir_ds.errors import CodirError
-    from codir_ds.pipeline import free_port
     from codir_ds.recipes import recipe_for
 
     quiet_environment()
-    try:
-        cfg = load_config(args.config, args.overrides, stage="finetune")
-        if cfg.method.name != "codir":
-            raise CodirError(f"method.name is {cfg.method.name}: the probe measures codir's CRD term "
-                             f"(--set method.name=codir)")
-    except CodirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    cfg = load_config(args.config, args.overrides, stage="finetune")  # bad input: one line (run_main)
+    if cfg.method.name != "codir":
+        raise CodirError(f"method.name is {cfg.method.name}: the probe measures codir's CRD term "
+                         f"(--set method.name=codir)")
     recipe = recipe_for(cfg, "finetune", args.deepspeed_config, args.output_dir)
     records: list = []
     recipe.setup()
@@ -149,4 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -422,12 +422,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                               task_dir / "logs" / f"{name}.log")
         if rec["status"] == "ok":
             rec["diagnostics"] = diagnostics_of(rec)
+        rec.update(method=v, seed=s)
         with lock:
             records[(v, s)] = rec
-            value = (rec.get("results") or {}).get("final", {}).get("accuracy") if rec["status"] == "ok" else None
-            print(f"[{len(records)}/{len(grid)}] {name}: "
-                  + (f"accuracy {value:.4f}" if value is not None else f"{rec['status']} {rec.get('error', '')}"),
-                  flush=True)
+            compare._report(rec, len(records), len(grid))
             write_outputs(args, teacher, records)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -35,9 +35,13 @@ def test_probe_records_gradients_and_does_not_change_the_run(tmp_path, tiny_conf
         assert r["student_norm"] > 0
 
 
-def test_probe_refuses_a_method_without_crd(tmp_path, tiny_config, capsys):
-    code = crd_gradients.main(["--config", str(tiny_config), "--set", "method.name=kd", "--output_dir",
-                               str(tmp_path / "run"), "--out", str(tmp_path / "x.json")])
-    assert code == 2
-    assert "measures codir's CRD term" in capsys.readouterr().err
+def test_probe_refuses_a_method_without_crd(tmp_path, tiny_config):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "crd_gradients.py"), "--config", str(tiny_config),
+                           "--set", "method.name=kd", "--output_dir", str(tmp_path / "run"), "--out",
+                           str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: method.name is kd: the probe measures codir's CRD term"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "run").exists()
