@@ -45,6 +45,10 @@ def run_stage(name: str, script: str, ranks: int, run_dir: Path, args: Sequence[
     extra = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
     if extra:
         print(f"[{name}] resuming interrupted run {run_dir}", flush=True)
+    elif (run_dir / "config.yaml").is_file():
+        # interrupted before its first checkpoint: nothing to keep (no results, no checkpoint), start it again
+        extra = ["--overwrite"]
+        print(f"[{name}] restarting {run_dir}: it was interrupted before its first checkpoint", flush=True)
     cmd = deepspeed_command(script, ranks, [*args, "--output_dir", str(run_dir), *extra])
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(ranks)))

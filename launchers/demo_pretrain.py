@@ -24,7 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from codir_ds.cli import DefaultsHelpFormatter, quiet_environment, run_main  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
 
-PRE_NAMES = {"mlm": "MLM-Pre", "kd": "KD-Pre", "codir": "CoDIR-Pre"}
+PRE_NAMES = {"mlm": "MLM-Pre", "kd": "KD-Pre", "codir": "CoDIR-Pre", "codir_bank": "CoDIR-Pre (bank negatives)"}
+# stage-2 variant -> (method.name, extra --set overrides)
+PRE_VARIANTS = {"mlm": ("mlm", []), "kd": ("kd", []), "codir": ("codir", []),
+                "codir_bank": ("codir", ["method.pretrain_negatives=bank"])}
 
 
 def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
@@ -67,13 +70,17 @@ def main() -> int:
     ap.add_argument("--finetune_config", default="configs/fine_movie_snippets_cpu.yaml")
     ap.add_argument("--ranks", type=int, default=1,
                     help="data-parallel ranks (CPU processes or GPUs); on 2 CPU cores 1 rank x 2 threads is faster")
-    ap.add_argument("--methods", nargs="+", default=["mlm", "codir"], choices=["mlm", "kd", "codir"],
-                    help="stage-2 pre-training objectives to compare")
+    ap.add_argument("--methods", nargs="+", default=["mlm", "codir"], choices=list(PRE_VARIANTS),
+                    help="stage-2 pre-training objectives to compare (codir_bank: codir with "
+                         "method.pretrain_negatives=bank, candidates beyond the batch)")
     ap.add_argument("--head_steps", type=int, default=150, help="steps of teacher MLM-head fitting")
     ap.add_argument("--stage1_steps", type=int, default=100)
     ap.add_argument("--stage2_steps", type=int, default=80)
     ap.add_argument("--stage2_lr", type=float, default=1e-4, help="paper: 1e-4 in stage 2")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, default=42, help="stage-2 and finetuning seed (stage 1 too, unless shared)")
+    ap.add_argument("--shared_dir", default=None,
+                    help="take the teacher head and the stage-1 student from DIR/teacher_mlm and DIR/stage1_mlm "
+                         "(made there if missing), so that runs with several seeds share them")
     args = ap.parse_args()
     quiet_environment()
     from codir_ds.config import load_config
@@ -84,29 +91,34 @@ def main() -> int:
     load_config(args.stage2_config)
     load_config(args.finetune_config, ["method.name=ce"])
     t0 = time.perf_counter()
-    teacher = out / "teacher_mlm"
+    shared = Path(args.shared_dir) if args.shared_dir else out
+    teacher = shared / "teacher_mlm"
     head = fit_head(teacher, "all-MiniLM-L6-v2", args.stage2_config, args.head_steps)
 
     ds = ["--deepspeed_config", args.deepspeed_config]
     seed = ["--set", f"training.seed={args.seed}"]
-    stage1_dir = out / "stage1_mlm"
+    stage1_dir = shared / "stage1_mlm"
+    stage1_seed = ["--set", "training.seed=42"] if args.shared_dir else seed
     stage1 = run_stage("stage 1 mlm", "launchers/pretrain.py", args.ranks, stage1_dir,
-                       ds + ["--config", args.stage1_config, "--set", f"training.max_steps={args.stage1_steps}"] + seed)
+                       ds + ["--config", args.stage1_config, "--set", f"training.max_steps={args.stage1_steps}"]
+                       + stage1_seed)
     rows = []
-    for method in args.methods:
+    for variant in args.methods:
+        method, extra = PRE_VARIANTS[variant]
         sets = ["--set", f"method.name={method}", "--set", f"model.init_from={stage1_dir}",
                 "--set", "model.student_init=null", "--set", "model.student_init_layers=null",
                 "--set", f"model.teacher={teacher}", "--set", "method.alpha_kd=0.1", "--set", "method.alpha_crd=0.1",
                 "--set", f"training.max_steps={args.stage2_steps}", "--set", f"training.lr={args.stage2_lr}"]
-        pre_dir = out / f"stage2_{method}"
-        pre = run_stage(f"stage 2 {method}", "launchers/pretrain.py", args.ranks, pre_dir,
+        sets += [a for kv in extra for a in ("--set", kv)]
+        pre_dir = out / f"stage2_{variant}"
+        pre = run_stage(f"stage 2 {variant}", "launchers/pretrain.py", args.ranks, pre_dir,
                         ds + ["--config", args.stage2_config] + sets + seed)
-        fine = run_stage(f"finetune {PRE_NAMES[method]}", "launchers/finetune.py", args.ranks,
-                         out / f"finetune_{method}",
+        fine = run_stage(f"finetune {PRE_NAMES[variant]}", "launchers/finetune.py", args.ranks,
+                         out / f"finetune_{variant}",
                          ds + ["--config", args.finetune_config, "--set", "method.name=ce",
                                "--set", f"model.init_from={pre_dir}", "--set", "model.student_init=null",
                                "--set", "model.student_init_layers=null"] + seed)
-        rows.append({"pretraining": PRE_NAMES[method], "stage2_steps": pre["steps"],
+        rows.append({"pretraining": PRE_NAMES[variant], "variant": variant, "stage2_steps": pre["steps"],
                      "mlm_loss": pre["final"]["mlm_loss"], "mlm_accuracy": pre["final"]["mlm_accuracy"],
                      "pretrain_samples_per_second": pre["samples_per_second"],
                      "finetune_metric": fine["main_metric"], "finetune_best": fine["best"][fine["main_metric"]],

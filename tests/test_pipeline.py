@@ -27,12 +27,16 @@ def test_interrupted_stage_is_resumed_and_fresh_stage_is_not(tmp_path, monkeypat
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    fresh, stopped = tmp_path / "fresh", tmp_path / "stopped"
+    fresh, stopped, early = tmp_path / "fresh", tmp_path / "stopped", tmp_path / "early"
     (stopped / "checkpoints").mkdir(parents=True)
     (stopped / "checkpoints" / "latest").write_text("step_00000003\n")
+    early.mkdir()  # stopped before its first checkpoint: a config, no checkpoint, no results
+    (early / "config.yaml").write_text("name: x\n")
     pipeline.run_stage("fresh", "launchers/finetune.py", 2, fresh, ["--config", "c.yaml"])
     pipeline.run_stage("stopped", "launchers/finetune.py", 2, stopped, ["--config", "c.yaml"])
-    assert "--resume" not in calls[0] and "--resume" in calls[1]
+    pipeline.run_stage("early", "launchers/finetune.py", 1, early, ["--config", "c.yaml"])
+    assert "--resume" not in calls[0] and "--overwrite" not in calls[0] and "--resume" in calls[1]
+    assert "--overwrite" in calls[2] and "--resume" not in calls[2]
     assert calls[0][calls[0].index("--num_gpus") + 1] == "2"
 
 
