@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "codir_a1": ("codir", ["method.alpha_crd=1.0"]),
     "codir_warm": ("codir", ["method.bank_init=student"]),
     "codir_raw_bank": ("codir", ["method.bank_normalize=false"]),
+    "codir_delay30": ("codir", ["method.crd_encoder_delay=30"]),
+    "codir_t0.5": ("codir", ["method.crd_temperature=0.5"]),
 }
 # (A, B, the claim): the table and plot show A - B per seed.
 COMPARISONS: list[tuple[str, str, str]] = [
@@ -75,6 +77,9 @@ COMPARISONS: list[tuple[str, str, str]] = [
     ("codir_a1", "codir", "alpha_2 = 1 vs 0.1"),
     ("codir_warm", "codir", "warm-started bank vs random rows"),
     ("codir", "codir_raw_bank", "bank update on normalised vs raw features"),
+    ("codir_delay30", "codir", "CRD reaches the encoder after 30 steps (heads trained first) vs from step 0"),
+    ("codir_delay30", "kd", "CoDIR with heads trained first vs KD"),
+    ("codir_t0.5", "codir", "tau = 0.5 vs 0.07"),
 ]
 
 _CPU_COMMON = ["data.max_train_examples=2000", "data.max_eval_examples=null", "data.max_length=64",

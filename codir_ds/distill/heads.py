@@ -97,7 +97,9 @@ class DistillationModule(nn.Module):
     """Student classifier with the objective's learnable heads.
 
     ``forward`` returns a dict with ``logits`` ``[B, C]``; with CRD heads and
-    ``teacher_features`` ``[B, Lt*d_t]`` also ``h_s`` and ``h_t`` ``[B, m]``; with ``ild=True``
+    ``teacher_features`` ``[B, Lt*d_t]`` also ``h_s`` and ``h_t`` ``[B, m]`` (``hold_encoder=True``:
+    ``h_s`` is projected from detached pooled layers, so the CRD gradient trains the heads but
+    stops before the student body, ``method.crd_encoder_delay``); with ``ild=True``
     ``layers``, the student's mapped layers (:func:`ild_features`), projected to the
     teacher's width by one learned linear map per layer pair when the widths differ. With
     ``mix=(lam, partner)`` the student runs on mixed word embeddings (CR-ILD) and, for the
@@ -138,7 +140,8 @@ class DistillationModule(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None,
                 teacher_features: Optional[torch.Tensor] = None, ild: bool = False,
-                mix: Optional[tuple] = None, clean_model: Optional[nn.Module] = None) -> dict:
+                mix: Optional[tuple] = None, clean_model: Optional[nn.Module] = None,
+                hold_encoder: bool = False) -> dict:
         want_features = self.proj_s is not None and teacher_features is not None
         attn = ild and self.ild_spec.attention
         kwargs = dict(token_type_ids=token_type_ids, output_hidden_states=want_features or ild,
@@ -154,7 +157,7 @@ class DistillationModule(nn.Module):
         result = {"logits": out.logits}
         if want_features:
             pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
-            result["h_s"] = self.proj_s(pooled)
+            result["h_s"] = self.proj_s(pooled.detach() if hold_encoder else pooled)
             result["h_t"] = self.proj_t(teacher_features)
         if ild:
             result["layers"] = self._ild(out, mask)
@@ -189,7 +192,7 @@ class PretrainModule(DistillationModule):
         return self.proj_s(pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling))
 
     def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
-                teacher_features: Optional[torch.Tensor] = None, ild: bool = False) -> dict:
+                teacher_features: Optional[torch.Tensor] = None, ild: bool = False, hold_encoder: bool = False) -> dict:
         body, head = mlm_parts(self.student)
         want_features = self.proj_s is not None and teacher_features is not None
         out = body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
@@ -197,7 +200,7 @@ class PretrainModule(DistillationModule):
         result = {"logits": head(gather_rows(out.last_hidden_state, rows))}
         if want_features:
             pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
-            result["h_s"] = self.proj_s(pooled)
+            result["h_s"] = self.proj_s(pooled.detach() if hold_encoder else pooled)
             result["h_t"] = self.proj_t(teacher_features)
         if ild:
             result["layers"] = self._ild(out, attention_mask)

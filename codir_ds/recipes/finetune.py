@@ -262,7 +262,8 @@ class FinetuneRecipe(Recipe):
             out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               token_type_ids=batch.get("token_type_ids"),
                               teacher_features=t_out.features if t_out is not None else None, ild=use_layers,
-                              mix=mix, clean_model=self.ema.model if self.ema is not None else None)
+                              mix=mix, clean_model=self.ema.model if self.ema is not None else None,
+                              hold_encoder=step < self.cfg.method.crd_encoder_delay)
             negatives = None
             if self.bank is not None:
                 if class_rows is None:  # collective, first micro step of an optimizer step

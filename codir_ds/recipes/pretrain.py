@@ -208,7 +208,8 @@ class PretrainRecipe(Recipe):
             t_out = self.runner(batch["input_ids"], batch["attention_mask"], rows) if self.runner is not None else None
             out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
                               teacher_features=t_out.features if t_out is not None else None,
-                              ild=self.module.ild_spec is not None)
+                              ild=self.module.ild_spec is not None,
+                              hold_encoder=self.progress.step < self.cfg.method.crd_encoder_delay)
             negatives = (BatchNegatives(candidates, self_mask(batch["ids"], cand_ids))
                          if self.bank is not None else None)
             inputs = LossInputs(labels, pretraining=True, token_scale=mb.token_scale, negatives=negatives)

@@ -45,6 +45,10 @@ class CRDConfig(KDConfig):
         "batch", "pre-training: the negatives' candidates: batch (the global mini-batch's rows, the paper's setting) "
                  "or bank (the batch's rows plus rows of other blocks drawn from the whole bank, up to "
                  "num_negatives + 1 candidates: a harder task when the global batch is small)")
+    crd_encoder_delay: int = option(
+        0, "optimizer steps during which the CRD gradient trains only the projection heads and stops before the "
+           "student body, so that randomly initialised heads do not push the encoder in a task-unrelated "
+           "direction; 0: CRD reaches the encoder from step 0 (the paper)")
     regression_bins: int = option(5, "regression tasks: targets are cut into this many equal-frequency bins and "
                                      "CRD negatives come from other bins")
 
@@ -58,6 +62,7 @@ class CRDConfig(KDConfig):
         for key in ("crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
             checks.positive(f"method.{key}", getattr(m, key))
         checks.positive("method.alpha_crd", m.alpha_crd, allow_zero=True)
+        checks.positive("method.crd_encoder_delay", m.crd_encoder_delay, allow_zero=True)
         checks.in_range("method.bank_momentum", m.bank_momentum, 0.0 <= m.bank_momentum < 1.0, "[0, 1)")
 
 
