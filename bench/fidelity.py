@@ -147,17 +147,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.task not in compare.TASKS:
         raise compare.ArgumentError(f"unknown task {args.task!r}: choose one of {', '.join(compare.TASKS)}")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if not variants or unknown:
-        raise compare.ArgumentError(f"unknown or no --variants {','.join(unknown)!r}: choose from {','.join(VARIANTS)}")
-    args.variants = list(dict.fromkeys(variants))
-    try:
-        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    except ValueError:
-        raise compare.ArgumentError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not args.seeds:
-        raise compare.ArgumentError("--seeds is empty: give at least one seed, e.g. --seeds 1,2,3,4,5")
+    args.variants = parse_variants(args.variants, VARIANTS)
+    args.seeds = parse_seeds(args.seeds)
     if args.size not in PRESETS:
         raise compare.ArgumentError(f"unknown --size {args.size!r}: choose one of {', '.join(PRESETS)}")
     if args.launcher not in ("python", "deepspeed"):
@@ -168,6 +159,26 @@ def check_args(args: argparse.Namespace) -> None:
     args.work_dir = args.work_dir or f"runs/fidelity_{args.size}"
     # what compare.run_one reads
     args.ranks, args.minilm = 1, compare.MINILM
+
+
+def parse_variants(text: str, known) -> list[str]:
+    """``--variants``: comma-separated names of ``known``, duplicates dropped, in the given order."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in known]
+    if not variants or unknown:
+        raise compare.ArgumentError(f"unknown or no --variants {','.join(unknown)!r}: choose from {','.join(known)}")
+    return list(dict.fromkeys(variants))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers, duplicates dropped, at least one."""
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise compare.ArgumentError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise compare.ArgumentError("--seeds is empty: give at least one seed, e.g. --seeds 1,2,3,4,5")
+    return seeds
 
 
 def regenerate_command(args: argparse.Namespace) -> str:

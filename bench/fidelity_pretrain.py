@@ -81,18 +81,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in demo.PRE_VARIANTS]
-    if not variants or unknown:
-        raise compare.ArgumentError(f"unknown or no --variants {','.join(unknown)!r}: choose from "
-                                    f"{','.join(demo.PRE_VARIANTS)}")
-    args.variants = list(dict.fromkeys(variants))
-    try:
-        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    except ValueError:
-        raise compare.ArgumentError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not args.seeds:
-        raise compare.ArgumentError("--seeds is empty: give at least one seed, e.g. --seeds 1,2,3,4,5")
+    args.variants = fidelity.parse_variants(args.variants, demo.PRE_VARIANTS)
+    args.seeds = fidelity.parse_seeds(args.seeds)
     if args.ranks < 1:
         raise compare.ArgumentError(f"--ranks must be >= 1, got {args.ranks}")
     args.task = "pretrain"  # what fidelity.write_chart titles the plot with
@@ -211,8 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         summaries[seed] = json.loads(summary_path.read_text())
         records.update(records_of(summaries[seed], seed))
-        write_outputs(args, records, summaries)
-    written = write_outputs(args, records, summaries)
+        written = write_outputs(args, records, summaries)  # after every seed: a stopped study keeps its tables
     print(f"done in {time.perf_counter() - t0:.0f} s\nwritten:\n" + "\n".join(f"  {p}" for p in written), flush=True)
     return 0
 

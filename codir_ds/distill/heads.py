@@ -132,11 +132,16 @@ class DistillationModule(nn.Module):
     def _ild(self, out, mask) -> dict:
         return ild_features(out.hidden_states, out.attentions, mask, self.ild_spec, "student", self.ild_proj)
 
+    def project_student(self, hidden_states, attention_mask, hold_encoder: bool = False) -> torch.Tensor:
+        """``[B, m]`` ``h^s``: the pooled student layers through phi_s (detached first with ``hold_encoder``)."""
+        pooled = pool_layers(hidden_states, attention_mask, self.student_layers, self.pooling)
+        return self.proj_s(pooled.detach() if hold_encoder else pooled)
+
     def student_features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """``[B, m]`` projected student features ``h^s`` alone (no teacher): the bank's warm start."""
         out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                            output_hidden_states=True)
-        return self.proj_s(pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling))
+        return self.project_student(out.hidden_states, attention_mask)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None,
                 teacher_features: Optional[torch.Tensor] = None, ild: bool = False,
@@ -156,8 +161,7 @@ class DistillationModule(nn.Module):
             out = self.student(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         result = {"logits": out.logits}
         if want_features:
-            pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
-            result["h_s"] = self.proj_s(pooled.detach() if hold_encoder else pooled)
+            result["h_s"] = self.project_student(out.hidden_states, attention_mask, hold_encoder)
             result["h_t"] = self.proj_t(teacher_features)
         if ild:
             result["layers"] = self._ild(out, mask)
@@ -189,7 +193,7 @@ class PretrainModule(DistillationModule):
         """``[B, m]`` projected student features ``h^s`` alone (no teacher, no MLM head): the bank's warm start."""
         out = mlm_parts(self.student)[0](input_ids=input_ids, attention_mask=attention_mask,
                                          token_type_ids=token_type_ids, output_hidden_states=True)
-        return self.proj_s(pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling))
+        return self.project_student(out.hidden_states, attention_mask)
 
     def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
                 teacher_features: Optional[torch.Tensor] = None, ild: bool = False, hold_encoder: bool = False) -> dict:
@@ -199,8 +203,7 @@ class PretrainModule(DistillationModule):
                    output_hidden_states=want_features or ild, output_attentions=ild and self.ild_spec.attention)
         result = {"logits": head(gather_rows(out.last_hidden_state, rows))}
         if want_features:
-            pooled = pool_layers(out.hidden_states, attention_mask, self.student_layers, self.pooling)
-            result["h_s"] = self.proj_s(pooled.detach() if hold_encoder else pooled)
+            result["h_s"] = self.project_student(out.hidden_states, attention_mask, hold_encoder)
             result["h_t"] = self.proj_t(teacher_features)
         if ild:
             result["layers"] = self._ild(out, attention_mask)
