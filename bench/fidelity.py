@@ -62,6 +62,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "codir_raw_bank": ("codir", ["method.bank_normalize=false"]),
     "codir_delay30": ("codir", ["method.crd_encoder_delay=30"]),
     "codir_t0.5": ("codir", ["method.crd_temperature=0.5"]),
+    "codir_anchor": ("codir", ["method.finetune_negatives=anchor"]),
+    "codir_last": ("codir", ["method.teacher_layers=[6]", "method.student_layers=[2]"]),
+    "kd_ep4": ("kd", ["training.epochs=4"]),
+    "codir_ep4": ("codir", ["training.epochs=4"]),
 }
 # (A, B, the claim): the table and plot show A - B per seed.
 COMPARISONS: list[tuple[str, str, str]] = [
@@ -80,6 +84,11 @@ COMPARISONS: list[tuple[str, str, str]] = [
     ("codir_delay30", "codir", "CRD reaches the encoder after 30 steps (heads trained first) vs from step 0"),
     ("codir_delay30", "kd", "CoDIR with heads trained first vs KD"),
     ("codir_t0.5", "codir", "tau = 0.5 vs 0.07"),
+    ("codir_anchor", "codir", "negatives drawn per anchor vs one set per class and step"),
+    ("codir", "codir_last", "every Transformer layer vs the last one only feeding the projections"),
+    ("kd_ep4", "kd", "KD: 4 epochs vs 2"),
+    ("codir_ep4", "kd_ep4", "CoDIR beats KD at 4 epochs"),
+    ("codir_ep4", "codir", "CoDIR: 4 epochs vs 2"),
 ]
 
 _CPU_COMMON = ["data.max_train_examples=2000", "data.max_eval_examples=null", "data.max_length=64",

@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crd_loss", "crd_loss_classes", "crd_loss_shared", "kd_loss"]
+__all__ = ["crd_loss", "crd_loss_anchors", "crd_loss_classes", "crd_loss_shared", "kd_loss"]
 
 
 def _no_autocast(device: torch.device):
@@ -80,6 +80,13 @@ def crd_loss(
         ``negatives`` only if the caller passes a tensor that requires grad;
         bank rows do not).
     """
+    return crd_loss_anchors(h_t, h_s, negatives, tau)[0]
+
+
+def crd_loss_anchors(h_t: torch.Tensor, h_s: torch.Tensor, negatives: torch.Tensor,
+                     tau: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`crd_loss` (each anchor with its own ``[K, m]`` negatives) plus the detached cosines for monitoring:
+    ``(loss, pos_sim [B], mean_neg_sim [B])`` like :func:`crd_loss_shared`."""
     if not tau > 0:
         raise ValueError(f"crd: temperature tau must be > 0, got {tau}")
     with _no_autocast(h_t.device):
@@ -87,7 +94,7 @@ def crd_loss(
         logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / float(tau)  # [B, K+1]
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         # cross_entropy = logsumexp(logits) - logits[:, 0]: stable for any cos/τ.
-        return F.cross_entropy(logits, target, reduction="mean")
+        return F.cross_entropy(logits, target, reduction="mean"), pos.detach(), neg.detach().mean(1)
 
 
 def crd_loss_shared(h_t: torch.Tensor, h_s: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor,

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from codir_ds.distill.losses import crd_loss_classes, crd_loss_shared
+from codir_ds.distill.losses import crd_loss_anchors, crd_loss_classes, crd_loss_shared
 from codir_ds.distill.memory_bank import derive_seed
 
-__all__ = ["BatchNegatives", "ClassNegatives", "LabelNegativeSampler", "batch_negatives", "self_mask"]
+__all__ = ["AnchorNegativeRows", "AnchorNegatives", "BatchNegatives", "ClassNegatives", "LabelNegativeSampler",
+           "all_gather_ids", "batch_negatives", "self_mask"]
 
 
 @dataclass
@@ -50,6 +51,22 @@ class ClassNegatives:
     def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
         """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_classes`)."""
         return crd_loss_classes(h_t, h_s, self.rows, self.classes, tau)
+
+
+@dataclass
+class AnchorNegatives:
+    """Finetuning's CRD negatives with ``method.finetune_negatives=anchor``: ``rows`` ``[B, K, m]``, K bank
+    rows drawn for each anchor on its own (:meth:`LabelNegativeSampler.anchor_negatives`)."""
+    rows: torch.Tensor
+
+    @property
+    def per_anchor(self) -> float:
+        """K: negatives per anchor."""
+        return float(self.rows.shape[1])
+
+    def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
+        """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_anchors`)."""
+        return crd_loss_anchors(h_t, h_s, self.rows, tau)
 
 
 @dataclass
@@ -126,14 +143,33 @@ class LabelNegativeSampler:
             rank and for every call with the same ``(seed, step)``.
         """
         g = torch.Generator().manual_seed(derive_seed(self.seed, int(step)))
-        c, k = self.num_classes, self.num_negatives
         # float64 uniforms carry 53 bits: unbiased enough for any realistic N.
-        u = torch.rand(c, k, generator=g, dtype=torch.float64)
-        n = self._num_candidates.unsqueeze(1)
+        u = torch.rand(self.num_classes, self.num_negatives, generator=g, dtype=torch.float64)
+        return self._other_label_ids(torch.arange(self.num_classes), u)
+
+    def sample_anchors(self, step: int, anchor_ids: torch.Tensor) -> torch.Tensor:
+        """Negative ids of each anchor for training step ``step`` (``method.finetune_negatives=anchor``).
+
+        Args:
+            anchor_ids: ``[n]`` global ids of the step's anchors, in the order every rank uses.
+
+        Returns:
+            ``[n, K]`` LongTensor (CPU); row ``i`` holds K global ids whose label is not that of
+            ``anchor_ids[i]``, drawn uniformly with replacement and independently of the other
+            rows. Depends only on ``(seed, step)`` and ``anchor_ids``.
+        """
+        anchor_ids = torch.as_tensor(anchor_ids, dtype=torch.long).cpu()
+        g = torch.Generator().manual_seed(derive_seed(self.seed, int(step), 13))
+        u = torch.rand(anchor_ids.numel(), self.num_negatives, generator=g, dtype=torch.float64)
+        return self._other_label_ids(self.labels[anchor_ids], u)
+
+    def _other_label_ids(self, classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``[n, K]`` ids: row i maps the uniforms ``u[i]`` onto the ids whose label is not ``classes[i]``."""
+        n = self._num_candidates[classes].unsqueeze(1)
         idx = torch.minimum((u * n).long(), n - 1)  # uniform in [0, N - n_c)
         # Skip the block of class c in the label-sorted order.
-        start = self._class_start.unsqueeze(1)
-        idx = torch.where(idx >= start, idx + self._class_count.unsqueeze(1), idx)
+        start = self._class_start[classes].unsqueeze(1)
+        idx = torch.where(idx >= start, idx + self._class_count[classes].unsqueeze(1), idx)
         return self._by_label[idx]
 
     def class_negatives(self, bank, step: int) -> torch.Tensor:
@@ -149,6 +185,51 @@ class LabelNegativeSampler:
             )
         neg_ids = self.sample(step)  # [C, K], same on every rank
         return bank.gather(neg_ids.reshape(-1)).reshape(self.num_classes, self.num_negatives, -1)
+
+
+    def anchor_negatives(self, bank, step: int, local_ids: torch.Tensor, world: int, device=None,
+                         group=None) -> "AnchorNegativeRows":
+        """Negative features of every anchor of the optimizer step (``method.finetune_negatives=anchor``). COLLECTIVE.
+
+        ``local_ids``: this rank's ids of all its micro-batches of the step. The step's ids are
+        all-gathered (on the host with ``group``, a gloo group), sorted, and each draws its own K
+        negatives (:meth:`sample_anchors`); one ``bank.gather`` fetches the ``G·K`` rows (G the
+        global batch), so the traffic is ``G`` times that of the per-class sets. Every rank of the
+        bank's group must call it for the same ``step``.
+        """
+        if bank.num_examples != self.num_examples:
+            raise ValueError(
+                f"label negatives: the bank has {bank.num_examples} rows but the labels "
+                f"cover {self.num_examples} examples"
+            )
+        ids = torch.sort(all_gather_ids(local_ids, world, device, group)).values
+        neg_ids = self.sample_anchors(step, ids)  # [G, K], same on every rank
+        rows = bank.gather(neg_ids.reshape(-1)).reshape(ids.numel(), self.num_negatives, -1)
+        return AnchorNegativeRows(ids, rows)
+
+
+def all_gather_ids(local_ids: torch.Tensor, world: int, device=None, group=None) -> torch.Tensor:
+    """Every rank's ``local_ids`` (the same count on every rank), concatenated in rank order, on the CPU.
+    COLLECTIVE. With ``group`` (gloo) the ids travel host to host; without it on ``device``."""
+    if world == 1:
+        return local_ids.cpu()
+    local = local_ids.cpu() if group is not None else local_ids.to(device or "cpu")
+    out = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(out, local, group=group)
+    return torch.cat(out).cpu()
+
+
+@dataclass
+class AnchorNegativeRows:
+    """The step's per-anchor negatives: ``rows[i]`` ``[K, m]`` belong to the anchor with global id ``ids[i]``
+    (``ids`` sorted)."""
+    ids: torch.Tensor
+    rows: torch.Tensor
+
+    def for_batch(self, ids: torch.Tensor) -> "AnchorNegatives":
+        """The negatives of one micro-batch's anchors ``ids`` (all among the step's ids)."""
+        at = torch.searchsorted(self.ids, ids.cpu())
+        return AnchorNegatives(self.rows[at.to(self.rows.device)])
 
 
 def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step: int,
@@ -170,14 +251,7 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
     replacement (seeded by ``(seed, step)``, the same on every rank), join the candidates up to
     that size: a small batch's in-batch task is too easy to teach anything.
     """
-    if world > 1:
-        local = local_ids.cpu() if group is not None else local_ids.to(device or "cpu")
-        out = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(out, local, group=group)
-        ids = torch.cat(out).cpu()
-    else:
-        ids = local_ids
-    ids = torch.sort(ids).values  # the same set gives the same subset whatever the rank layout
+    ids = torch.sort(all_gather_ids(local_ids, world, device, group)).values  # the same set gives the same subset whatever the rank layout
     if ids.numel() > num_negatives + 1:
         g = torch.Generator().manual_seed(derive_seed(seed, step, 7))
         ids = ids[torch.randperm(ids.numel(), generator=g)[: num_negatives + 1]]

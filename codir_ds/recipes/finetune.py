@@ -22,8 +22,8 @@ from codir_ds.distill.heads import DistillationModule, build_ild_spec
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.ild import mixup_draw
-from codir_ds.distill.negatives import ClassNegatives, LabelNegativeSampler
-from codir_ds.engine.distributed import set_seed
+from codir_ds.distill.negatives import AnchorNegativeRows, ClassNegatives, LabelNegativeSampler
+from codir_ds.engine.distributed import host_group, set_seed
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.teacher import TeacherRunner
@@ -234,6 +234,7 @@ class FinetuneRecipe(Recipe):
                                           normalize_features=m.bank_normalize).to(self.device)
             self.labels_for_negatives = contrast_labels(self.task, m.regression_bins)
             self.neg_sampler = LabelNegativeSampler(self.labels_for_negatives, m.num_negatives, seed=t.seed)
+            self.ids_group = host_group() if m.finetune_negatives == "anchor" else None  # step ids host to host
         self.cache = self.open_teacher_cache() if t.teacher_cache else None
 
     def open_teacher_cache(self) -> TeacherCache:
@@ -254,7 +255,7 @@ class FinetuneRecipe(Recipe):
     def train_step(self, batches) -> None:
         step = self.progress.step
         stage = self.method.stage_at(step, self.total_steps)
-        pending, class_rows = [], None  # bank updates wait for the optimizer step; [C, K, m] rows once per step
+        pending, step_rows = [], None  # bank updates wait for the optimizer step; negatives' rows once per step
         for _, ids in batches:
             batch, mix = self.micro_batch(ids, stage)
             use_layers = self.ild_spec is not None and self.method.uses_layers(stage)
@@ -264,11 +265,9 @@ class FinetuneRecipe(Recipe):
                               teacher_features=t_out.features if t_out is not None else None, ild=use_layers,
                               mix=mix, clean_model=self.ema.model if self.ema is not None else None,
                               hold_encoder=step < self.cfg.method.crd_encoder_delay)
-            negatives = None
-            if self.bank is not None:
-                if class_rows is None:  # collective, first micro step of an optimizer step
-                    class_rows = self.neg_sampler.class_negatives(self.bank, step)
-                negatives = ClassNegatives(class_rows, self.labels_for_negatives[ids])
+            if self.bank is not None and step_rows is None:  # collective, first micro step of an optimizer step
+                step_rows = self.step_negatives(step, batches)
+            negatives = self.negatives_for(step_rows, ids) if self.bank is not None else None
             inputs = LossInputs(batch["labels"], is_regression=self.task.is_regression, negatives=negatives,
                                 stage=stage, consistency_weight=self.method.consistency_weight(step, self.total_steps))
             total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
@@ -281,6 +280,20 @@ class FinetuneRecipe(Recipe):
         self.apply_bank_updates(pending)
         if self.ema is not None and self.method.uses_layers(stage) and self.engine.was_step_applied():
             self.ema.update(self.engine.module.student)
+
+    def step_negatives(self, step: int, batches):
+        """The bank rows of this optimizer step's negatives. COLLECTIVE: ``[C, K, m]`` per-class sets, or
+        (``method.finetune_negatives=anchor``) K rows for every anchor of the global step."""
+        if self.cfg.method.finetune_negatives == "anchor":
+            return self.neg_sampler.anchor_negatives(self.bank, step, torch.cat([ids for _, ids in batches]),
+                                                     self.world, self.device, self.ids_group)
+        return self.neg_sampler.class_negatives(self.bank, step)
+
+    def negatives_for(self, step_rows, ids: torch.Tensor):
+        """One micro-batch's negatives out of :meth:`step_negatives`."""
+        if isinstance(step_rows, AnchorNegativeRows):
+            return step_rows.for_batch(ids)
+        return ClassNegatives(step_rows, self.labels_for_negatives[ids])
 
     def feature_batch(self, ids: torch.Tensor) -> dict:
         return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)

@@ -3,7 +3,7 @@
 L_CRD (Eq. 4) is InfoNCE at temperature tau between the teacher's projected pooled layers
 ``h_t`` (the positive's anchor), the student's ``h_s`` and K negatives read from the sharded
 memory bank: finetuning draws, per class, K rows of examples with another label (regression:
-another target bin); pre-training uses the rows of the current global mini-batch. Scores and
+another target bin; ``finetune_negatives=anchor``: per anchor); pre-training uses the rows of the current global mini-batch. Scores and
 loss are fp32 whatever the training precision.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from codir_ds.errors import CodirError
 POOLINGS = ("mean", "cls")
 BANK_INITS = ("random", "student")
 PRETRAIN_NEGATIVES = ("batch", "bank")
+FINETUNE_NEGATIVES = ("class", "anchor")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class CRDConfig(KDConfig):
         "batch", "pre-training: the negatives' candidates: batch (the global mini-batch's rows, the paper's setting) "
                  "or bank (the batch's rows plus rows of other blocks drawn from the whole bank, up to "
                  "num_negatives + 1 candidates: a harder task when the global batch is small)")
+    finetune_negatives: str = option(
+        "class", "finetuning: how negatives are drawn: class (one set of K rows per class and step, shared by the "
+                 "anchors of that class: C·K rows gathered per step) or anchor (each anchor draws its own K rows: "
+                 "G·K rows gathered per step, G the global batch)")
     crd_encoder_delay: int = option(
         0, "optimizer steps during which the CRD gradient trains only the projection heads and stops before the "
            "student body, so that randomly initialised heads do not push the encoder in a task-unrelated "
@@ -57,6 +62,7 @@ class CRDConfig(KDConfig):
         checks.choice("method.pooling", m.pooling, POOLINGS)
         checks.choice("method.bank_init", m.bank_init, BANK_INITS)
         checks.choice("method.pretrain_negatives", m.pretrain_negatives, PRETRAIN_NEGATIVES)
+        checks.choice("method.finetune_negatives", m.finetune_negatives, FINETUNE_NEGATIVES)
         checks.layers("method.teacher_layers", m.teacher_layers)
         checks.layers("method.student_layers", m.student_layers)
         for key in ("crd_temperature", "num_negatives", "projection_dim", "regression_bins"):
