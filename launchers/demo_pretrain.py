@@ -3,10 +3,13 @@
 1. fit an MLM head on the frozen packaged MiniLM teacher (launchers/fit_teacher_head.py);
 2. stage 1: MLM pre-training of a 2-layer student (MiniLM layers 0 and 3) on the packaged
    movie-dialogue corpus;
-3. stage 2, both from the stage-1 student: MLM only (MLM-Pre) and MLM + KD + CRD with
-   alpha_1 = alpha_2 = 0.1 (CoDIR-Pre), same steps and learning rate;
+3. stage 2, all from the stage-1 student, same steps and learning rate: MLM only (MLM-Pre),
+   MLM + KD + CRD with alpha_1 = alpha_2 = 0.1 and the paper's in-batch negatives (CoDIR-Pre),
+   and the same with candidates drawn from the whole bank (CoDIR-Pre, bank negatives);
 4. finetune each pre-trained student with plain cross-entropy on movie_snippets;
-5. print a table: held-out MLM after pre-training, movie_snippets validation accuracy.
+5. print a table (held-out MLM after pre-training, movie_snippets validation accuracy), what the
+   contrastive term did, and the differences against MLM-Pre beside those of the committed
+   5-seed study of this job (bench/results/fidelity_cpu/pretrain.json).
 
 Every training stage is a real ``deepspeed launchers/pretrain.py`` / ``finetune.py`` job;
 re-running continues an interrupted pipeline and reuses finished stages.
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,6 +32,8 @@ PRE_NAMES = {"mlm": "MLM-Pre", "kd": "KD-Pre", "codir": "CoDIR-Pre", "codir_bank
 # stage-2 variant -> (method.name, extra --set overrides)
 PRE_VARIANTS = {"mlm": ("mlm", []), "kd": ("kd", []), "codir": ("codir", []),
                 "codir_bank": ("codir", ["method.pretrain_negatives=bank"])}
+# the committed multi-seed study of this job at its defaults (bench/fidelity_pretrain.py)
+STUDY = Path(__file__).resolve().parent.parent / "bench" / "results" / "fidelity_cpu" / "pretrain.json"
 
 
 def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
@@ -61,6 +67,37 @@ def crd_lines(rows: list) -> list:
     return out
 
 
+def findings_lines(rows: list, study: Optional[dict]) -> list:
+    """What the run shows, in points of finetuned accuracy at the last step (what the study compares): each
+    student against MLM-Pre, what bank candidates did to the contrastive task, and the same pairs over the
+    study's seeds (``study``: its pretrain.json, or None)."""
+    by = {r["variant"]: r for r in rows}
+    out = []
+    if "mlm" in by:
+        out += [f"{r['pretraining']} - MLM-Pre: {100 * (r['finetune_final'] - by['mlm']['finetune_final']):+.1f} "
+                f"points" for r in rows if r["variant"] != "mlm"]
+    a, b = (by.get(v, {}).get("crd_diagnostics") or {} for v in ("codir", "codir_bank"))
+    if "crd/loss_over_log_k1" in a and "crd/loss_over_log_k1" in b:
+        out.append(f"bank candidates vs in-batch negatives: L_CRD / log(K+1) {a['crd/loss_over_log_k1']:.4f} -> "
+                   f"{b['crd/loss_over_log_k1']:.4f}, cosine with the negatives {a['bank/neg_sim']:.3f} -> "
+                   f"{b['bank/neg_sim']:.3f}; finetuned accuracy "
+                   f"{100 * (by['codir_bank']['finetune_final'] - by['codir']['finetune_final']):+.1f} points")
+    pairs = [c for c in (study or {}).get("comparisons", []) if c["a"] in by and c["b"] in by]
+    if pairs:
+        out.append(f"one seed cannot separate differences this small; over {len(study['seeds'])} paired seeds of "
+                   f"this job at its defaults ({STUDY.relative_to(STUDY.parents[3])}):")
+        out += [f"  {c['claim']}: {100 * c['paired']['mean']:+.2f} +- {100 * c['paired']['std']:.2f} points, "
+                f"A wins {c['paired']['wins']}/{len(c['paired']['diffs'])}" for c in pairs]
+    return out
+
+
+def read_study() -> Optional[dict]:
+    try:
+        return json.loads(STUDY.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--output_dir", default="runs/demo")
@@ -70,7 +107,7 @@ def main() -> int:
     ap.add_argument("--finetune_config", default="configs/fine_movie_snippets_cpu.yaml")
     ap.add_argument("--ranks", type=int, default=1,
                     help="data-parallel ranks (CPU processes or GPUs); on 2 CPU cores 1 rank x 2 threads is faster")
-    ap.add_argument("--methods", nargs="+", default=["mlm", "codir"], choices=list(PRE_VARIANTS),
+    ap.add_argument("--methods", nargs="+", default=["mlm", "codir", "codir_bank"], choices=list(PRE_VARIANTS),
                     help="stage-2 pre-training objectives to compare (codir_bank: codir with "
                          "method.pretrain_negatives=bank, candidates beyond the batch)")
     ap.add_argument("--head_steps", type=int, default=150, help="steps of teacher MLM-head fitting")
@@ -126,11 +163,12 @@ def main() -> int:
                      "crd_diagnostics": pre.get("diagnostics")})
     elapsed = time.perf_counter() - t0
     lines = ["| pre-training (stage 2) | held-out MLM loss | held-out MLM acc. | pre-train samples/s "
-             "| movie_snippets acc. (CE finetune, best) |", "|---|---|---|---|---|"]
+             "| movie_snippets acc. (CE finetune, last step) | (best checkpoint) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['pretraining']} | {r['mlm_loss']:.4f} | {r['mlm_accuracy']:.4f} | "
-                     f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_best']:.4f} |")
-    table = "\n".join(lines + crd_lines(rows))
+                     f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_final']:.4f} | {r['finetune_best']:.4f} |")
+    findings = findings_lines(rows, read_study())
+    table = "\n".join(lines + crd_lines(rows) + (["", *findings] if findings else []))
     summary = {"rows": rows, "stage1": {"steps": stage1["steps"], "final": stage1["final"]},
                "teacher_head": {k: v for k, v in head.items() if k.startswith("validation")},
                "elapsed_seconds": round(elapsed, 1), "ranks": args.ranks, "seed": args.seed,

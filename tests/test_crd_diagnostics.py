@@ -167,3 +167,37 @@ def test_the_main_job_prints_what_the_contrastive_term_did():
     assert len(lines) == 1
     assert ("CoDIR-Pre contrastive term at the end of stage 2: cosine with the positive 0.910, with the negatives "
             "0.120 (gap 0.790); L_CRD / log(K+1) = 0.0123") in lines[0] and lines[0].endswith("collapse warning: no")
+
+
+def test_the_main_job_states_its_finding_beside_the_study():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "launchers" / "demo_pretrain.py"
+    spec = importlib.util.spec_from_file_location("demo_pretrain_for_findings", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    rows = [{"variant": "mlm", "pretraining": "MLM-Pre", "finetune_final": 0.7300, "crd_diagnostics": None},
+            {"variant": "codir", "pretraining": "CoDIR-Pre", "finetune_final": 0.7250,
+             "crd_diagnostics": {"crd/loss_over_log_k1": 0.0002, "bank/neg_sim": -0.004}},
+            {"variant": "codir_bank", "pretraining": "CoDIR-Pre (bank negatives)", "finetune_final": 0.7330,
+             "crd_diagnostics": {"crd/loss_over_log_k1": 0.195, "bank/neg_sim": 0.21}}]
+    study = {"seeds": [1, 2, 3], "comparisons": [
+        {"a": "codir", "b": "mlm", "claim": "CoDIR-Pre beats MLM-Pre", "paired": {
+            "diffs": [0.01, -0.004, 0.0], "mean": 0.002, "std": 0.00721, "wins": 1}},
+        {"a": "kd", "b": "mlm", "claim": "KD-Pre beats MLM-Pre", "paired": {  # kd did not run: not shown
+            "diffs": [0.0, 0.0, 0.0], "mean": 0.0, "std": 0.0, "wins": 0}}]}
+    lines = demo.findings_lines(rows, study)
+    assert lines[:3] == [
+        "CoDIR-Pre - MLM-Pre: -0.5 points",
+        "CoDIR-Pre (bank negatives) - MLM-Pre: +0.3 points",
+        "bank candidates vs in-batch negatives: L_CRD / log(K+1) 0.0002 -> 0.1950, cosine with the negatives "
+        "-0.004 -> 0.210; finetuned accuracy +0.8 points"]
+    assert lines[3].startswith("one seed cannot separate differences this small; over 3 paired seeds")
+    assert lines[4:] == ["  CoDIR-Pre beats MLM-Pre: +0.20 +- 0.72 points, A wins 1/3"]
+    # without a study (e.g. a copy of the launcher outside the repository) only the run's own lines
+    assert demo.findings_lines(rows, None) == lines[:3]
+    assert demo.findings_lines(rows[:1], study) == []
+    # the committed study is found where the launcher looks for it, and names what the demo runs
+    committed = demo.read_study()
+    assert committed is not None and {("codir", "mlm"), ("codir_bank", "codir")} <= {
+        (c["a"], c["b"]) for c in committed["comparisons"]}
