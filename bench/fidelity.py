@@ -86,6 +86,7 @@ COMPARISONS: list[tuple[str, str, str]] = [
     ("codir_t0.5", "codir", "tau = 0.5 vs 0.07"),
     ("codir_anchor", "codir", "negatives drawn per anchor vs one set per class and step"),
     ("codir", "codir_last", "every Transformer layer vs the last one only feeding the projections"),
+    ("codir_last", "kd", "CoDIR from the last layer only vs KD"),
     ("kd_ep4", "kd", "KD: 4 epochs vs 2"),
     ("codir_ep4", "kd_ep4", "CoDIR beats KD at 4 epochs"),
     ("codir_ep4", "codir", "CoDIR: 4 epochs vs 2"),
