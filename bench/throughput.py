@@ -87,7 +87,7 @@ BREAKDOWN_HOOKS = {
     "teacher_forward": "recipe.runner (MLMTeacherRunner / TeacherRunner) calls",
     "student_forward_backward": "recipe.engine.forward, recipe.method.loss and recipe.engine.backward calls",
     "crd_and_bank": "codir: recipe.negative_ids and bank.gather (pretrain) or "
-                    "neg_sampler.class_negatives (finetune), and recipe.apply_bank_updates",
+                    "recipe.step_negatives (finetune), and recipe.apply_bank_updates",
     "optimizer_step": "recipe.engine.step calls",
     "other": "the rest of the step: sampler, synthetic data, collation (finetune: tokenization) and masking, "
              "host-to-device copies, loss inputs, monitor, check_skipped",
@@ -479,7 +479,7 @@ def reads_teacher(method: str, task: str) -> bool:
 class Sections:
     """Per-section wall time of wrapped calls; syncs the device around each section (CUDA, breakdown mode).
 
-    A call made while another section runs (``bank.gather`` inside ``class_negatives``) counts
+    A call made while another section runs (``bank.gather`` inside ``step_negatives``) counts
     in that section only.
     """
 
@@ -842,7 +842,7 @@ class RecipeRun(Run):
         if r.bank is not None:
             r.apply_bank_updates = sections.wrap(r.apply_bank_updates, "crd_and_bank")
             if self.finetune:
-                r.neg_sampler.class_negatives = sections.wrap(r.neg_sampler.class_negatives, "crd_and_bank")
+                r.step_negatives = sections.wrap(r.step_negatives, "crd_and_bank")
 
     def filled_negatives(self, negative_ids):
         """The recipe's ``negative_ids``, filled up to ``--global_negatives`` as if the global batch were that large."""
