@@ -40,7 +40,7 @@ class CollapseWatch:
                 f"to the teacher's features as the positives (bank/pos_sim {scalars['bank/pos_sim']:.2f}, "
                 f"bank/neg_sim {scalars['bank/neg_sim']:.2f}, L_CRD/log(K+1) {ratio:.2f}) for "
                 f"{self.windows} log windows, so CRD no longer separates examples: lower training.lr, and keep "
-                f"method.crd_temperature near the paper's 0.07 (a larger one narrows the gap)")
+                f"method.crd_temperature near the default 0.07 (a larger one narrows the gap)")
 
     def state_dict(self) -> dict:
         return {"streak": self.streak, "warned": self.warned}
