@@ -877,7 +877,7 @@ class RecipeRun(Run):
         world = self.ctx["world"]
         if r.bank is not None:
             self.record_gather(self.step_gathers, r.bank)
-            if not self.finetune:  # batch_negatives: all-gather of every rank's int64 ids of this step
+            if not self.finetune or r.cfg.method.finetune_negatives == "anchor":  # all-gather of the step's int64 ids
                 local = sum(len(ids) for _, ids in batches)
                 self.neg_bytes.append(world * local * 8 if world > 1 else 0)
         if self.crd_inputs is not None and self.sections.enabled:

@@ -91,7 +91,17 @@ def findings_lines(rows: list, study: Optional[dict]) -> list:
     return out
 
 
-def read_study() -> Optional[dict]:
+# the settings the study ran at (its defaults); --seed and --methods are what it varies
+STUDY_SETTINGS = ("stage1_config", "stage2_config", "finetune_config", "ranks", "head_steps", "stage1_steps",
+                  "stage2_steps", "stage2_lr", "deepspeed_config")
+
+
+def read_study(args: Optional[argparse.Namespace] = None, ap: Optional[argparse.ArgumentParser] = None
+               ) -> Optional[dict]:
+    """The committed study, or None when it is missing or (given ``args`` and their parser) the run's
+    settings differ from the defaults it ran at, so that its numbers would not describe this run."""
+    if args is not None and any(getattr(args, k) != ap.get_default(k) for k in STUDY_SETTINGS):
+        return None
     try:
         return json.loads(STUDY.read_text())
     except (OSError, ValueError):
@@ -167,7 +177,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['pretraining']} | {r['mlm_loss']:.4f} | {r['mlm_accuracy']:.4f} | "
                      f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_final']:.4f} | {r['finetune_best']:.4f} |")
-    findings = findings_lines(rows, read_study())
+    findings = findings_lines(rows, read_study(args, ap))
     table = "\n".join(lines + crd_lines(rows) + (["", *findings] if findings else []))
     summary = {"rows": rows, "stage1": {"steps": stage1["steps"], "final": stage1["final"]},
                "teacher_head": {k: v for k, v in head.items() if k.startswith("validation")},

@@ -78,6 +78,9 @@ def test_one_rank_fetch_reads_the_sampled_rows_per_micro_batch():
     assert torch.equal(got.rows, want)
     micro = got.for_batch(torch.tensor([30, 9]))  # one micro-batch, in its own order
     assert torch.equal(micro.rows, want[torch.tensor([3, 1])])
+    for stray in ([30, 10], [31]):  # an id the step did not draw for (inside and past the sorted range)
+        with pytest.raises(ValueError, match="not among the step's ids"):
+            got.for_batch(torch.tensor(stray))
     with pytest.raises(ValueError, match="bank has"):
         s.anchor_negatives(ShardedMemoryBank(N + 1, M, 0.5), 3, step_ids, world=1)
 

@@ -201,3 +201,11 @@ def test_the_main_job_states_its_finding_beside_the_study():
     committed = demo.read_study()
     assert committed is not None and {("codir", "mlm"), ("codir_bank", "codir")} <= {
         (c["a"], c["b"]) for c in committed["comparisons"]}
+    # ... and is left out when the run's settings are not the ones it ran at (the seed may differ)
+    import argparse
+    ap = argparse.ArgumentParser()
+    for k in demo.STUDY_SETTINGS:
+        ap.add_argument(f"--{k}", default=1)
+    ap.add_argument("--seed", default=42)
+    assert demo.read_study(ap.parse_args(["--seed", "7"]), ap) == committed
+    assert demo.read_study(ap.parse_args(["--stage2_steps", "200"]), ap) is None

@@ -194,7 +194,7 @@ class LabelNegativeSampler:
         ``local_ids``: this rank's ids of all its micro-batches of the step. The step's ids are
         all-gathered (on the host with ``group``, a gloo group), sorted, and each draws its own K
         negatives (:meth:`sample_anchors`); one ``bank.gather`` fetches the ``G·K`` rows (G the
-        global batch), so the traffic is ``G`` times that of the per-class sets. Every rank of the
+        global batch), so the traffic is ``G/C`` times that of the per-class sets (C classes). Every rank of the
         bank's group must call it for the same ``step``.
         """
         if bank.num_examples != self.num_examples:
@@ -228,7 +228,10 @@ class AnchorNegativeRows:
 
     def for_batch(self, ids: torch.Tensor) -> "AnchorNegatives":
         """The negatives of one micro-batch's anchors ``ids`` (all among the step's ids)."""
-        at = torch.searchsorted(self.ids, ids.cpu())
+        ids = ids.cpu()
+        at = torch.searchsorted(self.ids, ids).clamp_max(self.ids.numel() - 1)
+        if not torch.equal(self.ids[at], ids):
+            raise ValueError("anchor negatives: the micro-batch holds ids that are not among the step's ids")
         return AnchorNegatives(self.rows[at.to(self.rows.device)])
 
 
