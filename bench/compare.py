@@ -149,9 +149,21 @@ class ArgumentError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    script = "bench/compare.py"  # named in the one-line errors
+
     def error(self, message: str):  # argparse's own errors: one line too, no usage block
-        print(f"error: {message} (see python bench/compare.py --help)", file=sys.stderr, flush=True)
+        print(f"error: {message} (see python {self.script} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
+
+    def parse_checked(self, argv: Optional[list[str]], check) -> argparse.Namespace:
+        """``parse_args``, then ``check(args)``: an :class:`ArgumentError` is one ``error:`` line, exit 2."""
+        args = self.parse_args(argv)
+        try:
+            check(args)
+        except ArgumentError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        return args
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -178,13 +190,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every student run (not the teacher), repeatable")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
-    args = ap.parse_args(argv)
-    try:
-        check_args(args)
-    except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return args
+    return ap.parse_checked(argv, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

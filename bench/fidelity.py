@@ -126,9 +126,7 @@ DIAGNOSTICS = ("bank/pos_sim", "bank/neg_sim", "bank/sim_gap", "crd/loss_over_lo
 
 
 class _Parser(compare._Parser):
-    def error(self, message: str):
-        print(f"error: {message} (see python bench/fidelity.py --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+    script = "bench/fidelity.py"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -145,13 +143,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every student run (not the teacher), repeatable")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
-    args = ap.parse_args(argv)
-    try:
-        check_args(args)
-    except compare.ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return args
+    return ap.parse_checked(argv, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

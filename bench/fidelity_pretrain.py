@@ -58,9 +58,7 @@ COMPARISONS: list[tuple[str, str, str]] = [
 
 
 class _Parser(compare._Parser):
-    def error(self, message: str):
-        print(f"error: {message} (see python bench/fidelity_pretrain.py --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+    script = "bench/fidelity_pretrain.py"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -71,13 +69,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench/results/fidelity_cpu", help="where pretrain.md/.json/.png go")
     ap.add_argument("--work_dir", default="runs/fidelity_pre_cpu", help="the pipelines' run directories")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel ranks of every stage")
-    args = ap.parse_args(argv)
-    try:
-        check_args(args)
-    except compare.ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return args
+    return ap.parse_checked(argv, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

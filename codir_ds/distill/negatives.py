@@ -31,8 +31,8 @@ import torch.distributed as dist
 from codir_ds.distill.losses import crd_loss_anchors, crd_loss_classes, crd_loss_shared
 from codir_ds.distill.memory_bank import derive_seed
 
-__all__ = ["AnchorNegativeRows", "AnchorNegatives", "BatchNegatives", "ClassNegatives", "LabelNegativeSampler",
-           "all_gather_ids", "batch_negatives", "self_mask"]
+__all__ = ["AnchorNegativeRows", "AnchorNegatives", "BatchNegatives", "ClassNegativeRows", "ClassNegatives",
+           "LabelNegativeSampler", "all_gather_ids", "batch_negatives", "self_mask"]
 
 
 @dataclass
@@ -51,6 +51,18 @@ class ClassNegatives:
     def loss(self, h_t: torch.Tensor, h_s: torch.Tensor, tau: float):
         """``(loss, pos_sim [B], neg_sim [B])`` of Eq. 4 (:func:`~codir_ds.distill.losses.crd_loss_classes`)."""
         return crd_loss_classes(h_t, h_s, self.rows, self.classes, tau)
+
+
+@dataclass
+class ClassNegativeRows:
+    """The step's per-class negatives: ``rows`` ``[C, K, m]`` (:meth:`LabelNegativeSampler.class_negatives`) and
+    ``labels`` ``[N]``, the class of every training example."""
+    rows: torch.Tensor
+    labels: torch.Tensor
+
+    def for_batch(self, ids: torch.Tensor) -> ClassNegatives:
+        """The negatives of one micro-batch's anchors ``ids``: their classes' sets."""
+        return ClassNegatives(self.rows, self.labels[ids])
 
 
 @dataclass
@@ -186,7 +198,6 @@ class LabelNegativeSampler:
         neg_ids = self.sample(step)  # [C, K], same on every rank
         return bank.gather(neg_ids.reshape(-1)).reshape(self.num_classes, self.num_negatives, -1)
 
-
     def anchor_negatives(self, bank, step: int, local_ids: torch.Tensor, world: int, device=None,
                          group=None) -> "AnchorNegativeRows":
         """Negative features of every anchor of the optimizer step (``method.finetune_negatives=anchor``). COLLECTIVE.
@@ -194,8 +205,8 @@ class LabelNegativeSampler:
         ``local_ids``: this rank's ids of all its micro-batches of the step. The step's ids are
         all-gathered (on the host with ``group``, a gloo group), sorted, and each draws its own K
         negatives (:meth:`sample_anchors`); one ``bank.gather`` fetches the ``G·K`` rows (G the
-        global batch), so the traffic is ``G/C`` times that of the per-class sets (C classes). Every rank of the
-        bank's group must call it for the same ``step``.
+        global batch), so the traffic is ``G/C`` times that of the per-class sets (C classes). Every
+        rank of the bank's group must call it for the same ``step``.
         """
         if bank.num_examples != self.num_examples:
             raise ValueError(
@@ -254,7 +265,8 @@ def batch_negatives(local_ids: torch.Tensor, num_negatives: int, seed: int, step
     replacement (seeded by ``(seed, step)``, the same on every rank), join the candidates up to
     that size: a small batch's in-batch task is too easy to teach anything.
     """
-    ids = torch.sort(all_gather_ids(local_ids, world, device, group)).values  # the same set gives the same subset whatever the rank layout
+    # sorted: the same set gives the same subset whatever the rank layout
+    ids = torch.sort(all_gather_ids(local_ids, world, device, group)).values
     if ids.numel() > num_negatives + 1:
         g = torch.Generator().manual_seed(derive_seed(seed, step, 7))
         ids = ids[torch.randperm(ids.numel(), generator=g)[: num_negatives + 1]]

@@ -22,7 +22,7 @@ from codir_ds.distill.heads import DistillationModule, build_ild_spec
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.ild import mixup_draw
-from codir_ds.distill.negatives import AnchorNegativeRows, ClassNegatives, LabelNegativeSampler
+from codir_ds.distill.negatives import ClassNegativeRows, LabelNegativeSampler
 from codir_ds.engine.distributed import host_group, set_seed
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.export import export_engine_student
@@ -267,7 +267,7 @@ class FinetuneRecipe(Recipe):
                               hold_encoder=step < self.cfg.method.crd_encoder_delay)
             if self.bank is not None and step_rows is None:  # collective, first micro step of an optimizer step
                 step_rows = self.step_negatives(step, batches)
-            negatives = self.negatives_for(step_rows, ids) if self.bank is not None else None
+            negatives = step_rows.for_batch(ids) if self.bank is not None else None
             inputs = LossInputs(batch["labels"], is_regression=self.task.is_regression, negatives=negatives,
                                 stage=stage, consistency_weight=self.method.consistency_weight(step, self.total_steps))
             total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
@@ -282,18 +282,13 @@ class FinetuneRecipe(Recipe):
             self.ema.update(self.engine.module.student)
 
     def step_negatives(self, step: int, batches):
-        """The bank rows of this optimizer step's negatives. COLLECTIVE: ``[C, K, m]`` per-class sets, or
-        (``method.finetune_negatives=anchor``) K rows for every anchor of the global step."""
+        """The bank rows of this optimizer step's negatives, each micro-batch's through ``.for_batch(ids)``.
+        COLLECTIVE: ``[C, K, m]`` per-class sets, or (``method.finetune_negatives=anchor``) K rows for every
+        anchor of the global step."""
         if self.cfg.method.finetune_negatives == "anchor":
             return self.neg_sampler.anchor_negatives(self.bank, step, torch.cat([ids for _, ids in batches]),
                                                      self.world, self.device, self.ids_group)
-        return self.neg_sampler.class_negatives(self.bank, step)
-
-    def negatives_for(self, step_rows, ids: torch.Tensor):
-        """One micro-batch's negatives out of :meth:`step_negatives`."""
-        if isinstance(step_rows, AnchorNegativeRows):
-            return step_rows.for_batch(ids)
-        return ClassNegatives(step_rows, self.labels_for_negatives[ids])
+        return ClassNegativeRows(self.neg_sampler.class_negatives(self.bank, step), self.labels_for_negatives)
 
     def feature_batch(self, ids: torch.Tensor) -> dict:
         return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)

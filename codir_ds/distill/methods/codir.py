@@ -3,8 +3,8 @@
 L_CRD (Eq. 4) is InfoNCE at temperature tau between the teacher's projected pooled layers
 ``h_t`` (the positive's anchor), the student's ``h_s`` and K negatives read from the sharded
 memory bank: finetuning draws, per class, K rows of examples with another label (regression:
-another target bin; ``finetune_negatives=anchor``: per anchor); pre-training uses the rows of the current global mini-batch. Scores and
-loss are fp32 whatever the training precision.
+another target bin; ``finetune_negatives=anchor``: per anchor); pre-training uses the rows of the
+current global mini-batch. Scores and loss are fp32 whatever the training precision.
 """
 from __future__ import annotations
 
