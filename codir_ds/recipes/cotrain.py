@@ -21,8 +21,6 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator, to_device
 from codir_ds.data.mlm import MLMCollator
@@ -39,6 +37,7 @@ from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit, resolve_layers
 from codir_ds.models.mlm import load_mlm_teacher
+from codir_ds.models.size import parameter_counts
 from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped
 from codir_ds.recipes.finetune import check_max_length, check_task_inputs, task_lengths, task_summary
 from codir_ds.recipes.pretrain import check_corpus_inputs, corpus_summary, count_tokens, mask_step
@@ -64,10 +63,6 @@ def large_model_config(cfg: ExperimentConfig, large_dir: Optional[Path]):
     return dataclasses.replace(cfg.model, init_from=None, student_init=None, student_layers=m.ctcd_large_layers,
                                student_hidden=m.ctcd_large_hidden, student_heads=m.ctcd_large_heads,
                                student_intermediate=None)
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 class CoTrainRecipe(Recipe):
@@ -116,7 +111,8 @@ class CoTrainRecipe(Recipe):
         wrap = DistillationModule if self.finetune else PretrainModule  # no heads: module.student is the model
         self.module = wrap(small, resolve_layers("all", small, "model"), cfg.method.pooling)
         self.module_large = wrap(large, resolve_layers("all", large, "method.ctcd_large_init"), cfg.method.pooling)
-        self.n_small, self.n_large = count_parameters(small), count_parameters(large)
+        self.sizes = {"student": parameter_counts(small), "teacher": parameter_counts(large)}
+        self.n_small, self.n_large = self.sizes["student"]["total"], self.sizes["teacher"]["total"]
 
     def setup_data(self) -> None:
         super().setup_data(task_lengths(self) if self.finetune else None)
@@ -150,7 +146,8 @@ class CoTrainRecipe(Recipe):
         data = task_summary(self.task) if self.finetune else corpus_summary(self.corpus)
         kind = "one-way from model.teacher" if self.cfg.method.ctcd_one_way else "mutual"
         return (f"ctcd {self.stage} ({kind}): larger model {self.n_large / 1e6:.2f}M and smaller "
-                f"{self.n_small / 1e6:.2f}M parameters; {data}, {self.batch_summary()}")
+                f"{self.n_small / 1e6:.2f}M parameters ({self.n_large / max(self.n_small, 1):.1f}x fewer); {data}, "
+                f"{self.batch_summary()}")
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
@@ -255,7 +252,7 @@ class CoTrainRecipe(Recipe):
     def data_results(self, final: dict) -> dict:
         if self.finetune:
             task = self.task
-            return {"task": task.name, "num_train_examples": len(task.train),
+            return {"task": task.name, "num_train_examples": len(task.train), "parameters": self.sizes,
                     "num_validation_examples": len(task.validation), "main_metric": task.metric_names[0],
                     "final": final["small"], "best": self.progress.best, "history": self.progress.history}
         tokens = count_tokens(self.tokens, self.device, self.world)
