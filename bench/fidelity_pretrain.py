@@ -96,7 +96,7 @@ def pipeline_command(args: argparse.Namespace, seed: int) -> list[str]:
     work = Path(args.work_dir)
     return [sys.executable, str(REPO / "launchers" / "demo_pretrain.py"), "--output_dir", str(work / f"seed{seed}"),
             "--shared_dir", str(work / "shared"), "--methods", *args.variants, "--seed", str(seed),
-            "--ranks", str(args.ranks)]
+            "--ranks", str(args.ranks), "--no-deploy_report"]
 
 
 def records_of(summary: dict, seed: int) -> dict:

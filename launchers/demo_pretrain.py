@@ -9,7 +9,11 @@
 4. finetune each pre-trained student with plain cross-entropy on movie_snippets;
 5. print a table (held-out MLM after pre-training, movie_snippets validation accuracy), what the
    contrastive term did, and the differences against MLM-Pre beside those of the committed
-   5-seed study of this job (bench/results/fidelity_cpu/pretrain.json).
+   5-seed study of this job (bench/results/fidelity_cpu/pretrain.json);
+6. finetune the MiniLM teacher itself on movie_snippets (plain CE), export it and each finetuned
+   student to ONNX (fp32, checked against PyTorch, and ONNX Runtime int8), and print what each
+   student buys against the teacher on this CPU: parameters, latency at batch 1 and 32 (PyTorch
+   and ONNX Runtime int8), speed-up and the share of the teacher's accuracy kept.
 
 Every training stage is a real ``deepspeed launchers/pretrain.py`` / ``finetune.py`` job;
 re-running continues an interrupted pipeline and reuses finished stages.
@@ -38,9 +42,13 @@ STUDY = Path(__file__).resolve().parent.parent / "bench" / "results" / "fidelity
 
 def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
     """Run (or reuse) launchers/fit_teacher_head.py; returns its manifest."""
+    from codir_ds.pipeline import read_stage_time, record_stage, write_stage_time
     manifest = out / "codir_export.json"
     if manifest.is_file():
-        print(f"[teacher head] reusing {out}", flush=True)
+        seconds = read_stage_time(out, manifest.name)
+        print(f"[teacher head] reusing {out}" + (f" (it took {seconds:.0f} s)" if seconds is not None else ""),
+              flush=True)
+        record_stage("teacher head", seconds, reused=True)
         return json.loads(manifest.read_text())
     cmd = [sys.executable, str(Path(__file__).parent / "fit_teacher_head.py"), "--teacher", teacher,
            "--output_dir", str(out), "--config", config, "--steps", str(steps), "--overwrite"]
@@ -50,7 +58,10 @@ def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
     if proc.returncode != 0 or not manifest.is_file():
         raise CodirError(f"stage 'teacher head' failed (exit {proc.returncode}); its output is above; fix the cause "
                          f"and re-run")
-    print(f"[teacher head] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"[teacher head] done in {seconds:.0f} s", flush=True)
+    write_stage_time(out, seconds, manifest.name)
+    record_stage("teacher head", seconds, reused=False)
     return json.loads(manifest.read_text())
 
 
@@ -91,6 +102,36 @@ def findings_lines(rows: list, study: Optional[dict]) -> list:
     return out
 
 
+def deploy_report(args: argparse.Namespace, shared: Path, out: Path, rows: list, common: list) -> dict:
+    """Step 6: the MiniLM teacher finetuned with CE (once, in the shared directory), then every finetuned
+    student against it in PyTorch fp32 and ONNX Runtime int8 (codir_ds.deploy.cost)."""
+    from codir_ds.config import load_config
+    from codir_ds.data.tasks import load_task
+    from codir_ds.deploy.cost import cost_report
+    from codir_ds.pipeline import run_stage
+
+    teacher_sets = ["method.name=ce", "model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=null",
+                    f"training.epochs={args.teacher_epochs}", f"training.lr={args.teacher_lr}"]
+    teacher_dir = shared / "teacher_finetune"
+    run_stage("teacher finetune", "launchers/finetune.py", args.ranks, teacher_dir,
+              common + ["--config", args.finetune_config] + [a for kv in teacher_sets for a in ("--set", kv)])
+    cfg = load_config(args.finetune_config, ["method.name=ce"])
+    models = [("teacher", teacher_dir / "export")] + [(r["variant"], out / f"finetune_{r['variant']}" / "export")
+                                                     for r in rows]
+    print("[deploy] ONNX exports and the size / latency / accuracy-kept report (codir_ds.deploy)", flush=True)
+    report = cost_report(models, load_task(cfg.data), cfg.data.max_length, out / "deploy",
+                         cfg.training.eval_batch_size)
+    report["names"] = {"teacher": "MiniLM-L6 teacher (6L/384, CE)",
+                       **{r["variant"]: f"{r['pretraining']} student (2L/384)" for r in rows}}
+    return report
+
+
+def deploy_heading(report: dict) -> str:
+    rows = ", ".join(f"{k} = {v}" for k, v in report["names"].items())
+    return (f"What each finetuned student buys against the finetuned teacher ({rows}); PyTorch fp32 and ONNX "
+            f"Runtime int8 (dynamic) on this CPU:")
+
+
 # the settings the study ran at (its defaults); --seed and --methods are what it varies
 STUDY_SETTINGS = ("stage1_config", "stage2_config", "finetune_config", "ranks", "head_steps", "stage1_steps",
                   "stage2_steps", "stage2_lr", "deepspeed_config")
@@ -125,13 +166,18 @@ def main() -> int:
     ap.add_argument("--stage2_steps", type=int, default=80)
     ap.add_argument("--stage2_lr", type=float, default=1e-4, help="paper: 1e-4 in stage 2")
     ap.add_argument("--seed", type=int, default=42, help="stage-2 and finetuning seed (stage 1 too, unless shared)")
+    ap.add_argument("--teacher_epochs", type=float, default=2, help="CE finetuning of the MiniLM teacher (step 6)")
+    ap.add_argument("--teacher_lr", type=float, default=5e-5)
+    ap.add_argument("--deploy_report", action=argparse.BooleanOptionalAction, default=True,
+                    help="step 6: the finetuned teacher, ONNX exports and the size/latency/accuracy-kept report")
     ap.add_argument("--shared_dir", default=None,
                     help="take the teacher head and the stage-1 student from DIR/teacher_mlm and DIR/stage1_mlm "
                          "(made there if missing), so that runs with several seeds share them")
     args = ap.parse_args()
     quiet_environment()
     from codir_ds.config import load_config
-    from codir_ds.pipeline import run_stage
+    from codir_ds.deploy.report import render_markdown
+    from codir_ds.pipeline import run_stage, timing_note
 
     out = Path(args.output_dir)
     load_config(args.stage1_config)  # fail fast, before any job starts
@@ -178,17 +224,19 @@ def main() -> int:
         lines.append(f"| {r['pretraining']} | {r['mlm_loss']:.4f} | {r['mlm_accuracy']:.4f} | "
                      f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_final']:.4f} | {r['finetune_best']:.4f} |")
     findings = findings_lines(rows, read_study(args, ap))
-    table = "\n".join(lines + crd_lines(rows) + (["", *findings] if findings else []))
+    deploy = deploy_report(args, shared, out, rows, ds + seed) if args.deploy_report else None
+    table = "\n".join(lines + crd_lines(rows) + (["", *findings] if findings else [])
+                      + (["", deploy_heading(deploy), "", render_markdown(deploy)] if deploy else []))
     summary = {"rows": rows, "stage1": {"steps": stage1["steps"], "final": stage1["final"]},
                "teacher_head": {k: v for k, v in head.items() if k.startswith("validation")},
-               "elapsed_seconds": round(elapsed, 1), "ranks": args.ranks, "seed": args.seed,
+               "deploy": deploy, "elapsed_seconds": round(elapsed, 1), "ranks": args.ranks, "seed": args.seed,
                "args": vars(args)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(table + "\n")
     print(f"\nstage 1: {stage1['steps']} MLM steps; stage 2: {args.stage2_steps} steps each; "
           f"teacher head held-out MLM accuracy {head.get('validation_mlm_accuracy', float('nan')):.3f}; "
-          f"{args.ranks} rank(s), {elapsed:.0f} s:\n{table}\n\nwritten to {out}/summary.md and summary.json; "
-          f"TensorBoard: tensorboard --logdir {out}")
+          f"{args.ranks} rank(s), {timing_note(elapsed)}:\n{table}\n\nwritten to {out}/summary.md and "
+          f"summary.json; TensorBoard: tensorboard --logdir {out}")
     return 0
 
 

@@ -38,8 +38,10 @@ def tiny_yaml(tmp_path_factory, tiny_teacher) -> Path:
 def run(tmp_path_factory, tiny_yaml) -> Path:
     """A finished 6-step codir run with complete checkpoints step_00000003 and step_00000006."""
     out = tmp_path_factory.mktemp("eval_export") / "run"
-    _ok(python_launch("launchers/finetune.py", ["--deepspeed_config", DS, "--config", str(tiny_yaml),
-                                                "--set", "training.checkpoint_every=3", "--output_dir", str(out)]))
+    proc = python_launch("launchers/finetune.py", ["--deepspeed_config", DS, "--config", str(tiny_yaml),
+                                                   "--set", "training.checkpoint_every=3", "--output_dir", str(out)])
+    _ok(proc)
+    (out.parent / "launch.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     return out
 
 
@@ -70,17 +72,34 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def test_evaluate_export_matches_best_metrics_of_the_run(run, tiny_yaml, tmp_path):
     results = json.loads((run / "results.json").read_text())
     best = {k: v for k, v in results["best"].items() if k != "step"}
-    out_file = tmp_path / "metrics.json"
+    out_file = tmp_path / "report.json"
     proc = python_launch("launchers/evaluate.py", ["--model", str(run / "export"), "--config", str(tiny_yaml),
-                                                   "--output", str(out_file)])
+                                                   "--output", str(out_file), "--repeats", "0"])
     _ok(proc)
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout  # metrics are the only stdout line, so scripts can parse it
-    printed = json.loads(lines[0])
+    report = json.loads(out_file.read_text())
+    printed = report["models"][0]["metrics"]
     assert set(printed) == set(best) == {"accuracy", "f1"}
     for k in best:
         assert printed[k] == pytest.approx(best[k], abs=1e-6), k
-    assert json.loads(out_file.read_text()) == printed
+    assert f"| {printed['accuracy']:.4f} |" in proc.stdout  # the table on stdout shows the main metric
+
+
+def test_results_record_parameter_counts_and_the_start_up_line_compares_them(run, tiny_yaml):
+    from codir_ds.models.size import counts_from_config, human_count
+    results = json.loads((run / "results.json").read_text())
+    student, teacher = counts_from_config(run / "export"), counts_from_config(results_teacher(tiny_yaml))
+    assert results["parameters"] == {"student": student, "teacher": teacher}
+    assert student["total"] < teacher["total"]
+    log = (run.parent / "launch.log").read_text()
+    assert (f"student {human_count(student['total'])} parameters (teacher {human_count(teacher['total'])}: "
+            f"{teacher['total'] / student['total']:.1f}x fewer") in log
+    # 6 optimizer steps: the run says at start-up that its schedule is too short to move a student
+    assert "warning: this run makes only 6 optimizer steps" in log and "raise training" in log
+
+
+def results_teacher(tiny_yaml) -> Path:
+    import yaml
+    return Path(yaml.safe_load(tiny_yaml.read_text())["model"]["teacher"])
 
 
 def test_evaluate_wrong_num_labels_is_one_line_error(run, tiny_yaml, capsys):
