@@ -75,6 +75,22 @@ def resolve_model_dir(spec: Union[str, Path]) -> Path:
     return Path(spec).expanduser()
 
 
+def is_packaged_minilm(spec: Union[str, Path]) -> bool:
+    """Whether ``spec`` (a packaged name or a directory) is the packaged MiniLM (False when it is not installed)."""
+    if str(spec).lower() == MINILM_NAME.lower():
+        return True
+    try:
+        return Path(spec).expanduser().resolve() == minilm_dir().resolve()
+    except CodirError:
+        return False
+
+
+def user_spec(spec: Union[str, Path]) -> str:
+    """How a user writes ``spec`` in a command: ``all-MiniLM-L6-v2`` for the packaged MiniLM (by name or by its
+    site-packages directory), else ``spec`` unchanged."""
+    return MINILM_NAME if is_packaged_minilm(spec) else str(spec)
+
+
 def known_sha256(model_dir: Union[str, Path]) -> Optional[str]:
     """Pinned sha256 of ``model.safetensors`` in ``model_dir`` if it is the packaged MiniLM, else None."""
     try:

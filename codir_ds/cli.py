@@ -6,6 +6,7 @@ import copy
 import os
 import re
 import sys
+import time
 from typing import Callable, Optional
 
 from codir_ds.errors import CodirError
@@ -94,12 +95,94 @@ def quiet_environment() -> None:
                             category=FutureWarning, module=r"torch\.distributed\.c10d_logger$")
 
 
+def deepspeed_launcher_pid() -> Optional[int]:
+    """The pid of the ``deepspeed.launcher.launch`` process that started this rank (``deepspeed script.py``), or
+    None (a plain ``python`` run, torchrun, a batch system's launcher, or no /proc to tell)."""
+    if os.environ.get("LOCAL_RANK") is None:
+        return None
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    return parent if b"deepspeed.launcher.launch" in argv else None
+
+
+# The helper behind report_after_exit, run as `python -I -S -c` (no site, no codir_ds: it starts in ~10 ms): says it
+# is ready, waits until the process behind the inherited pidfd has exited (at most 10 minutes), writes the line to
+# its stderr (the rank's). A SIGTERM (from a launcher cleaning up the rank's process tree) writes it at once.
+_REPORT_AFTER_EXIT = """
+import os, select, signal, sys
+pidfd, ready, line = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode() + b"\\n"
+def report(*_):
+    os.write(2, line)
+    os._exit(0)
+signal.signal(signal.SIGTERM, report)
+os.write(ready, b"1")
+os.close(ready)
+poller = select.poll()
+poller.register(pidfd, select.POLLIN)
+poller.poll(600_000)
+report()
+"""
+
+
+def report_after_exit(pid: int, line: str) -> bool:
+    """Have ``line`` written to this process's stderr just after process ``pid`` exits, by a detached helper.
+
+    Returns False, having arranged nothing, where that is not possible (no ``os.pidfd_open``: not Linux >= 5.3;
+    ``pid`` gone; the helper did not start within 10 s); the caller then prints ``line`` itself.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False
+    import select
+    import subprocess
+    ready_r, ready_w = os.pipe()
+    helper = None
+    try:
+        helper = subprocess.Popen([sys.executable, "-I", "-S", "-c", _REPORT_AFTER_EXIT, str(pidfd), str(ready_w),
+                                   line], pass_fds=(pidfd, ready_w), stdin=subprocess.DEVNULL,
+                                  start_new_session=True)  # not in the terminal's process group: no Ctrl-C
+        os.close(ready_w)
+        ready_w = -1
+        if select.select([ready_r], [], [], 10)[0] and os.read(ready_r, 1) == b"1":
+            return True
+        helper.kill()  # never ready: it must not print as well
+        return False
+    except OSError:
+        if helper is not None:
+            helper.kill()
+        return False
+    finally:
+        for fd in (pidfd, ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
+
+
 def run_main(main: Callable[[], int]) -> None:
-    """Run a launcher's main; bad input ends with ``error: <one line>`` and exit status 2."""
+    """Run a launcher's main; bad input ends with ``error: <one line>`` and exit status 2.
+
+    Under the ``deepspeed`` launcher (deepspeed/launcher/launch.py, DeepSpeed 0.19.8) the rank's exit status 2 is
+    the job's (launch.py exits with it, and runner.py with launch.py's), but launch.py reports a failed rank after
+    it has exited: ``[ERROR] [launch.py:...] [<command>] exits with return code = 2``, unconditionally at every
+    --log_level below critical, and nothing in the rank, its environment or its exit status can suppress that. So
+    there rank 0 hands its line to a helper that writes it once launch.py has exited: the error stays the last
+    line the user reads, and the exit status stays 2. Ranks other than 0 print nothing; under that launcher they
+    also wait 2 s before exiting, so that rank 0's report is not cut short by launch.py terminating it because
+    another rank failed first.
+    """
     try:
         sys.exit(main())
     except CodirError as e:
         rank = os.environ.get("RANK", "0")
+        launcher = deepspeed_launcher_pid()
         if rank == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            line = f"error: {e}"
+            if launcher is None or not report_after_exit(launcher, line):
+                print(line, file=sys.stderr, flush=True)
+        elif launcher is not None:
+            time.sleep(2)
         sys.exit(2)

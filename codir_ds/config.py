@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import yaml
 from codir_ds.errors import CodirError
 
 from codir_ds import checks
+from codir_ds.assets import is_packaged_minilm, user_spec
 from codir_ds.distill.methods import build_method, get_method, method_config_class, method_names, validate_options
 
 PRECISION_FALLBACKS = ("bf16", "fp32")
@@ -213,8 +216,53 @@ class ExperimentConfig:
 
 # ----------------------------------------------------------------------------- loading
 
+def _initials(name: str) -> Optional[str]:
+    """``learning_rate`` -> ``lr`` (None for a one-word name)."""
+    words = [w for w in name.split("_") if w]
+    return "".join(w[0] for w in words) if len(words) > 1 else None
+
+
+def _close_names(name: str, valid: list[str], cutoff: float = 0.75, margin: float = 0.1) -> list[str]:
+    """The names in ``valid`` that ``name`` is plausibly a typo of, best first (at most 3).
+
+    Similarity is difflib's ratio of the names alone (never of a shared section prefix, which made
+    ``training.lrr`` look close to ``training.seed``); a whole word of a name (``warmup`` ->
+    ``warmup_ratio``), its start (``kd_temp``) and its initials (``learning_rate`` -> ``lr``) count as
+    close too. Only names within ``margin`` of the best match are kept, so one clear match stands alone.
+    """
+    scored = []
+    for v in valid:
+        score = difflib.SequenceMatcher(None, name, v).ratio()
+        if (len(name) >= 3 and (name in v.split("_") or v.startswith(name))) or _initials(v) == name \
+                or _initials(name) == v:
+            score = max(score, 0.8)
+        if score >= cutoff:
+            scored.append((score, v))
+    if not scored:
+        return []
+    best = max(s for s, _ in scored)
+    return [v for s, v in sorted(scored, key=lambda sv: -sv[0]) if s >= best - margin][:3]
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Every section's key names: ``{"": top-level names, "training": [...], ...}``."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    out = {"": [f.name for f in dataclasses.fields(ExperimentConfig)]}
+    for f in dataclasses.fields(ExperimentConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = [sub.name for sub in dataclasses.fields(hints[f.name])]
+    return out
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    """The fix for the unknown ``key`` (``section.name``): the close names of its section (``valid``, full
+    keys), else the same name in another section, else the section's valid keys."""
+    prefix, _, name = key.rpartition(".")
+    prefix = prefix + "." if prefix else ""
+    close = [prefix + c for c in _close_names(name, [v[len(prefix):] for v in valid])]
+    if not close and prefix:
+        close = [f"{section}.{name}" for section, names in _section_keys().items()
+                 if section and f"{section}." != prefix and name in names]
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
     return "valid keys: " + ", ".join(valid)
@@ -499,17 +547,77 @@ def _validate_method_needs(cfg: ExperimentConfig, stage: Optional[str] = None, s
     if needs.teacher and not mc.teacher:
         raise CodirError(f"method.name={m.name}{method.teacher_condition} needs a teacher: set model.teacher to "
                          f"{teacher_hint(stage, source)}")
+    if stage == "pretrain" and stage in method.stages and mc.teacher and is_packaged_minilm(mc.teacher) \
+            and method(m, stage).needs.teacher_logits:
+        # known without loading it: the packaged MiniLM is a sentence-embedding model without an MLM head
+        raise CodirError(missing_mlm_head(mc.teacher, source))
     if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:
         raise CodirError("no tokenizer: set model.tokenizer, model.teacher, model.student_init or model.init_from "
                          "to a model directory")
 
 
+MLM_TEACHER_DIR = "runs/teacher_mlm"  # where docs/pretraining.md and the errors put a teacher with a fitted MLM head
+
+
+def _shown_path(path: str) -> str:
+    """``path`` as a user types it from the current directory: relative when it lies below it."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel if not rel.startswith(os.pardir) else path
+
+
+def _holds_head_of(directory: Path, teacher: str) -> bool:
+    """Whether ``directory`` holds a finished launchers/fit_teacher_head.py output for ``teacher``."""
+    from codir_ds.assets import resolve_model_dir
+    from codir_ds.models.loading import WEIGHTS, read_manifest
+    manifest = read_manifest(directory, strict=False)
+    if manifest.get("kind") != "teacher_with_mlm_head" or not (directory / WEIGHTS).is_file():
+        return False
+    try:
+        return Path(manifest.get("source", "")).resolve() == resolve_model_dir(teacher).resolve()
+    except (CodirError, OSError):
+        return False
+
+
+def mlm_head_fix(teacher: str = "all-MiniLM-L6-v2", source: Optional[str] = None) -> tuple[Optional[str], str]:
+    """How to get ``teacher`` with an MLM head, from the current directory: ``(command, directory)``.
+
+    ``directory`` is the first of runs/teacher_mlm, runs/teacher_mlm_2, ... that already holds a head fitted on
+    ``teacher`` (``command`` None: nothing to fit) or else is free (missing or empty); ``command`` then fits one
+    there, with ``--config source`` (the run's YAML: its corpus) when known. It never needs --overwrite, so it
+    runs as written after docs/pretraining.md's own command has filled runs/teacher_mlm.
+    """
+    name = user_spec(teacher)
+    for i in range(1, 1000):
+        out = MLM_TEACHER_DIR if i == 1 else f"{MLM_TEACHER_DIR}_{i}"
+        path = Path(out)
+        if path.is_dir() and _holds_head_of(path, teacher):
+            return None, out
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            break
+    launcher = _shown_path(str(Path(__file__).resolve().parent.parent / "launchers" / "fit_teacher_head.py"))
+    argv = ["python", launcher, "--teacher", name, "--output_dir", out]
+    if source:
+        argv += ["--config", _shown_path(source)]
+    return shlex.join(argv), out
+
+
+def missing_mlm_head(teacher: str, source: Optional[str] = None, detail: str = "") -> str:
+    """The error for a pre-training teacher without an MLM head where logit KD needs one (``detail``: what is
+    missing), with the fix that runs as written (:func:`mlm_head_fix`)."""
+    command, out = mlm_head_fix(teacher, source)
+    fix = (f"fit one with `{command}` and set model.teacher={out}" if command else
+           f"{out} already holds it with a fitted head: set model.teacher={out}")
+    return (f"teacher '{user_spec(teacher)}' has no masked-LM head{detail}: logit KD (method.alpha_kd > 0) needs "
+            f"one; {fix}, or set method.alpha_kd=0")
+
+
 def teacher_hint(stage: Optional[str], source: Optional[str] = None, body: str = "all-MiniLM-L6-v2") -> str:
     """How to get a teacher for ``stage``, with a command that runs as written (``source``: the run's YAML,
     ``body``: the model a finetuning teacher starts from)."""
-    mlm = ("a masked-LM teacher, e.g. the packaged MiniLM with a fitted MLM head: `python launchers/fit_teacher_head.py "
-           "--teacher all-MiniLM-L6-v2 --output_dir runs/teacher_mlm` then model.teacher=runs/teacher_mlm "
-           "(or model.teacher=all-MiniLM-L6-v2 with method.alpha_kd=0)")
+    command, out = mlm_head_fix("all-MiniLM-L6-v2", source)
+    mlm = ("a masked-LM teacher, e.g. the packaged MiniLM with a fitted MLM head: "
+           + (f"`{command}` then model.teacher={out}" if command else f"model.teacher={out}, which holds one")
+           + " (or model.teacher=all-MiniLM-L6-v2 with method.alpha_kd=0)")
     if stage == "pretrain":
         return mlm
     config = source or "configs/fine_movie_snippets_cpu.yaml"

@@ -6,12 +6,14 @@ pipeline never repeats or overwrites finished work.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,11 +38,73 @@ def cpu_threads_per_rank(ranks: int) -> int:
     return max(1, (os.cpu_count() or 1) // ranks)
 
 
+# Written next to a finished stage's output: how long the run that finished the stage took, and a digest of
+# the file that marks it finished (results.json; a redone run leaves a stale record, which is then ignored).
+STAGE_TIME = "stage_time.json"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: Optional[float]  # wall time of the run that finished the stage (None: not recorded)
+    reused: bool              # finished by an earlier run, reused by this one
+
+
+# This process's stages in order (run_stage and record_stage append): what the pipeline's timing line reports.
+STAGES: list[StageRecord] = []
+
+
+def record_stage(name: str, seconds: Optional[float], reused: bool) -> None:
+    STAGES.append(StageRecord(name, seconds, reused))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_stage_time(run_dir: Path, seconds: float, finished: str = "results.json") -> None:
+    """Record that the stage whose output is ``run_dir`` (``finished``: the file that marks it done, as it is
+    now) took ``seconds``."""
+    (run_dir / STAGE_TIME).write_text(json.dumps(
+        {"seconds": round(seconds, 1), "finished": finished, "sha256": _digest(run_dir / finished)}) + "\n")
+
+
+def read_stage_time(run_dir: Path, finished: str = "results.json") -> Optional[float]:
+    """Seconds the run that wrote ``run_dir / finished`` took; None when not recorded, or recorded for another
+    version of that file (the stage was redone without the pipeline)."""
+    try:
+        data = json.loads((run_dir / STAGE_TIME).read_text())
+        if data["finished"] == finished and data["sha256"] == _digest(run_dir / finished):
+            return float(data["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def timing_note(elapsed: float, stages: Optional[Sequence[StageRecord]] = None) -> str:
+    """How long a pipeline took, for its summary line: ``"528 s"``, or with reused stages what they had taken,
+    e.g. ``"all 7 stages reused from earlier runs that took 528 s"`` (``stages``: default this process's)."""
+    stages = STAGES if stages is None else stages
+    reused = [s for s in stages if s.reused]
+    if not reused:
+        return f"{elapsed:.0f} s"
+    known = [s.seconds for s in reused if s.seconds is not None]
+    took = f"that took {sum(known):.0f} s" if known else "whose time was not recorded"
+    if len(known) not in (0, len(reused)):
+        took += f" ({len(reused) - len(known)} of them without a recorded time)"
+    if len(reused) == len(stages):
+        return f"all {len(stages)} stages reused from earlier runs {took}"
+    return f"{elapsed:.0f} s, with {len(reused)} of {len(stages)} stages reused from earlier runs {took}"
+
+
 def run_stage(name: str, script: str, ranks: int, run_dir: Path, args: Sequence[str]) -> dict:
-    """Run (or reuse, or resume) one training job; returns its results.json."""
+    """Run (or reuse, or resume) one training job; returns its results.json (and records its time in STAGES)."""
     results = run_dir / "results.json"
     if results.is_file():
-        print(f"[{name}] reusing finished run {run_dir}", flush=True)
+        seconds = read_stage_time(run_dir)
+        print(f"[{name}] reusing finished run {run_dir}" + (f" (it took {seconds:.0f} s)" if seconds is not None
+                                                           else ""), flush=True)
+        record_stage(name, seconds, reused=True)
         return json.loads(results.read_text())
     extra = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
     if extra:
@@ -58,7 +122,10 @@ def run_stage(name: str, script: str, ranks: int, run_dir: Path, args: Sequence[
     if proc.returncode != 0 or not results.is_file():
         raise CodirError(f"stage '{name}' failed (exit {proc.returncode}); its output is above and its run "
                          f"directory is {run_dir}; fix the cause and re-run to continue from there")
-    print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    write_stage_time(run_dir, seconds)
+    record_stage(name, seconds, reused=False)
     return json.loads(results.read_text())
 
 

@@ -46,7 +46,7 @@ def main() -> int:
     args = ap.parse_args()
     quiet_environment()
     from codir_ds.config import load_config
-    from codir_ds.pipeline import format_table, run_stage
+    from codir_ds.pipeline import format_table, run_stage, timing_note
 
     out = Path(args.output_dir)
     base = ["--deepspeed_config", args.deepspeed_config, "--config", args.config]
@@ -79,8 +79,8 @@ def main() -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(table + "\n")
     print(f"\nmovie_snippets validation ({teacher['num_validation_examples']} examples), best checkpoint per run, "
-          f"{args.ranks} rank(s), {elapsed:.0f} s:\n{table}\n\nwritten to {out}/summary.md and summary.json; "
-          f"TensorBoard: tensorboard --logdir {out}")
+          f"{args.ranks} rank(s), {timing_note(elapsed)}:\n{table}\n\nwritten to {out}/summary.md and "
+          f"summary.json; TensorBoard: tensorboard --logdir {out}")
     return 0
 
 

@@ -55,6 +55,17 @@ def test_new_method_is_registered_configured_and_validated(registered):
         build_method(m, "pretrain")
 
 
+def test_examples_are_listed_with_their_summary_in_help(registered):
+    """Each example sets a one-line summary, and a launcher's --help lists the method with it."""
+    from codir_ds.cli import base_parser
+    text = base_parser("finetune", stage="finetune").format_help()  # what launchers/finetune.py --help prints
+    for name in ("logit_mse", "last_hidden_mse"):
+        summary = re.search(r'^    summary = "([^"]+)"$', example(name), re.M)
+        assert summary, f"the {name} example sets no summary"
+        rows = [line.split(None, 1) for line in text.splitlines() if line.startswith(f"  {name} ")]
+        assert rows == [[name, summary.group(1)]], text
+
+
 def test_new_method_loss_against_hand_computation(registered):
     from codir_ds.distill.methods import LossInputs, StudentOutput, TeacherOutput, build_method
     g = torch.Generator().manual_seed(0)

@@ -39,11 +39,12 @@ def gather_rows(sequence: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def load_mlm_teacher(spec: str, dtype: torch.dtype, sha256: Optional[str] = None,
-                     need_head: bool = True) -> torch.nn.Module:
+                     need_head: bool = True, source: Optional[str] = None) -> torch.nn.Module:
     """Frozen pre-training teacher.
 
     With ``need_head`` (logit KD), a ``*ForMaskedLM`` whose head weights are all in the
     checkpoint; otherwise the bare body (hidden states only, e.g. CoDIR-Pre with alpha_kd = 0).
+    ``source``: the run's YAML, for the command the missing-head error suggests.
     """
     path = model_dir(spec, "model.teacher")
     verify_weights(path, sha256, "model.teacher")
@@ -51,10 +52,8 @@ def load_mlm_teacher(spec: str, dtype: torch.dtype, sha256: Optional[str] = None
         model, info = AutoModelForMaskedLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
         missing = sorted(info["missing_keys"])
         if missing:
-            raise CodirError(
-                f"teacher '{path}' has no masked-LM head (missing {missing[0]} and {len(missing) - 1} more): logit KD "
-                f"(method.alpha_kd > 0) needs one; fit it with `python launchers/fit_teacher_head.py --teacher {spec} "
-                f"--output_dir runs/teacher_mlm` and set model.teacher=runs/teacher_mlm, or set method.alpha_kd=0")
+            from codir_ds.config import missing_mlm_head
+            raise CodirError(missing_mlm_head(spec, source, f" (missing {missing[0]} and {len(missing) - 1} more)"))
     else:
         model = AutoModel.from_pretrained(str(path), dtype=dtype, add_pooling_layer=False)
     model.requires_grad_(False)

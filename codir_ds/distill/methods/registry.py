@@ -12,9 +12,17 @@ _METHODS: dict = {}
 
 
 def register_method(cls):
-    """Class decorator: make ``cls`` (a :class:`~codir_ds.distill.methods.base.Method`) available by ``cls.name``."""
+    """Class decorator: make ``cls`` (a :class:`~codir_ds.distill.methods.base.Method`) available by ``cls.name``.
+
+    ``cls`` must set its own one-line ``summary`` (an inherited one would describe its base class): the
+    launchers' --help lists every method with it, and the config reference describes ``method.name`` by it.
+    """
     if not cls.name or cls.name in _METHODS:
         raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    summary = cls.__dict__.get("summary")
+    if not isinstance(summary, str) or not summary.strip() or "\n" in summary:
+        raise ValueError(f"method {cls.name!r} ({cls.__qualname__}) sets no summary of its own: give the class a "
+                         f"one-line summary = \"...\" (--help lists the method with it)")
     _METHODS[cls.name] = cls
     return cls
 
