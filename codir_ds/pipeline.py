@@ -93,7 +93,8 @@ def timing_note(elapsed: float, stages: Optional[Sequence[StageRecord]] = None) 
     if len(known) not in (0, len(reused)):
         took += f" ({len(reused) - len(known)} of them without a recorded time)"
     if len(reused) == len(stages):
-        return f"all {len(stages)} stages reused from earlier runs {took}"
+        rest = f"; this run {elapsed:.0f} s" if elapsed >= 1 else ""  # e.g. the main job's deployment report
+        return f"all {len(stages)} stages reused from earlier runs {took}{rest}"
     return f"{elapsed:.0f} s, with {len(reused)} of {len(stages)} stages reused from earlier runs {took}"
 
 

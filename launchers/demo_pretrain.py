@@ -108,6 +108,7 @@ def deploy_report(args: argparse.Namespace, shared: Path, out: Path, rows: list,
     from codir_ds.config import load_config
     from codir_ds.data.tasks import load_task
     from codir_ds.deploy.cost import cost_report
+    from codir_ds.deploy.report import write_report
     from codir_ds.pipeline import run_stage
 
     teacher_sets = ["method.name=ce", "model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=null",
@@ -121,6 +122,7 @@ def deploy_report(args: argparse.Namespace, shared: Path, out: Path, rows: list,
     print("[deploy] ONNX exports and the size / latency / accuracy-kept report (codir_ds.deploy)", flush=True)
     report = cost_report(models, load_task(cfg.data), cfg.data.max_length, out / "deploy",
                          cfg.training.eval_batch_size)
+    write_report(report, out / "deploy" / "report.json")
     report["names"] = {"teacher": "MiniLM-L6 teacher (6L/384, CE)",
                        **{r["variant"]: f"{r['pretraining']} student (2L/384)" for r in rows}}
     return report
@@ -217,7 +219,6 @@ def main() -> int:
                      "finetune_metric": fine["main_metric"], "finetune_best": fine["best"][fine["main_metric"]],
                      "finetune_final": fine["final"][fine["main_metric"]], "finetune_steps": fine["steps"],
                      "crd_diagnostics": pre.get("diagnostics")})
-    elapsed = time.perf_counter() - t0
     lines = ["| pre-training (stage 2) | held-out MLM loss | held-out MLM acc. | pre-train samples/s "
              "| movie_snippets acc. (CE finetune, last step) | (best checkpoint) |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -225,6 +226,7 @@ def main() -> int:
                      f"{r['pretrain_samples_per_second']:.1f} | {r['finetune_final']:.4f} | {r['finetune_best']:.4f} |")
     findings = findings_lines(rows, read_study(args, ap))
     deploy = deploy_report(args, shared, out, rows, ds + seed) if args.deploy_report else None
+    elapsed = time.perf_counter() - t0
     table = "\n".join(lines + crd_lines(rows) + (["", *findings] if findings else [])
                       + (["", deploy_heading(deploy), "", render_markdown(deploy)] if deploy else []))
     summary = {"rows": rows, "stage1": {"steps": stage1["steps"], "final": stage1["final"]},

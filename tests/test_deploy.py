@@ -123,8 +123,11 @@ def test_onnx_fp32_and_int8_load_run_and_match_pytorch(classifier, onnx_dirs, ta
 @pytest.mark.parametrize("what", ["fp32", "int8"])
 def test_a_failing_parity_check_writes_nothing(classifier, task, tmp_path, monkeypatch, what):
     from codir_ds.errors import CodirError
-    monkeypatch.setattr(onnx_export, "FP32_ATOL" if what == "fp32" else "INT8_MIN_AGREEMENT",
-                        -1.0 if what == "fp32" else 1.01)
+    if what == "fp32":
+        monkeypatch.setattr(onnx_export, "FP32_ATOL", -1.0)
+    else:
+        monkeypatch.setattr(onnx_export, "INT8_MIN_AGREEMENT", 1.01)
+        monkeypatch.setattr(onnx_export, "INT8_ATOL", -1.0)
     out = tmp_path / "onnx"
     with pytest.raises(CodirError) as info:
         onnx_export.export_onnx(classifier, out, task, 24, quantize="int8")
@@ -133,6 +136,16 @@ def test_a_failing_parity_check_writes_nothing(classifier, task, tmp_path, monke
 
 
 # --------------------------------------------------------------------------- the report
+
+def test_int8_rule_accepts_flips_only_where_the_model_is_undecided():
+    reference = torch.tensor([[0.00, 0.01], [0.02, 0.00], [-3.0, 3.0], [2.0, -2.0]])
+    near = reference + torch.tensor([[0.02, -0.02], [-0.03, 0.0], [0.0, 0.0], [0.0, 0.0]])  # two near-ties flip
+    result = onnx_export._parity(reference, near, "int8", regression=False)
+    assert result["prediction_agreement"] == 0.5 and result["passed"]  # within INT8_ATOL
+    broken = reference.flip(-1)  # every logit off by as much as they vary
+    assert not onnx_export._parity(reference, broken, "int8", regression=False)["passed"]
+    assert not onnx_export._parity(reference, near, "fp32", regression=False)["passed"]
+
 
 def test_latency_stats_are_the_median_and_95th_percentile():
     times = [t / 1000 for t in range(1, 21)]  # 1..20 ms

@@ -103,6 +103,7 @@ NO_DEFAULT = {
     "teacher_cache.py": {"--work_dir", "--output", "--set"},
     "compare.py": {"--task", "--set"},
     "student_options.py": {"--output", "--set"},
+    "deploy_cost.py": {"--out"},
 }
 
 

@@ -191,6 +191,7 @@ def test_timing_note_says_the_stages_were_reused_and_what_they_took(stages):
     assert stages.timing_note(300.2, [R("a", 100.0, False), R("b", 200.0, False)]) == "300 s"
     reused = [R("head", 60.0, True), R("stage 1", 100.0, True), R("stage 2", 368.0, True)]
     assert stages.timing_note(0.4, reused) == "all 3 stages reused from earlier runs that took 528 s"
+    assert stages.timing_note(75, reused) == "all 3 stages reused from earlier runs that took 528 s; this run 75 s"
     assert stages.timing_note(120.0, [R("head", 60.0, True), R("stage 1", 118.0, False)]) == \
         "120 s, with 1 of 2 stages reused from earlier runs that took 60 s"
     assert stages.timing_note(0.4, [R("head", None, True)]) == \

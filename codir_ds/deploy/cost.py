@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from codir_ds.data.tasks import TaskData
 from codir_ds.deploy.onnx_export import export_onnx, int8_dir
-from codir_ds.deploy.report import LatencySpec, build_report, write_report
+from codir_ds.deploy.report import LatencySpec, build_report
 from codir_ds.deploy.served import ONNX_MANIFEST
 from codir_ds.models.loading import read_manifest
 
@@ -35,16 +35,14 @@ def onnx_exports(source: Path, out: Path, task: TaskData, max_length: int, progr
     return out, int8_dir(out)
 
 
-def cost_report(models: Sequence[tuple[str, Path]], task: TaskData, max_length: int, out_dir: Path,
+def cost_report(models: Sequence[tuple[str, Path]], task: TaskData, max_length: int, work_dir: Path,
                 batch_size: int = 128, onnx_fp32: bool = False, spec: LatencySpec = LatencySpec(),
                 threads: Optional[int] = None, progress=print) -> dict:
     """Report ``models`` (``(name, PyTorch classifier dir)``, the reference first) in PyTorch fp32 and ONNX
-    Runtime int8 (and fp32 with ``onnx_fp32``), on the CPU; written to ``out_dir``/report.json and .md."""
+    Runtime int8 (and ONNX fp32 with ``onnx_fp32``) on the CPU, on the task's validation split. The ONNX
+    exports go to ``work_dir/<name>_onnx[_int8]``."""
     specs = []
     for name, source in models:
-        fp32, int8 = onnx_exports(source, out_dir / f"{name}_onnx", task, max_length, progress)
+        fp32, int8 = onnx_exports(source, work_dir / f"{name}_onnx", task, max_length, progress)
         specs += [f"{name}={source}"] + ([f"{name} onnx={fp32}"] if onnx_fp32 else []) + [f"{name} int8={int8}"]
-    report = build_report(specs, task, "validation", max_length, batch_size, spec, "cpu", threads, progress)
-    write_report(report, out_dir / "report.json")
-    write_report(report, out_dir / "report.md")
-    return report
+    return build_report(specs, task, "validation", max_length, batch_size, spec, "cpu", threads, progress)

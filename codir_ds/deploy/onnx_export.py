@@ -9,8 +9,11 @@ Every export checks itself on real examples of the task (validation split) befor
 
 - fp32: ONNX Runtime's logits equal PyTorch's within ``FP32_ATOL`` (absolute, on every logit);
 - int8: quantization changes the logits by design, so the check is on what a user gets: the
-  predicted class agrees with PyTorch's on at least ``INT8_MIN_AGREEMENT`` of the examples
-  (regression: the largest difference of the output is at most ``INT8_REGRESSION_ATOL``).
+  predicted class agrees with PyTorch's on at least ``INT8_MIN_AGREEMENT`` of the examples, or
+  every logit is within ``INT8_ATOL`` of PyTorch's (then a prediction can only flip where the model
+  itself is undecided, its two top logits closer than ``2 * INT8_ATOL``: an undertrained model
+  whose logits all lie near the boundary); regression: the largest difference of the output is at
+  most ``INT8_REGRESSION_ATOL``. A broken graph changes the logits by as much as they vary.
 
 A failing check is one ``error:`` line and nothing is written; the output appears atomically.
 """
@@ -38,6 +41,7 @@ from codir_ds.models.size import parameter_counts
 
 FP32_ATOL = 1e-4
 INT8_MIN_AGREEMENT = 0.95
+INT8_ATOL = 0.05
 INT8_REGRESSION_ATOL = 0.25
 CHECK_EXAMPLES = 128
 OPSET = 18
@@ -107,8 +111,8 @@ def _parity(reference: torch.Tensor, ours: torch.Tensor, precision: str, regress
     elif regression:
         out.update(passed=diff <= INT8_REGRESSION_ATOL, rule=f"max |output difference| <= {INT8_REGRESSION_ATOL}")
     else:
-        out.update(passed=out["prediction_agreement"] >= INT8_MIN_AGREEMENT,
-                   rule=f"prediction agreement >= {INT8_MIN_AGREEMENT}")
+        out.update(passed=out["prediction_agreement"] >= INT8_MIN_AGREEMENT or diff <= INT8_ATOL,
+                   rule=f"prediction agreement >= {INT8_MIN_AGREEMENT} or max |logit difference| <= {INT8_ATOL}")
     return out
 
 

@@ -97,7 +97,8 @@ class CoTrainRecipe(Recipe):
             self.teacher = (load_teacher(str(self.teacher_dir), self.num_labels, self.dtype, cfg.model.teacher_sha256,
                                          source=cfg.source)
                             if self.finetune else
-                            load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256, need_head=True))
+                            load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256, need_head=True,
+                                             source=cfg.source))
         set_seed(cfg.training.seed)
         names = self.task.label_names if self.finetune else ()
         small = build_student(cfg.model, self.num_labels, self.is_regression, self.tokenizer,

@@ -161,7 +161,7 @@ class PretrainRecipe(Recipe):
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher: a masked-LM model when its logits are used, else its body alone."""
         return load_mlm_teacher(str(self.teacher_dir), self.dtype, self.cfg.model.teacher_sha256,
-                                need_head=self.method.needs.teacher_logits)
+                                need_head=self.method.needs.teacher_logits, source=self.cfg.source)
 
     def build_student_model(self) -> torch.nn.Module:
         """The masked-LM student (``model.*``)."""
