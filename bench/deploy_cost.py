@@ -36,8 +36,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
                     help="a student classifier (repeatable; default: every DEMO_DIR/finetune_<variant>/export)")
     ap.add_argument("--config", default="configs/fine_movie_snippets_cpu.yaml", help="the task (data.*)")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="default: torch's (the cores)")
     ap.add_argument("--work_dir", default="runs/deploy_cost", help="where the ONNX exports go")
     ap.add_argument("--out", required=True, help="directory for report.json and report.md")

@@ -42,6 +42,7 @@ _spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" /
 compare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare)
 
+from codir_ds import paired_stats  # noqa: E402
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
 
@@ -143,6 +144,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every student run (not the teacher), repeatable")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
+    ap.add_argument("--report_only", action="store_true",
+                    help="run nothing: rewrite <out>/<task>.md/.png and the JSON's comparisons from the runs the JSON "
+                         "holds (same arguments as the study's command), e.g. after the statistics changed")
     return ap.parse_checked(argv, check_args)
 
 
@@ -222,19 +226,12 @@ def variant_overrides(args: argparse.Namespace, variant: str, seed: int, teacher
 # --------------------------------------------------------------------------- statistics
 
 
-def sign_flip_p(diffs: list[float]) -> Optional[float]:
-    """Exact two-sided p-value of the mean paired difference under random sign flips (2^n assignments)."""
-    n = len(diffs)
-    if n == 0 or n > 16:
-        return None
-    observed = abs(statistics.fmean(diffs))
-    hits = sum(abs(statistics.fmean([s * d for s, d in zip(signs, diffs)])) >= observed - 1e-12
-               for signs in itertools.product((1, -1), repeat=n))
-    return hits / 2 ** n
+sign_flip_p = paired_stats.sign_flip_p
 
 
 def paired(records: dict, a: str, b: str, seeds: list[int], metric: str) -> Optional[dict]:
-    """Per-seed differences A - B of ``metric`` over the seeds where both finished."""
+    """Per-seed differences A - B of ``metric`` over the seeds where both finished, with their statistics
+    (``paired_stats.summarize``; the Holm adjustment over the study's family is added by :func:`family`)."""
     pairs = []
     for s in seeds:
         ra, rb = records.get((a, s)), records.get((b, s))
@@ -242,10 +239,13 @@ def paired(records: dict, a: str, b: str, seeds: list[int], metric: str) -> Opti
             pairs.append((s, ra["results"]["final"][metric] - rb["results"]["final"][metric]))
     if not pairs:
         return None
-    diffs = [d for _, d in pairs]
-    return {"seeds": [s for s, _ in pairs], "diffs": diffs, "mean": statistics.fmean(diffs),
-            "std": statistics.stdev(diffs) if len(diffs) > 1 else None, "wins": sum(d > 0 for d in diffs),
-            "p": sign_flip_p(diffs)}
+    return {"seeds": [s for s, _ in pairs], **paired_stats.summarize([d for _, d in pairs])}
+
+
+def family(comparisons: list[dict]) -> list[dict]:
+    """The study's comparisons with Holm-adjusted p-values and verdicts over all of them (in place)."""
+    paired_stats.add_holm([c["paired"] for c in comparisons])
+    return comparisons
 
 
 def diagnostics_of(rec: dict) -> dict:
@@ -317,21 +317,39 @@ def variant_rows(args, records: dict, metric: str) -> list[str]:
 
 
 def comparison_rows(args, comparisons: list[dict]) -> list[str]:
-    lines = ["| A vs B | claim | A − B per seed | mean ± std | A wins | p (sign flip) |", "|---|---|---|---|---|---|"]
+    """One row per comparison: per-seed differences, mean, both 95 % intervals, wins/ties/losses, exact sign-flip
+    p, Holm-adjusted p over the family, and what that reads as (paired_stats.verdict)."""
+    lines = ["| A vs B | claim | A − B per seed | mean | 95 % t interval | 95 % sign-flip interval | A wins/ties/losses "
+             "| p (sign flip) | p (Holm) | reads as |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         d = c["paired"]
         if d is None:
-            lines.append(f"| {c['a']} vs {c['b']} | {c['claim']} | not run | – | – | – |")
+            lines.append(f"| {c['a']} vs {c['b']} | {c['claim']} | not run |" + " – |" * 7)
             continue
         per_seed = ", ".join(f"{x * 100:+.1f}" for x in d["diffs"])
-        std = f" ± {d['std'] * 100:.1f}" if d["std"] is not None else ""
         p = f"{d['p']:.3f}" if d["p"] is not None else "–"
-        lines.append(f"| {c['a']} vs {c['b']} | {c['claim']} | {per_seed} | {d['mean'] * 100:+.2f}{std} | "
-                     f"{d['wins']}/{len(d['diffs'])} | {p} |")
+        holm = f"{d['p_holm']:.3f}" if d.get("p_holm") is not None else "–"
+        lines.append(f"| {c['a']} vs {c['b']} | {c['claim']} | {per_seed} | {d['mean'] * 100:+.2f} | "
+                     f"{paired_stats.interval_text(d['t_interval'])} | "
+                     f"{paired_stats.interval_text(d['sign_flip_interval'])} | {d['wins']}/{d['ties']}/{d['losses']} | "
+                     f"{p} | {holm} | {d.get('verdict', '–')} |")
     return lines
 
 
+def statistics_note(n_comparisons: int) -> str:
+    """How to read the comparison table (the margin is fixed before any run: paired_stats.LEVEL_MARGIN)."""
+    margin = paired_stats.LEVEL_MARGIN * 100
+    return (f"Points = 100 × difference. Intervals: 95 %, Student t and the exact sign-flip test inverted (unbounded "
+            f"with 5 or fewer seeds, where no shift can be rejected). p: exact two-sided sign-flip; Holm: adjusted over "
+            f"the {n_comparisons} comparisons of this table. Reads as: 'A higher' / 'A lower' where the Holm p < 0.05; "
+            f"'level' only where both intervals lie inside ±{margin:g} point(s), a margin fixed before the runs; "
+            f"otherwise 'no difference shown' (which is not evidence of equality).")
+
+
 def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric: str, teacher_value) -> bool:
+    """Left: every seed's value per variant, each seed's values joined by a line (its own colour), the mean as a
+    bar; right: every comparison's per-seed differences (spread vertically by seed, so equal values do not hide
+    each other) with the mean and its 95 % t interval. Legends and labels sit outside the data."""
     try:
         import matplotlib
     except ImportError:
@@ -339,29 +357,41 @@ def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
+    colours = plt.get_cmap("tab10")
+    for k, seed in enumerate(args.seeds):
+        pts = [(x, records[(v, seed)]["results"]["final"][metric]) for x, v in enumerate(args.variants)
+               if records.get((v, seed), {}).get("status") == "ok"]
+        if pts:
+            left.plot(*zip(*pts), marker="o", markersize=4, linewidth=0.7, alpha=0.8, color=colours(k % 10),
+                      label=f"seed {seed}")
     for x, v in enumerate(args.variants):
         vals = [records[(v, s)]["results"]["final"][metric] for s in args.seeds
                 if records.get((v, s), {}).get("status") == "ok"]
         if vals:
-            left.scatter([x + (i - len(vals) / 2) * 0.06 for i in range(len(vals))], vals, s=14, color="#4C72B0")
-            left.hlines(statistics.fmean(vals), x - 0.3, x + 0.3, color="black", linewidth=1.5)
+            left.hlines(statistics.fmean(vals), x - 0.3, x + 0.3, color="black", linewidth=2)
     if teacher_value is not None:
-        left.axhline(teacher_value, color="gray", linestyle="--", linewidth=1, label=f"teacher {teacher_value:.3f}")
-        left.legend(fontsize=8, loc="lower right")
+        left.axhline(teacher_value, color="gray", linestyle="--", linewidth=1)
+        left.annotate(f"teacher {teacher_value:.3f}", xy=(1.0, teacher_value), xycoords=("axes fraction", "data"),
+                      xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="gray")
     left.set_xticks(range(len(args.variants)), args.variants, rotation=40, ha="right", fontsize=8)
     left.set_ylabel(f"validation {metric}")
-    left.set_title(f"{args.task}: every seed (dots), mean (bar)", fontsize=10)
+    left.set_title(f"{args.task}: each seed joined across variants; black bar: mean", fontsize=10)
+    left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.28), ncol=min(len(args.seeds), 5),
+                frameon=False)
     shown = [c for c in comparisons if c["paired"]]
     for y, c in enumerate(shown):
         d = c["paired"]
-        right.scatter([x * 100 for x in d["diffs"]], [y] * len(d["diffs"]), s=14, color="#4C72B0", zorder=3)
-        err = (d["std"] or 0) * 100
-        right.errorbar(d["mean"] * 100, y, xerr=err, fmt="D", color="#C44E52", capsize=4, zorder=4)
+        n = len(d["diffs"])
+        offsets = [(i - (n - 1) / 2) * 0.5 / max(n, 1) for i in range(n)]
+        right.scatter([x * 100 for x in d["diffs"]], [y + o for o in offsets], s=12, color="#4C72B0", zorder=3)
+        lo, hi = d.get("t_interval") or (d["mean"], d["mean"])
+        right.errorbar(d["mean"] * 100, y, xerr=[[(d["mean"] - lo) * 100], [(hi - d["mean"]) * 100]], fmt="D",
+                       color="#C44E52", capsize=4, zorder=4)
     right.axvline(0, color="black", linewidth=1)
     right.set_yticks(range(len(shown)), [f"{c['a']} − {c['b']}" for c in shown], fontsize=8)
     right.invert_yaxis()
-    right.set_xlabel(f"paired difference in {metric} (points), one dot per seed; red: mean ± std")
+    right.set_xlabel(f"A − B in {metric} (points); dots: seeds; red: mean, 95 % t interval", fontsize=9)
     right.set_title("paired differences (same seed, data order, student init)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -369,19 +399,34 @@ def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric
     return True
 
 
-def write_outputs(args, teacher: dict, records: dict) -> list[Path]:
+def recorded_study(path: Path, command: str) -> dict:
+    """A committed study's JSON for ``--report_only``, with the device line of its table (the JSON has none)."""
+    data = compare._read_json(path)
+    if data is None:
+        raise CodirError(f"--report_only: no study JSON at '{path}': run the study first")
+    if data.get("command") != command:
+        raise CodirError(f"--report_only: '{path}' was written by `{data.get('command')}`, not `{command}`: pass that "
+                         f"command's arguments")
+    md = path.with_suffix(".md")
+    device = next((line[len("- Device: "):].split(";")[0] for line in
+                   (md.read_text().splitlines() if md.is_file() else []) if line.startswith("- Device: ")), None)
+    return {**data, "device": device}
+
+
+def write_outputs(args, teacher: dict, records: dict, recorded: Optional[dict] = None) -> list[Path]:
+    """The study's table, JSON and plot; ``recorded``: a committed study's date, versions and device, kept when
+    its tables are rewritten (``--report_only``)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metric = ((teacher.get("results") or {}).get("main_metric")) or "accuracy"
-    comparisons = [{"a": a, "b": b, "claim": claim, "paired": paired(records, a, b, args.seeds, metric)}
-                   for a, b, claim in COMPARISONS if a in args.variants and b in args.variants]
+    comparisons = family([{"a": a, "b": b, "claim": claim, "paired": paired(records, a, b, args.seeds, metric)}
+                          for a, b, claim in COMPARISONS if a in args.variants and b in args.variants])
     teacher_value = ((teacher.get("results") or {}).get("final") or {}).get(metric)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    date, versions, device = study_meta(recorded, 1)
     p = PRESETS[args.size]
     lines = [regenerate_command(args), "", f"# {args.task}: paired study, {len(args.variants)} variants x "
              f"{len(args.seeds)} seeds (preset {args.size})", "",
-             f"- Device: {compare.device_description(1)}; "
-             f"{', '.join(f'{k} {v}' for k, v in compare.versions().items())}. Date: {date} (UTC).",
+             f"- Device: {device}; {', '.join(f'{k} {v}' for k, v in versions.items())}. Date: {date} (UTC).",
              f"- Teacher: {p['teacher_model']} finetuned with ce ({' '.join(p['teacher'][2:])}): {metric} "
              f"{teacher_value if teacher_value is None else round(teacher_value, 4)}.",
              f"- Students: {p['student_model']}; {' '.join(p['common'] + p['student'][2:])}; seeds "
@@ -391,19 +436,37 @@ def write_outputs(args, teacher: dict, records: dict) -> list[Path]:
              "- Diagnostics: the CRD values at the last log step (mean over seeds); min gap: the smallest "
              "positive-minus-negative cosine logged during training; collapse warnings: runs that printed one.",
              "", *variant_rows(args, records, metric), "",
-             f"Paired differences in {metric} (points = 100 × difference), same seed on both sides:", "",
-             *comparison_rows(args, comparisons)]
+             f"Paired differences in validation {metric}, same seed on both sides. "
+             f"{statistics_note(len(comparisons))}", "", *comparison_rows(args, comparisons)]
     md, js, png = out / f"{args.task}.md", out / f"{args.task}.json", out / f"{args.task}.png"
     md.write_text("\n".join(lines) + "\n")
     runs = [{**rec, "variant": v, "seed": s} for (v, s), rec in records.items()]
     js.write_text(json.dumps({"task": args.task, "command": regenerate_command(args), "size": args.size,
                               "preset": p, "variants": {v: VARIANTS[v] for v in args.variants}, "seeds": args.seeds,
-                              "metric": metric, "date_utc": date, "versions": compare.versions(),
+                              "metric": metric, "date_utc": date, "versions": versions,
                               "teacher": teacher, "runs": runs, "comparisons": comparisons}, indent=2))
     written = [md, js]
     if write_chart(png, args, records, comparisons, metric, teacher_value):
         written.append(png)
     return written
+
+
+def study_meta(recorded: Optional[dict], ranks: int) -> tuple[str, dict, str]:
+    """``(date, versions, device)``: a committed study's (``--report_only``) or now and this machine's."""
+    if recorded:
+        return (recorded["date_utc"], recorded["versions"],
+                recorded.get("device") or compare.device_description(ranks))
+    return (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), compare.versions(),
+            compare.device_description(ranks))
+
+
+def report_only(args) -> int:
+    """``--report_only``: the committed study's tables rewritten from its JSON; no run is started."""
+    recorded = recorded_study(Path(args.out) / f"{args.task}.json", regenerate_command(args))
+    records = {(r["variant"], r["seed"]): r for r in recorded["runs"]}
+    written = write_outputs(args, recorded["teacher"], records, recorded)
+    print("rewritten:\n" + "\n".join(f"  {p}" for p in written), flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -413,6 +476,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report_only:
+        try:
+            return report_only(args)
+        except CodirError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     task_dir = Path(args.work_dir) / args.task
     teacher_dir = task_dir / "teacher"
     try:  # every config is validated before the first job

@@ -19,7 +19,6 @@ the last-step accuracy: nothing is selected on the validation split. Re-running 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -46,6 +45,7 @@ compare = fidelity.compare
 demo = _load("demo_pretrain", REPO / "launchers" / "demo_pretrain.py")
 
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
+from codir_ds.errors import CodirError  # noqa: E402
 
 METRIC = "accuracy"
 COMPARISONS: list[tuple[str, str, str]] = [
@@ -69,6 +69,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench/results/fidelity_cpu", help="where pretrain.md/.json/.png go")
     ap.add_argument("--work_dir", default="runs/fidelity_pre_cpu", help="the pipelines' run directories")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel ranks of every stage")
+    ap.add_argument("--report_only", action="store_true",
+                    help="run nothing: rewrite pretrain.md/.png and the JSON's comparisons from the pipelines' "
+                         "summaries the JSON holds (same arguments as the study's command)")
     return ap.parse_checked(argv, check_args)
 
 
@@ -140,19 +143,19 @@ def variant_rows(args, records: dict) -> list[str]:
     return lines
 
 
-def write_outputs(args, records: dict, summaries: dict) -> list[Path]:
+def write_outputs(args, records: dict, summaries: dict, recorded: Optional[dict] = None) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    comparisons = [{"a": a, "b": b, "claim": claim, "paired": fidelity.paired(records, a, b, args.seeds, METRIC)}
-                   for a, b, claim in COMPARISONS if a in args.variants and b in args.variants]
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    comparisons = fidelity.family([{"a": a, "b": b, "claim": claim,
+                                    "paired": fidelity.paired(records, a, b, args.seeds, METRIC)}
+                                   for a, b, claim in COMPARISONS if a in args.variants and b in args.variants])
+    date, versions, device = fidelity.study_meta(recorded, args.ranks)
     first = next(iter(summaries.values()), {})
     a = first.get("args", {})
     head = first.get("teacher_head", {})
     lines = [regenerate_command(args), "",
              f"# Pre-training: paired study, {len(args.variants)} stage-2 variants x {len(args.seeds)} seeds", "",
-             f"- Device: {compare.device_description(args.ranks)}; "
-             f"{', '.join(f'{k} {v}' for k, v in compare.versions().items())}. Date: {date} (UTC).",
+             f"- Device: {device}; {', '.join(f'{k} {v}' for k, v in versions.items())}. Date: {date} (UTC).",
              f"- The main job (`launchers/demo_pretrain.py`) per seed: teacher all-MiniLM-L6-v2 with a fitted MLM "
              f"head (held-out MLM accuracy {head.get('validation_mlm_accuracy', float('nan')):.3f}); stage 1: "
              f"{a.get('stage1_steps')} MLM steps of the 2-layer student (shared by every seed); stage 2: "
@@ -162,12 +165,12 @@ def write_outputs(args, records: dict, summaries: dict) -> list[Path]:
              "- Accuracy at the last finetuning step (no checkpoint selection) is what the comparisons use; the "
              "best validation checkpoint is shown for reference. CRD columns: stage 2's last log window.",
              "", *variant_rows(args, records), "",
-             f"Paired differences in finetuned {METRIC} (points = 100 × difference), same seed on both sides:", "",
-             *fidelity.comparison_rows(args, comparisons)]
+             f"Paired differences in finetuned validation {METRIC}, same seed on both sides. "
+             f"{fidelity.statistics_note(len(comparisons))}", "", *fidelity.comparison_rows(args, comparisons)]
     md, js, png = out / "pretrain.md", out / "pretrain.json", out / "pretrain.png"
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps({"command": regenerate_command(args), "variants": args.variants, "seeds": args.seeds,
-                              "metric": METRIC, "date_utc": date, "versions": compare.versions(),
+                              "metric": METRIC, "date_utc": date, "versions": versions,
                               "summaries": {str(s): v for s, v in summaries.items()},
                               "comparisons": comparisons}, indent=2))
     written = [md, js]
@@ -180,6 +183,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report_only:
+        try:
+            recorded = fidelity.recorded_study(Path(args.out) / "pretrain.json", regenerate_command(args))
+        except CodirError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        summaries = {int(s): v for s, v in recorded["summaries"].items()}
+        records = {k: v for seed, summary in summaries.items() for k, v in records_of(summary, seed).items()}
+        written = write_outputs(args, records, summaries, recorded)
+        print("rewritten:\n" + "\n".join(f"  {p}" for p in written), flush=True)
+        return 0
     records, summaries = {}, {}
     t0 = time.perf_counter()
     for k, seed in enumerate(args.seeds, 1):

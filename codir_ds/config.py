@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import shlex
@@ -567,10 +568,13 @@ def _shown_path(path: str) -> str:
 
 def _holds_head_of(directory: Path, teacher: str) -> bool:
     """Whether ``directory`` holds a finished launchers/fit_teacher_head.py output for ``teacher``."""
-    from codir_ds.assets import resolve_model_dir
-    from codir_ds.models.loading import WEIGHTS, read_manifest
-    manifest = read_manifest(directory, strict=False)
-    if manifest.get("kind") != "teacher_with_mlm_head" or not (directory / WEIGHTS).is_file():
+    from codir_ds.assets import EXPORT_MANIFEST, WEIGHTS, resolve_model_dir
+    try:  # read here, not with models.loading.read_manifest: models.loading imports this module
+        manifest = json.loads((directory / EXPORT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("kind") != "teacher_with_mlm_head" \
+            or not (directory / WEIGHTS).is_file():
         return False
     try:
         return Path(manifest.get("source", "")).resolve() == resolve_model_dir(teacher).resolve()

@@ -29,6 +29,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from codir_ds import paired_stats  # noqa: E402
 from codir_ds.cli import DefaultsHelpFormatter, quiet_environment, run_main  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
 
@@ -93,12 +94,17 @@ def findings_lines(rows: list, study: Optional[dict]) -> list:
                    f"{b['crd/loss_over_log_k1']:.4f}, cosine with the negatives {a['bank/neg_sim']:.3f} -> "
                    f"{b['bank/neg_sim']:.3f}; finetuned accuracy "
                    f"{100 * (by['codir_bank']['finetune_final'] - by['codir']['finetune_final']):+.1f} points")
-    pairs = [c for c in (study or {}).get("comparisons", []) if c["a"] in by and c["b"] in by]
+    comparisons = [c for c in (study or {}).get("comparisons", []) if c.get("paired")]
+    family = [paired_stats.summarize(c["paired"]["diffs"]) for c in comparisons]
+    paired_stats.add_holm(family)  # over the whole study, as its table does
+    pairs = [(c, f) for c, f in zip(comparisons, family) if c["a"] in by and c["b"] in by]
     if pairs:
         out.append(f"one seed cannot separate differences this small; over {len(study['seeds'])} paired seeds of "
-                   f"this job at its defaults ({STUDY.relative_to(STUDY.parents[3])}):")
-        out += [f"  {c['claim']}: {100 * c['paired']['mean']:+.2f} +- {100 * c['paired']['std']:.2f} points, "
-                f"A wins {c['paired']['wins']}/{len(c['paired']['diffs'])}" for c in pairs]
+                   f"this job at its defaults ({STUDY.relative_to(STUDY.parents[3])}, validation split):")
+        out += [f"  {PRE_NAMES.get(c['a'], c['a'])} - {PRE_NAMES.get(c['b'], c['b'])}: {100 * f['mean']:+.2f} points, "
+                f"95 % t interval {paired_stats.interval_text(f['t_interval'])}, wins/ties/losses "
+                f"{f['wins']}/{f['ties']}/{f['losses']}, Holm p {f['p_holm']:.2f}: {f['verdict']}"
+                for c, f in pairs]
     return out
 
 

@@ -32,8 +32,8 @@ def main() -> int:
     ap.add_argument("--batch_size", type=int, default=None,
                     help="examples per forward pass for the metrics (default: the config's training.eval_batch_size)")
     ap.add_argument("--latency_batch_sizes", type=int, nargs="+", default=[1, 32], metavar="N")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed forward passes before timing")
-    ap.add_argument("--repeats", type=int, default=20, help="timed forward passes per batch size (0: no latency)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
+    ap.add_argument("--repeats", type=int, default=30, help="timed forward passes per batch size (0: no latency)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for PyTorch and ONNX Runtime (default: torch's, i.e. the cores or OMP_NUM_THREADS)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,

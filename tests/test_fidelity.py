@@ -65,7 +65,9 @@ def test_outputs_from_fake_runs(tmp_path):
     written = fidelity.write_outputs(args, teacher, records)
     md = (tmp_path / "trec6.md").read_text()
     assert md.splitlines()[0].startswith("python bench/fidelity.py --task trec6 --seeds 1,2 --size tiny")
-    assert "| codir vs kd | CoDIR beats KD | +3.0, -1.0 | +1.00 ± 2.8 | 1/2 | 1.000 |" in md
+    # mean 1 point, t interval 1 ± t_{0.975,1} 12.706 x 2.83 / sqrt 2 = ±25.41 points; two seeds bound no shift
+    assert ("| codir vs kd | CoDIR beats KD | +3.0, -1.0 | +1.00 | [-24.41, +26.41] | (unbounded) | 1/0/1 | 1.000 | "
+            "1.000 | no difference shown |") in md
     assert "| 0.900 | 0.300 | 0.600 | 0.200 | 0.400 | 2.5 → 9.0 | 0/2 |" in md
     data = json.loads((tmp_path / "trec6.json").read_text())
     assert data["comparisons"][0]["paired"]["diffs"] == pytest.approx([0.03, -0.01])

@@ -75,7 +75,9 @@ def test_study_from_fake_pipelines(tmp_path, monkeypatch):
     assert mlm_row.endswith("| – | – | – | – | – |")
     # codir - mlm per seed: +3.0, +1.0 -> mean +2.00 +- 1.4, 2/2 wins, p = 2/4
     cmp_row = next(line for line in md if line.startswith("| codir vs mlm"))
-    assert "| +3.0, +1.0 | +2.00 ± 1.4 | 2/2 | 0.500 |" in cmp_row
+    # mean 2 points, t interval 2 ± 12.706 x 1.41 / sqrt 2 = ±12.71; Holm over the study's comparisons
+    assert "| +3.0, +1.0 | +2.00 | [-10.71, +14.71] | (unbounded) | 2/0/0 | 0.500 | 1.000 | no difference shown |" \
+        in cmp_row
     saved = json.loads((tmp_path / "out" / "pretrain.json").read_text())
     assert set(saved["summaries"]) == {"1", "2"} and saved["comparisons"][0]["a"] == "kd"
 

@@ -55,6 +55,7 @@ def tiny(argv: list[str], runs: Path) -> list[str]:
     argv = [a.replace("runs/", f"{runs}/") for a in argv]
     script = next(a for a in argv if a.startswith("launchers/"))
     sets = {"launchers/finetune.py": TINY_FINETUNE,
+            "launchers/export.py": ["data.max_eval_examples=16"],
             "launchers/evaluate.py": ["data.max_eval_examples=16", "training.eval_batch_size=16"]}[script]
     return argv + [x for s in sets for x in ("--set", s)]
 
@@ -75,11 +76,16 @@ def test_readme_finetuning_example_runs_as_written(tmp_path):
     commands = readme_commands()
     assert [c.split()[:2] for c in commands] == [["python", "launchers/finetune.py"],
                                                  ["deepspeed", "launchers/finetune.py"],
+                                                 ["python", "launchers/export.py"],
                                                  ["python", "launchers/evaluate.py"]], commands
     for command in commands:
         proc = _ok(run_user_command(tiny(shlex.split(command), tmp_path / "runs")))
-    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    report = json.loads((tmp_path / "runs" / "my_codir" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["teacher", "codir", "codir_onnx", "codir_int8"]
+    assert [m["precision"] for m in report["models"]] == ["fp32", "fp32", "fp32", "int8 (dynamic)"]
+    assert all(0.0 <= m["metrics"]["accuracy"] <= 1.0 and set(m["latency"]) == {"1", "32"} for m in report["models"])
+    assert report["models"][2]["metrics"] == report["models"][1]["metrics"]  # ONNX fp32 predicts what PyTorch does
+    assert "| teacher | pytorch fp32 |" in proc.stdout
     export = tmp_path / "runs" / "my_codir" / "export"
     assert json.loads((export / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
 

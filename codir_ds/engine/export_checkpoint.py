@@ -59,6 +59,11 @@ def _check_output_dir(out: Path, run: Path, overwrite: bool) -> None:
     if o == r or o in r.parents or o == r / "checkpoints" or r / "checkpoints" in o.parents:
         raise CodirError(f"--output_dir '{out}' would replace the run or its checkpoints: choose a new directory, "
                          f"e.g. '{run / 'export_<tag>'}'")
+    check_new_output(out, overwrite)
+
+
+def check_new_output(out: Path, overwrite: bool) -> None:
+    """``out`` is a directory to create, or an empty one, or (``overwrite``) one to replace; never a file."""
     if out.exists() and not out.is_dir():
         raise CodirError(f"--output_dir '{out}' is a file: choose a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

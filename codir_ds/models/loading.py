@@ -15,16 +15,15 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from codir_ds.assets import known_sha256, resolve_model_dir, sha256_file
+from codir_ds.assets import EXPORT_MANIFEST, WEIGHTS, known_sha256, resolve_model_dir, sha256_file
 from codir_ds.errors import CodirError
 
 log = logging.getLogger(__name__)
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-# Written by export_student next to the weights so a later run can check them.
-EXPORT_MANIFEST = "codir_export.json"
-WEIGHTS = "model.safetensors"
+# EXPORT_MANIFEST (imported above, re-exported here) is written by export_student next to WEIGHTS so a later run
+# can check them.
 
 
 def model_dir(spec: str, what: str) -> Path:
