@@ -75,6 +75,32 @@ def test_outputs_from_fake_runs(tmp_path):
         assert tmp_path / "trec6.png" in written
 
 
+def test_report_only_rewrites_a_study_from_its_json_and_keeps_its_date_and_device(tmp_path):
+    argv = ["--task", "trec6", "--variants", "kd,codir", "--seeds", "1,2", "--size", "tiny", "--out", str(tmp_path)]
+    args = fidelity.parse_args(argv)
+    records = {("kd", 1): _rec(0.70), ("kd", 2): _rec(0.72), ("codir", 1): _rec(0.73), ("codir", 2): _rec(0.71)}
+    fidelity.write_outputs(args, {"results": {"main_metric": "accuracy", "final": {"accuracy": 0.88}}}, records)
+    data = json.loads((tmp_path / "trec6.json").read_text())
+    data.update(date_utc="2020-01-02 03:04", versions={"torch": "0.0-recorded"})
+    for c in data["comparisons"]:  # a study written before the intervals existed
+        c["paired"] = {k: c["paired"][k] for k in ("seeds", "diffs", "mean", "std", "wins", "p")}
+    (tmp_path / "trec6.json").write_text(json.dumps(data))
+    md = tmp_path / "trec6.md"
+    md.write_text(md.read_text().replace(md.read_text().split("- Device: ")[1].split(";")[0], "Recorded CPU, 2 cores"))
+    assert fidelity.main(argv + ["--report_only"]) == 0  # no run is started: there is no work_dir or teacher
+    text = md.read_text()
+    assert "- Device: Recorded CPU, 2 cores; torch 0.0-recorded. Date: 2020-01-02 03:04 (UTC)." in text
+    assert "| +3.0, -1.0 | +1.00 | [-24.41, +26.41] | (unbounded) | 1/0/1 | 1.000 | 1.000 | no difference shown |" in text
+    rewritten = json.loads((tmp_path / "trec6.json").read_text())
+    assert rewritten["comparisons"][0]["paired"]["verdict"] == "no difference shown"
+    assert rewritten["date_utc"] == "2020-01-02 03:04" and rewritten["runs"] == data["runs"]
+    # another command's arguments: refused, nothing rewritten
+    other = tmp_path / "other"
+    proc = _script(["--task", "trec6", "--variants", "kd,codir", "--seeds", "1,2,3", "--size", "tiny", "--out",
+                    str(tmp_path), "--report_only"])
+    assert proc.returncode == 2 and "pass that command's arguments" in proc.stderr and not other.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "sst9"], "error: unknown task 'sst9'"),
     (["--task", "trec6", "--variants", "codir,bogus"], "error: unknown or no --variants 'bogus'"),
