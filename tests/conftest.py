@@ -150,3 +150,20 @@ def python_launch(script: str, args: list[str], timeout: int = 240) -> subproces
                MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(REPO / script), *args], env=env, cwd=str(REPO),
                           capture_output=True, text=True, timeout=timeout)
+
+
+# The fast tier (`bash scripts/test.sh -m fast`, about a minute on 2 cores): modules of unit tests that start no
+# training run, launcher subprocess or DeepSpeed engine (a few start two gloo processes for a second). Run it
+# while editing; run the whole default suite before committing. A new module joins by being named here.
+FAST_MODULES = frozenset({
+    "test_losses", "test_objectives", "test_memory_bank", "test_negatives", "test_sampler", "test_methods",
+    "test_ild", "test_layout", "test_docs", "test_config", "test_data", "test_ds_config", "test_data_formats",
+    "test_metrics", "test_models", "test_paired_stats", "test_pretrain_units", "test_pipeline",
+    "test_adding_a_method", "test_numerics",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
