@@ -86,12 +86,16 @@ class DataConfig:
         "help": "Directory in the standard GLUE TSV layout, for GLUE task names."})
     validation_fraction: float = field(default=0.1, metadata={
         "help": "Share of the rows held out for validation where the source has no validation split."})
+    test_fraction: float = field(default=0.1, metadata={
+        "help": "Packaged tasks (movie_snippets, trec6): share of all rows held out as a test split, taken from the "
+                "end of the seeded training permutation, so validation and the first training rows do not change; "
+                "never trained on, never used for checkpoint selection. 0 = no test split."})
     split_seed: int = field(default=13, metadata={
         "help": "Seed of that train/validation split and of the example order."})
     max_train_examples: Optional[int] = field(default=None, metadata={
         "help": "Use only the first N training examples (a seeded random subset); null = all."})
     max_eval_examples: Optional[int] = field(default=None, metadata={
-        "help": "Evaluate on the first N validation examples; null = all."})
+        "help": "Evaluate on the first N validation (and test) examples; null = all."})
     max_length: int = field(default=128, metadata={
         "help": "Tokens per example after truncation, special tokens included."})
     supplementary: Optional[str] = field(default=None, metadata={
@@ -447,6 +451,11 @@ def _validate_choices(cfg: ExperimentConfig) -> None:
 
 
 def _validate_data(d: DataConfig) -> None:
+    if isinstance(d.test_fraction, bool) or not 0.0 <= d.test_fraction < 1.0 \
+            or d.validation_fraction + d.test_fraction >= 1.0:
+        raise CodirError(f"config key 'data.test_fraction' must be in [0, 1) and leave training rows beside "
+                         f"data.validation_fraction {d.validation_fraction}, got {d.test_fraction}: "
+                         f"{_fix('data.test_fraction')}")
     if not 0.0 < d.validation_fraction < 1.0:
         raise CodirError(f"config key 'data.validation_fraction' must be in (0, 1), got {d.validation_fraction}: "
                          f"{_fix('data.validation_fraction')}")

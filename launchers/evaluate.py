@@ -28,7 +28,8 @@ def main() -> int:
     ap.add_argument("--config", help="experiment YAML naming the task (data.*), e.g. the run's config.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set data.max_eval_examples=500 (repeatable)")
-    ap.add_argument("--split", default="validation", choices=["validation", "train"])
+    ap.add_argument("--split", default="validation", choices=["validation", "test", "train"],
+                    help="test: packaged tasks' held-out split (data.test_fraction)")
     ap.add_argument("--batch_size", type=int, default=None,
                     help="examples per forward pass for the metrics (default: the config's training.eval_batch_size)")
     ap.add_argument("--latency_batch_sizes", type=int, nargs="+", default=[1, 32], metavar="N")

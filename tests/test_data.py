@@ -10,6 +10,7 @@ import torch
 from codir_ds import assets
 from codir_ds.data import ClassificationCollator, Example, TaskData, load_task
 from codir_ds.data.tasks import TREC_TRAIN_SIZE
+from codir_ds.config import load_config
 from codir_ds.errors import CodirError
 
 
@@ -51,7 +52,7 @@ def movie():
 
 
 def test_movie_snippets_sizes_labels_and_ids(movie):
-    n = len(movie.train) + len(movie.validation)
+    n = len(movie.train) + len(movie.validation) + len(movie.test)
     assert n == 10605 - 37  # zero-scored rows are dropped
     assert len(movie.validation) == round(n * 0.1)
     assert movie.label_names == ["negative", "positive"] and movie.num_labels == 2
@@ -85,7 +86,7 @@ def test_movie_regression_shares_rows_and_split(movie):
 
 def test_trec6():
     data = load_task(cfg(task="trec6", validation_fraction=0.2))
-    assert len(data.train) + len(data.validation) == TREC_TRAIN_SIZE == 5452
+    assert len(data.train) + len(data.validation) + len(data.test) == TREC_TRAIN_SIZE == 5452
     assert len(data.validation) == round(5452 * 0.2)
     assert data.label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
     assert {e.label for e in data.train} == set(range(6))
@@ -405,3 +406,33 @@ def test_collator_on_loaded_task(tokenizer):
     assert batch["ids"].tolist() == list(range(8))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 32
     assert int(batch["labels"].max()) < data.num_labels
+
+
+# --------------------------------------------------------------------------- the packaged tasks' test split
+
+@pytest.mark.parametrize("task", ["movie_snippets", "trec6"])
+def test_packaged_tasks_hold_out_a_test_split_from_the_end_of_the_training_rows(task):
+    from codir_ds.data.tasks import load_task
+    with_test, without = load_task({"task": task}), load_task({"task": task, "test_fraction": 0.0})
+    n = len(without.train) + len(without.validation)
+    assert len(with_test.test) == round(0.1 * n) and not without.test
+    # validation and the first training rows are untouched; the test rows are the last training rows
+    assert with_test.validation == without.validation
+    assert with_test.train == without.train[:len(with_test.train)]
+    rows = lambda exs: [(e.text, e.label) for e in exs]  # noqa: E731
+    assert rows(with_test.test) == rows(without.train[len(with_test.train):])
+    assert [e.id for e in with_test.test] == list(range(len(with_test.test)))
+    assert load_task({"task": task}).test == with_test.test  # fixed by data.split_seed
+    assert load_task({"task": task, "split_seed": 7}).test != with_test.test
+    assert len(load_task({"task": task, "max_eval_examples": 30}).test) == 30
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "x"])
+def test_a_bad_test_fraction_is_one_line(bad):
+    from codir_ds.data.tasks import load_task
+    with pytest.raises(CodirError, match="data.test_fraction"):
+        load_task({"task": "trec6", "test_fraction": bad})
+    if not isinstance(bad, str):
+        with pytest.raises(CodirError, match="data.test_fraction"):
+            load_config(None, [f"data.test_fraction={bad}", "method.name=ce", "model.student_init=all-MiniLM-L6-v2"],
+                        evaluation=True)

@@ -182,6 +182,17 @@ def test_report_fields_and_ratios(classifier, onnx_dirs, task):
     assert "b1 ms (median / p95)" in table and "speed-up b4" in table and "accuracy kept" in table
 
 
+def test_report_on_the_test_split(classifier, task):
+    report = build_report([str(classifier)], task, "test", 24, 16, LatencySpec(repeats=0), progress=lambda line: None)
+    assert report["split"] == "test" and report["num_examples"] == len(task.test) == 40
+    assert "test split (40 examples)" in render_markdown(report)
+    from codir_ds.errors import CodirError
+    with pytest.raises(CodirError, match="test split of task 'movie_snippets' is empty"):
+        build_report([str(classifier)], load_task(load_config(SHIPPED, SMALL + ["data.test_fraction=0"],
+                                                              evaluation=True).data), "test", 24, 16,
+                     LatencySpec(repeats=0))
+
+
 def test_evaluate_prints_the_table_and_writes_json_and_markdown(classifier, onnx_dirs, tmp_path):
     sets = [x for s in SMALL for x in ("--set", s)]
     args = ["--config", SHIPPED, *sets, "--model", f"teacher={classifier}", "--model", f"int8={onnx_dirs[1]}",

@@ -89,12 +89,15 @@ def test_results_record_parameter_counts_and_the_start_up_line_compares_them(run
     results = json.loads((run / "results.json").read_text())
     student, teacher = counts_from_config(run / "export"), counts_from_config(results_teacher(tiny_yaml))
     assert results["parameters"] == {"student": student, "teacher": teacher}
+    # the packaged task's test split (first data.max_eval_examples of it), scored once at the end
+    assert results["num_test_examples"] == 24 and set(results["test"]) == {"accuracy", "f1"}
     assert student["total"] < teacher["total"]
     log = (run.parent / "launch.log").read_text()
     assert (f"student {human_count(student['total'])} parameters (teacher {human_count(teacher['total'])}: "
             f"{teacher['total'] / student['total']:.1f}x fewer") in log
     # 6 optimizer steps: the run says at start-up that its schedule is too short to move a student
     assert "warning: this run makes only 6 optimizer steps" in log and "raise training" in log
+    assert f"test split (24 examples, final model): accuracy {results['test']['accuracy']:.4f}" in log
 
 
 def results_teacher(tiny_yaml) -> Path:

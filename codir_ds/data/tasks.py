@@ -39,7 +39,7 @@ import math
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -79,6 +79,11 @@ class TaskData:
     train: list[Example]
     validation: list[Example]
     metric_names: list[str]
+    test: list[Example] = field(default_factory=list)  # packaged tasks' held-out split (data.test_fraction)
+
+    def split(self, name: str) -> list[Example]:
+        """The examples of split ``name`` (train, validation or test)."""
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
     @property
     def num_labels(self) -> int:
@@ -182,10 +187,11 @@ def load_task(data_cfg: Any) -> TaskData:
     max_train = _check_max(data_cfg, "max_train_examples")
     max_eval = _check_max(data_cfg, "max_eval_examples")
 
-    if task in ("movie_snippets", "movie_snippets_regression"):
-        data = _load_movie_snippets(task, fraction, seed)
-    elif task == "trec6":
-        data = _load_trec6(fraction, seed)
+    test_rows: list[_Row] = []
+    if task in ("movie_snippets", "movie_snippets_regression", "trec6"):
+        loaded = _load_movie_snippets(task, fraction, seed) if task != "trec6" else _load_trec6(fraction, seed)
+        train_rows, test_rows = _carve_test(loaded[3], loaded[3] + loaded[4], _get(data_cfg, "test_fraction", 0.1))
+        data = (*loaded[:3], train_rows, *loaded[4:])
     elif task in GLUE_TASKS:
         data = _load_glue(task, _get(data_cfg, "glue_dir"))
     elif task == "files":
@@ -197,7 +203,7 @@ def load_task(data_cfg: Any) -> TaskData:
     if max_train is not None:
         train_rows = train_rows[:max_train]
     if max_eval is not None:
-        val_rows = val_rows[:max_eval]
+        val_rows, test_rows = val_rows[:max_eval], test_rows[:max_eval]
     return TaskData(
         name=name,
         is_regression=is_regression,
@@ -205,7 +211,21 @@ def load_task(data_cfg: Any) -> TaskData:
         train=_with_ids(train_rows),
         validation=_with_ids(val_rows),
         metric_names=list(metrics),
+        test=_with_ids(test_rows),
     )
+
+
+def _carve_test(train: list[_Row], every: list[_Row], fraction: Any) -> tuple[list[_Row], list[_Row]]:
+    """``(train, test)``: the last ``round(len(every) * fraction)`` rows of the seeded training permutation
+    become the test split. Taking them from the end keeps the validation split and the first training rows
+    (``data.max_train_examples``) exactly as they were without a test split."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise CodirError(f"data.test_fraction must be a number in [0, 1), got {fraction!r}: fix data.test_fraction")
+    n_test = int(round(len(every) * fraction))
+    if n_test >= len(train):
+        raise CodirError(f"data.test_fraction {fraction} leaves no training rows beside the validation split: "
+                         f"lower data.test_fraction or data.validation_fraction")
+    return (train[:len(train) - n_test], train[len(train) - n_test:]) if n_test else (train, [])
 
 
 def _with_ids(rows: Sequence[_Row]) -> list[Example]:

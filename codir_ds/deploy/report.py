@@ -151,9 +151,11 @@ def build_report(model_specs: Sequence[str], task: TaskData, split: str, max_len
     (default: torch's current number) is used by PyTorch and ONNX Runtime alike.
     """
     spec.check()
-    examples = task.validation if split == "validation" else task.train
+    examples = task.split(split)
     if not examples:
-        raise CodirError(f"the {split} split of task '{task.name}' is empty: pick another --split or check data.*")
+        hint = " (packaged tasks only; data.test_fraction > 0)" if split == "test" else ""
+        raise CodirError(f"the {split} split of task '{task.name}' is empty{hint}: pick another --split or check "
+                         f"data.*")
     named = [parse_model_arg(s) for s in model_specs]
     paths = [check_model_dir(path, task, max_length) for _, path in named]
     threads = threads or torch.get_num_threads()

@@ -163,7 +163,8 @@ def check_max_length(recipe: Recipe, dirs: list) -> None:
 
 
 def task_summary(task: TaskData) -> str:
-    return f"{len(task.train)} train / {len(task.validation)} validation examples"
+    test = f" / {len(task.test)} test" if task.test else ""
+    return f"{len(task.train)} train / {len(task.validation)} validation{test} examples"
 
 
 # Fewer optimizer steps than this and a student rarely moves off the majority class: measured on a 300-row
@@ -376,13 +377,30 @@ class FinetuneRecipe(Recipe):
             self.cache.flush()
         super().save()
 
+    def test_metrics(self):
+        """The final model's metrics on the task's test split (None without one). COLLECTIVE. Reported only:
+        nothing is selected on them."""
+        task = self.task
+        if not task.test:
+            return None
+        self.engine.eval()
+        metrics = evaluate(self.forward_logits, task.test, self.collator, self.cfg.training.eval_batch_size,
+                           self.device, task.metric_names, self.rank, self.world)
+        self.engine.train()
+        if self.rank == 0:
+            print(f"test split ({len(task.test)} examples, final model): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        return metrics
+
     def finish(self) -> dict:
         final = self.evaluate()
+        test = self.test_metrics()
         self.save()
         task = self.task
         results = {"task": task.name, **self.common_results(), "num_train_examples": len(task.train),
-                   "num_validation_examples": len(task.validation), "main_metric": task.metric_names[0],
-                   "final": final, "best": self.progress.best, "history": self.progress.history,
+                   "num_validation_examples": len(task.validation), "num_test_examples": len(task.test),
+                   "main_metric": task.metric_names[0], "final": final, "test": test,
+                   "best": self.progress.best, "history": self.progress.history,
                    "parameters": self.sizes, **self.throughput(), "export_dir": str(self.run_dir / "export")}
         if self.cache is not None:  # this rank's (rank 0's) counts: micro-batches served from the cache, disk used
             results["teacher_cache"] = {"hit_batches": self.cache.hits, "miss_batches": self.cache.misses,
