@@ -543,7 +543,7 @@ def _validate_method_needs(cfg: ExperimentConfig, stage: Optional[str] = None, s
     m, d, t, mc = cfg.method, cfg.data, cfg.training, cfg.model
     method = get_method(m.name)
     method.validate(cfg)
-    needs = method(m, method.stages[0]).needs
+    needs = method(m, stage if stage in method.stages else method.stages[0]).needs  # the launcher's stage
     if d.supplementary_max_examples is not None:
         _positive("data.supplementary_max_examples", d.supplementary_max_examples)
     if d.supplementary and not needs.supplementary_data:
@@ -551,9 +551,10 @@ def _validate_method_needs(cfg: ExperimentConfig, stage: Optional[str] = None, s
         raise CodirError(f"data.supplementary is set but method.name is {m.name}: only {' and '.join(readers)} reads "
                          f"supplementary data; unset data.supplementary or use method.name={readers[0]}")
     if t.teacher_cache and not needs.teacher_cache:
-        raise CodirError(f"training.teacher_cache caches per-example teacher logits and pooled features, which "
-                         f"only {' and '.join(_methods_needing('teacher_cache'))} use (method.name is {m.name}): "
-                         f"set training.teacher_cache=false")
+        where = " pre-training" if stage == "pretrain" else ""
+        raise CodirError(f"training.teacher_cache caches per-example teacher logits and pooled features for "
+                         f"finetuning with {' and '.join(_methods_needing('teacher_cache'))} (this is{where} "
+                         f"method.name={m.name}): set training.teacher_cache=false")
     if needs.teacher and not mc.teacher:
         raise CodirError(f"method.name={m.name}{method.teacher_condition} needs a teacher: set model.teacher to "
                          f"{teacher_hint(stage, source)}")

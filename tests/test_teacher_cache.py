@@ -40,6 +40,16 @@ def test_teacher_cache_only_for_kd_and_codir():
 
 
 @pytest.mark.parametrize("method", ["kd", "codir"])
+def test_teacher_cache_is_refused_for_pretraining_not_silently_ignored(method):
+    """The config is checked for the launcher's stage: pre-training has no teacher cache."""
+    sets = [f"method.name={method}", "training.teacher_cache=true"]
+    with pytest.raises(CodirError, match=r"finetuning with kd and codir \(this is pre-training method.name="):
+        load_config("configs/pre_codir_cpu.yaml", sets, stage="pretrain")
+    assert load_config("configs/fine_movie_snippets_cpu.yaml", sets + ["model.teacher=x"],
+                       stage="finetune").training.teacher_cache
+
+
+@pytest.mark.parametrize("method", ["kd", "codir"])
 def test_cached_run_equals_uncached_run(tmp_path, tiny_config, single_process_env, method):
     """3 epochs: epochs 2 and 3 come from the cache; weights match the run without it."""
     from codir_ds.recipes import run_finetune

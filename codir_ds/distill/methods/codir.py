@@ -81,7 +81,7 @@ class CoDIR(KDMethod):
 
     def requirements(self) -> Needs:
         return Needs(teacher=True, teacher_logits=self.uses_teacher_logits, pooled_layers=True, bank=True,
-                     teacher_cache=True)
+                     teacher_cache=not self.pretraining)  # the cache is per finetuning example
 
     def loss(self, student, teacher, batch):
         terms: dict = {}

@@ -65,4 +65,5 @@ class KD(KDMethod):
     compare_keys = ("alpha_kd", "kd_temperature")
 
     def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits, teacher_cache=True)
+        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits,
+                     teacher_cache=not self.pretraining)  # the cache is per finetuning example
