@@ -145,9 +145,9 @@ DEFAULT_NEEDS = {
     ("ce", "finetune"): Needs(),
     ("mlm", "pretrain"): Needs(),
     ("kd", "finetune"): Needs(**TEACHER, teacher_cache=True),
-    ("kd", "pretrain"): Needs(**TEACHER, teacher_cache=True),
+    ("kd", "pretrain"): Needs(**TEACHER),  # the teacher cache is per finetuning example
     ("codir", "finetune"): Needs(**TEACHER, pooled_layers=True, bank=True, teacher_cache=True),
-    ("codir", "pretrain"): Needs(**TEACHER, pooled_layers=True, bank=True, teacher_cache=True),
+    ("codir", "pretrain"): Needs(**TEACHER, pooled_layers=True, bank=True),
     ("pkd", "finetune"): Needs(**TEACHER, layer_pairs="cls"),
     ("tinybert", "finetune"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True),
     ("tinybert", "pretrain"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True),
