@@ -144,6 +144,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every student run (not the teacher), repeatable")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
+    ap.add_argument("--split", default="validation", choices=["validation", "test"],
+                    help="the split every row and comparison reads: validation (the runs' final metrics) or test "
+                         "(the final model on the packaged task's test split, results.json 'test')")
     ap.add_argument("--report_only", action="store_true",
                     help="run nothing: rewrite <out>/<task>.md/.png and the JSON's comparisons from the runs the JSON "
                          "holds (same arguments as the study's command), e.g. after the statistics changed")
@@ -194,6 +197,8 @@ def regenerate_command(args: argparse.Namespace) -> str:
         cmd += ["--variants", ",".join(args.variants)]
     if args.jobs != 1:
         cmd += ["--jobs", str(args.jobs)]
+    if args.split != "validation":
+        cmd += ["--split", args.split]
     cmd += ["--out", args.out]
     if args.work_dir != f"runs/fidelity_{args.size}":
         cmd += ["--work_dir", args.work_dir]
@@ -229,14 +234,24 @@ def variant_overrides(args: argparse.Namespace, variant: str, seed: int, teacher
 sign_flip_p = paired_stats.sign_flip_p
 
 
-def paired(records: dict, a: str, b: str, seeds: list[int], metric: str) -> Optional[dict]:
-    """Per-seed differences A - B of ``metric`` over the seeds where both finished, with their statistics
-    (``paired_stats.summarize``; the Holm adjustment over the study's family is added by :func:`family`)."""
+def score(rec: dict, metric: str, split: str = "validation") -> float:
+    """A run's final-model ``metric`` on ``split`` (validation: results.json ``final``; test: ``test``)."""
+    results = rec["results"]
+    if split == "test" and not results.get("test"):
+        raise CodirError(f"--split test: run {rec.get('name', '?')} has no test metrics (made before the packaged "
+                         f"tasks' test split, or with data.test_fraction=0): rerun it (--force)")
+    return results["final" if split == "validation" else "test"][metric]
+
+
+def paired(records: dict, a: str, b: str, seeds: list[int], metric: str, split: str = "validation") -> Optional[dict]:
+    """Per-seed differences A - B of ``metric`` on ``split`` over the seeds where both finished, with their
+    statistics (``paired_stats.summarize``; the Holm adjustment over the study's family is added by
+    :func:`family`)."""
     pairs = []
     for s in seeds:
         ra, rb = records.get((a, s)), records.get((b, s))
         if ra and rb and ra["status"] == rb["status"] == "ok":
-            pairs.append((s, ra["results"]["final"][metric] - rb["results"]["final"][metric]))
+            pairs.append((s, score(ra, metric, split) - score(rb, metric, split)))
     if not pairs:
         return None
     return {"seeds": [s for s, _ in pairs], **paired_stats.summarize([d for _, d in pairs])}
@@ -299,7 +314,7 @@ def variant_rows(args, records: dict, metric: str) -> list[str]:
              "L_CRD/log(K+1) | ‖h_s‖ first → last | collapse warnings | train s |", "|" + "---|" * 12]
     for v in args.variants:
         ok = [records[(v, s)] for s in args.seeds if (v, s) in records and records[(v, s)]["status"] == "ok"]
-        vals = [r["results"]["final"][metric] for r in ok]
+        vals = [score(r, metric, args.split) for r in ok]
         diags = [r["diagnostics"] for r in ok if r.get("diagnostics")]
 
         def col(key: str) -> str:
@@ -357,16 +372,17 @@ def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    split = getattr(args, "split", "validation")  # fidelity_pretrain's studies: validation
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
     colours = plt.get_cmap("tab10")
     for k, seed in enumerate(args.seeds):
-        pts = [(x, records[(v, seed)]["results"]["final"][metric]) for x, v in enumerate(args.variants)
+        pts = [(x, score(records[(v, seed)], metric, split)) for x, v in enumerate(args.variants)
                if records.get((v, seed), {}).get("status") == "ok"]
         if pts:
             left.plot(*zip(*pts), marker="o", markersize=4, linewidth=0.7, alpha=0.8, color=colours(k % 10),
                       label=f"seed {seed}")
     for x, v in enumerate(args.variants):
-        vals = [records[(v, s)]["results"]["final"][metric] for s in args.seeds
+        vals = [score(records[(v, s)], metric, split) for s in args.seeds
                 if records.get((v, s), {}).get("status") == "ok"]
         if vals:
             left.hlines(statistics.fmean(vals), x - 0.3, x + 0.3, color="black", linewidth=2)
@@ -375,7 +391,7 @@ def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric
         left.annotate(f"teacher {teacher_value:.3f}", xy=(1.0, teacher_value), xycoords=("axes fraction", "data"),
                       xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="gray")
     left.set_xticks(range(len(args.variants)), args.variants, rotation=40, ha="right", fontsize=8)
-    left.set_ylabel(f"validation {metric}")
+    left.set_ylabel(f"{split} {metric}")
     left.set_title(f"{args.task}: each seed joined across variants; black bar: mean", fontsize=10)
     left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.28), ncol=min(len(args.seeds), 5),
                 frameon=False)
@@ -419,9 +435,11 @@ def write_outputs(args, teacher: dict, records: dict, recorded: Optional[dict] =
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metric = ((teacher.get("results") or {}).get("main_metric")) or "accuracy"
-    comparisons = family([{"a": a, "b": b, "claim": claim, "paired": paired(records, a, b, args.seeds, metric)}
+    comparisons = family([{"a": a, "b": b, "claim": claim,
+                           "paired": paired(records, a, b, args.seeds, metric, args.split)}
                           for a, b, claim in COMPARISONS if a in args.variants and b in args.variants])
-    teacher_value = ((teacher.get("results") or {}).get("final") or {}).get(metric)
+    teacher_value = (((teacher.get("results") or {}).get("final" if args.split == "validation" else "test"))
+                     or {}).get(metric)
     date, versions, device = study_meta(recorded, 1)
     p = PRESETS[args.size]
     lines = [regenerate_command(args), "", f"# {args.task}: paired study, {len(args.variants)} variants x "
@@ -436,7 +454,7 @@ def write_outputs(args, teacher: dict, records: dict, recorded: Optional[dict] =
              "- Diagnostics: the CRD values at the last log step (mean over seeds); min gap: the smallest "
              "positive-minus-negative cosine logged during training; collapse warnings: runs that printed one.",
              "", *variant_rows(args, records, metric), "",
-             f"Paired differences in validation {metric}, same seed on both sides. "
+             f"Paired differences in {args.split} {metric} (final model), same seed on both sides. "
              f"{statistics_note(len(comparisons))}", "", *comparison_rows(args, comparisons)]
     md, js, png = out / f"{args.task}.md", out / f"{args.task}.json", out / f"{args.task}.png"
     md.write_text("\n".join(lines) + "\n")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from codir_ds.errors import CodirError
+
 from conftest import REPO
 
 SCRIPT = REPO / "bench" / "fidelity.py"
@@ -73,6 +75,24 @@ def test_outputs_from_fake_runs(tmp_path):
     assert data["comparisons"][0]["paired"]["diffs"] == pytest.approx([0.03, -0.01])
     if importlib.util.find_spec("matplotlib") is not None:
         assert tmp_path / "trec6.png" in written
+
+
+def test_split_test_compares_the_test_metrics(tmp_path):
+    argv = ["--task", "trec6", "--variants", "kd,codir", "--seeds", "1,2", "--size", "tiny", "--out", str(tmp_path),
+            "--split", "test"]
+    args = fidelity.parse_args(argv)
+    records = {(v, s): _rec(0.5) for v in ("kd", "codir") for s in (1, 2)}
+    for (v, s), acc in {("kd", 1): 0.60, ("kd", 2): 0.62, ("codir", 1): 0.64, ("codir", 2): 0.61}.items():
+        records[(v, s)]["results"]["test"] = {"accuracy": acc}
+    teacher = {"results": {"main_metric": "accuracy", "final": {"accuracy": 0.88}, "test": {"accuracy": 0.86}}}
+    fidelity.write_outputs(args, teacher, records)
+    md = (tmp_path / "trec6.md").read_text()
+    assert md.splitlines()[0].endswith(f"--split test --out {tmp_path}")
+    assert "Paired differences in test accuracy (final model)" in md and "accuracy 0.86." in md
+    assert "| codir vs kd | CoDIR beats KD | +4.0, -1.0 | +1.50 |" in md  # the test values, not the validation 0.5
+    del records[("kd", 1)]["results"]["test"]  # a run made before the test split existed
+    with pytest.raises(CodirError, match="has no test metrics"):
+        fidelity.write_outputs(args, teacher, records)
 
 
 def test_report_only_rewrites_a_study_from_its_json_and_keeps_its_date_and_device(tmp_path):
