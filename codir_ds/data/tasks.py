@@ -187,11 +187,10 @@ def load_task(data_cfg: Any) -> TaskData:
     max_train = _check_max(data_cfg, "max_train_examples")
     max_eval = _check_max(data_cfg, "max_eval_examples")
 
-    test_rows: list[_Row] = []
-    if task in ("movie_snippets", "movie_snippets_regression", "trec6"):
-        loaded = _load_movie_snippets(task, fraction, seed) if task != "trec6" else _load_trec6(fraction, seed)
-        train_rows, test_rows = _carve_test(loaded[3], loaded[3] + loaded[4], _get(data_cfg, "test_fraction", 0.1))
-        data = (*loaded[:3], train_rows, *loaded[4:])
+    if task in ("movie_snippets", "movie_snippets_regression"):
+        data = _load_movie_snippets(task, fraction, seed)
+    elif task == "trec6":
+        data = _load_trec6(fraction, seed)
     elif task in GLUE_TASKS:
         data = _load_glue(task, _get(data_cfg, "glue_dir"))
     elif task == "files":
@@ -200,6 +199,10 @@ def load_task(data_cfg: Any) -> TaskData:
         raise CodirError(f"unknown data.task {task!r}: set data.task to one of {', '.join(TASK_NAMES)}")
 
     name, is_regression, label_names, train_rows, val_rows, metrics = data
+    test_rows: list[_Row] = []
+    if task in PACKAGED_TASKS:  # their own test split; GLUE and files bring theirs, or have none
+        train_rows, test_rows = _carve_test(train_rows, len(train_rows) + len(val_rows),
+                                            _get(data_cfg, "test_fraction", 0.1))
     if max_train is not None:
         train_rows = train_rows[:max_train]
     if max_eval is not None:
@@ -215,13 +218,14 @@ def load_task(data_cfg: Any) -> TaskData:
     )
 
 
-def _carve_test(train: list[_Row], every: list[_Row], fraction: Any) -> tuple[list[_Row], list[_Row]]:
-    """``(train, test)``: the last ``round(len(every) * fraction)`` rows of the seeded training permutation
+def _carve_test(train: list[_Row], n_rows: int, fraction: Any) -> tuple[list[_Row], list[_Row]]:
+    """``(train, test)``: the last ``round(n_rows * fraction)`` rows (``n_rows``: the task's train and validation
+    rows together) of the seeded training permutation
     become the test split. Taking them from the end keeps the validation split and the first training rows
     (``data.max_train_examples``) exactly as they were without a test split."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
         raise CodirError(f"data.test_fraction must be a number in [0, 1), got {fraction!r}: fix data.test_fraction")
-    n_test = int(round(len(every) * fraction))
+    n_test = int(round(n_rows * fraction))
     if n_test >= len(train):
         raise CodirError(f"data.test_fraction {fraction} leaves no training rows beside the validation split: "
                          f"lower data.test_fraction or data.validation_fraction")

@@ -28,7 +28,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def _source(args: argparse.Namespace) -> Path:
     """The classifier directory to export: --model, the run's export/ (export_large/ with --large), or (--tag)
-    that checkpoint's export directory (written by :func:`_export_tag`)."""
+    that checkpoint's export directory (which :func:`export_onnx_command` writes first)."""
     if args.model:
         return Path(args.model)
     run = Path(args.run_dir)

@@ -35,7 +35,8 @@ import torch
 from codir_ds.assets import sha256_file
 from codir_ds.data.collate import ClassificationCollator
 from codir_ds.data.tasks import Example, TaskData
-from codir_ds.deploy.served import (ONNX_FILE, ONNX_MANIFEST, onnx_forward, onnx_session, require)
+from codir_ds.deploy.served import (ONNX_FILE, ONNX_MANIFEST, model_inputs, onnx_forward, onnx_session, require,
+                                    torch_forward)
 from codir_ds.engine.export_checkpoint import check_new_output
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import load_tokenizer, read_manifest
@@ -47,7 +48,6 @@ INT8_ATOL = 0.05
 INT8_REGRESSION_ATOL = 0.25
 CHECK_EXAMPLES = 128
 OPSET = 18
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def int8_dir(out_dir: Path) -> Path:
@@ -62,12 +62,6 @@ def check_output_dir(out: Path, source: Path, overwrite: bool) -> None:
         raise CodirError(f"--output_dir '{out}' would replace the model it exports from: choose a new directory, "
                          f"e.g. '{source}_onnx'")
     check_new_output(out, overwrite)
-
-
-def _model_inputs(model: torch.nn.Module) -> list[str]:
-    import inspect
-    params = inspect.signature(model.forward).parameters
-    return [n for n in INPUTS if n in params]
 
 
 def _export_graph(model: torch.nn.Module, batch: dict, names: list[str], path: Path) -> None:
@@ -150,7 +144,7 @@ def export_onnx(source: Path, out: Path, task: TaskData, max_length: int, quanti
 
     require("onnx", "--onnx")
     require("onnxscript", "--onnx (torch.onnx's exporter)")
-    require("onnxruntime", "--onnx (the parity check)")
+    ort = require("onnxruntime", "--onnx (the parity check)")
     outs = [out] + ([int8_dir(out)] if quantize == "int8" else [])
     for o in outs:
         check_output_dir(o, source, overwrite)
@@ -158,13 +152,12 @@ def export_onnx(source: Path, out: Path, task: TaskData, max_length: int, quanti
     tokenizer = load_tokenizer(source)
     collator = ClassificationCollator(tokenizer, max_length, task.is_regression)
     model = AutoModelForSequenceClassification.from_pretrained(str(source), dtype=torch.float32).eval()
-    names = _model_inputs(model)
+    names = model_inputs(model)
     batches = _check_batches(examples, collator)
-    with torch.inference_mode():
-        reference = torch.cat([model(**{n: b[n] for n in names}).logits.float() for b in batches])
+    reference = _logits(torch_forward(model, torch.device("cpu")), batches)
     base = {"format": "onnx", "source": str(source.resolve()), "params": parameter_counts(model),
             "task": task.name, "label_names": task.label_names, "max_length": max_length, "opset": OPSET,
-            "torch": torch.__version__, "onnxruntime": require("onnxruntime", "--onnx").__version__,
+            "torch": torch.__version__, "onnxruntime": ort.__version__,
             **{k: v for k, v in read_manifest(source, strict=False).items() if k in ("method", "step", "sha256")}}
     base["source_sha256"] = base.pop("sha256", None)
     work = out.with_name(out.name + ".work")

@@ -138,15 +138,22 @@ class ServedModel:
         return f"{self.backend} {self.precision}"
 
 
-def _torch_forward(model: torch.nn.Module, device: torch.device) -> Callable[[dict], torch.Tensor]:
-    takes_segments = "token_type_ids" in inspect.signature(model.forward).parameters
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(model: torch.nn.Module) -> list[str]:
+    """The inputs of :data:`INPUTS` that ``model.forward`` takes (DistilBERT-style models take no segment ids)."""
+    params = inspect.signature(model.forward).parameters
+    return [n for n in INPUTS if n in params]
+
+
+def torch_forward(model: torch.nn.Module, device: torch.device) -> Callable[[dict], torch.Tensor]:
+    """``forward(batch) -> fp32 logits`` of a PyTorch classifier, with the inputs it takes, without autograd."""
+    names = model_inputs(model)
 
     @torch.inference_mode()
     def forward(batch: dict) -> torch.Tensor:
-        kwargs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        if takes_segments and "token_type_ids" in batch:
-            kwargs["token_type_ids"] = batch["token_type_ids"].to(device)
-        return model(**kwargs).logits.float()
+        return model(**{n: batch[n].to(device) for n in names if n in batch}).logits.float()
 
     return forward
 
@@ -186,4 +193,4 @@ def open_model(path: Path, device: str = "cpu", threads: Optional[int] = None) -
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
     model.to(torch.device(device)).eval()
     return ServedModel(path, "pytorch", "fp32", device, parameter_counts(model), disk_bytes(path), tokenizer,
-                       _torch_forward(model, torch.device(device)))
+                       torch_forward(model, torch.device(device)))

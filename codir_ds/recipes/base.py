@@ -175,8 +175,8 @@ class Recipe:
         self.accum = ds["gradient_accumulation_steps"]
         self.sampler = build_sampler(self.num_train, ds["train_micro_batch_size_per_gpu"], self.rank, self.world,
                                      t.seed, self.accum, t.deterministic, lengths, self.cfg.data.group_window)
-        steps_per_epoch = max(1, self.sampler.batches_per_epoch // self.accum)
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // self.accum)
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * self.steps_per_epoch))
 
     def setup_engines(self) -> None:
         """The optimizer, LR schedule and DeepSpeed engine of ``self.module`` (compiled when asked)."""

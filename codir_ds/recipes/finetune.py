@@ -244,7 +244,7 @@ class FinetuneRecipe(Recipe):
         super().setup_data(task_lengths(self))
         self.collator = ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.task.is_regression)
         warning = short_schedule_warning(self.total_steps, self.num_train, self.cfg, self.ds["train_batch_size"],
-                                         max(1, self.sampler.batches_per_epoch // self.accum))
+                                         self.steps_per_epoch)
         if warning and self.rank == 0:
             print(warning, file=sys.stderr, flush=True)
 
