@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import itertools
 import json
 import os
 import statistics

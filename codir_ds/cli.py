@@ -162,6 +162,20 @@ def report_after_exit(pid: int, line: str) -> bool:
                 os.close(fd)
 
 
+def report_line(line: str) -> None:
+    """Rank 0's closing line on stderr: under the ``deepspeed`` launcher written once launch.py has exited (so that
+    its own lines do not bury it), else at once."""
+    launcher = deepspeed_launcher_pid()
+    if launcher is None or not report_after_exit(launcher, line):
+        print(line, file=sys.stderr, flush=True)
+
+
+def exit_status(results: dict) -> int:
+    """A launcher's exit status for a recipe's results: PREEMPTED_EXIT when a signal stopped it after saving."""
+    from codir_ds.engine.preemption import PREEMPTED_EXIT
+    return PREEMPTED_EXIT if "preempted_at_step" in (results or {}) else 0
+
+
 def run_main(main: Callable[[], int]) -> None:
     """Run a launcher's main; bad input ends with ``error: <one line>`` and exit status 2.
 
@@ -176,13 +190,15 @@ def run_main(main: Callable[[], int]) -> None:
     """
     try:
         sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before training started (while training, the recipe saves and stops)
+        if os.environ.get("RANK", "0") == "0":
+            report_line("interrupted (Ctrl-C) before training started: no checkpoint was saved")
+        sys.exit(130)
     except CodirError as e:
         rank = os.environ.get("RANK", "0")
         launcher = deepspeed_launcher_pid()
         if rank == "0":
-            line = f"error: {e}"
-            if launcher is None or not report_after_exit(launcher, line):
-                print(line, file=sys.stderr, flush=True)
+            report_line(f"error: {e}")
         elif launcher is not None:
             time.sleep(2)
         sys.exit(2)

@@ -94,6 +94,16 @@ def timing_note(elapsed: float, stages: Optional[Sequence[StageRecord]] = None) 
     return f"{elapsed:.0f} s, with {len(reused)} of {len(stages)} stages reused from earlier runs {took}"
 
 
+def run_job(cmd: list[str], env: dict) -> int:
+    """Run one launcher job from the repository root; its exit status. On Ctrl-C (which reaches the job too: its
+    ranks finish their optimizer step and save a checkpoint) keep waiting for it; a second Ctrl-C stops waiting."""
+    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return proc.wait()
+
+
 def run_stage(name: str, script: str, ranks: int, run_dir: Path, args: Sequence[str]) -> dict:
     """Run (or reuse, or resume) one training job; returns its results.json (and records its time in STAGES)."""
     results = run_dir / "results.json"
@@ -115,9 +125,14 @@ def run_stage(name: str, script: str, ranks: int, run_dir: Path, args: Sequence[
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(ranks)))
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=str(REPO))
-    if proc.returncode != 0 or not results.is_file():
-        raise CodirError(f"stage '{name}' failed (exit {proc.returncode}); its output is above and its run "
+    code = run_job(cmd, env)
+    marker = run_dir / "preempted.json"  # codir_ds.engine.preemption.MARKER
+    if marker.is_file():
+        stop = json.loads(marker.read_text())
+        raise CodirError(f"stage '{name}' was stopped by {stop.get('signal')} after step {stop.get('step')} and saved "
+                         f"a checkpoint in {run_dir}: re-run the same command to continue from there")
+    if code != 0 or not results.is_file():
+        raise CodirError(f"stage '{name}' failed (exit {code}); its output is above and its run "
                          f"directory is {run_dir}; fix the cause and re-run to continue from there")
     seconds = time.perf_counter() - t0
     print(f"[{name}] done in {seconds:.0f} s", flush=True)

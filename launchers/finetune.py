@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codir_ds.cli import base_parser, quiet_environment, run_main  # noqa: E402
+from codir_ds.cli import base_parser, exit_status, quiet_environment, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -23,9 +23,9 @@ def main() -> int:
 
     cfg = load_config(args.config, args.overrides, stage="finetune")
     # The method picks the recipe: finetuning distillation, or co-training (CTCD: two trainable models).
-    recipe_for(cfg, "finetune", args.deepspeed_config, args.output_dir, resume=args.resume,
-               overwrite=args.overwrite).run()
-    return 0
+    results = recipe_for(cfg, "finetune", args.deepspeed_config, args.output_dir, resume=args.resume,
+                         overwrite=args.overwrite).run()
+    return exit_status(results)  # 75 when SIGTERM / Ctrl-C stopped it after saving (docs/running.md)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from codir_ds.cli import base_parser, quiet_environment, run_main  # noqa: E402
+from codir_ds.cli import base_parser, exit_status, quiet_environment, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -27,8 +27,9 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides, stage="pretrain")
     output_dir = args.output_dir or os.path.join("runs", cfg.name)
     # The method picks the recipe: pre-training distillation, or co-training (CTCD: two trainable models).
-    recipe_for(cfg, "pretrain", args.deepspeed_config, output_dir, resume=args.resume, overwrite=args.overwrite).run()
-    return 0
+    results = recipe_for(cfg, "pretrain", args.deepspeed_config, output_dir, resume=args.resume,
+                         overwrite=args.overwrite).run()
+    return exit_status(results)  # 75 when SIGTERM / Ctrl-C stopped it after saving (docs/running.md)
 
 
 if __name__ == "__main__":

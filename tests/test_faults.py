@@ -122,3 +122,110 @@ def test_rank_removes_deepspeed_shm_buffer_at_exit(monkeypatch):
     remove_shm_buffer()
     assert not path.exists()
     remove_shm_buffer()  # already gone: no error
+
+
+# --------------------------------------------------------------------------- preemption (SIGTERM / Ctrl-C)
+
+
+def _rank_pids(run: Path, launcher_pid: int) -> list[int]:
+    import psutil
+    try:
+        kids = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p.pid for p in kids if "launchers/finetune.py" in " ".join(p.cmdline()) and str(run) in " ".join(p.cmdline())
+            and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def test_sigterm_to_every_rank_saves_one_checkpoint_and_resume_equals_uninterrupted(setup, tmp_path):
+    """A real SIGTERM to both ranks of a 2-rank run while it trains: both finish the step in flight, agree on it,
+    save one complete checkpoint, write the requeue marker and exit with 75; --resume then ends exactly as the
+    uninterrupted run, and no step is logged twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import free_port, remove_shm_buffers
+    cfg, reference = setup
+    run = tmp_path / "preempted"
+    port = free_port()
+    # checkpoint_every=0: no periodic checkpoint, so the one found is the preemption's
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "launchers/finetune.py"), "--deepspeed_config", DS, "--config", str(cfg), "--output_dir",
+           str(run), *COMMON, "--set", "training.checkpoint_every=0", "--set", "training.max_steps=8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CODIR_DS_FAULT", None)
+    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, sent = time.time() + 240, []
+        while time.time() < deadline and not sent:  # training has started once step 2 is logged
+            events = list((run / "tensorboard").glob("events.*")) if (run / "tensorboard").is_dir() else []
+            if events and any(f.stat().st_size > 2000 for f in events):
+                pids = _rank_pids(run, proc.pid)
+                if len(pids) == 2:
+                    for pid in pids:
+                        os.kill(pid, signal.SIGTERM)
+                    sent = pids
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        remove_shm_buffers(port)
+    assert sent, "the ranks never started training"
+    assert proc.returncode == 75, f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    marker = json.loads((run / "preempted.json").read_text())
+    step = marker["step"]
+    assert 1 <= step < 8 and marker["signal"] == "SIGTERM"
+    tag = f"step_{step:08d}"
+    assert (run / "checkpoints" / "latest").read_text().strip() == tag and (run / "checkpoints" / tag / "COMPLETE").is_file()
+    assert not (run / "results.json").exists()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by SIGTERM after step {step} of 8: saved checkpoint ") and last.endswith("--resume")
+    assert "Traceback" not in out + err
+    resumed = _launch(cfg, run, "--resume", "--set", "training.checkpoint_every=0")
+    _ok(resumed)
+    assert not (run / "preempted.json").exists()
+    _assert_identical(reference, run)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    assert sorted(e.step for e in ea.Scalars("loss/total")) == list(range(1, 9))  # no step repeated
+
+
+def test_a_second_signal_stops_at_once_and_a_burst_is_one_request(tmp_path):
+    """Unit: the first SIGTERM is a request; a SIGINT in the same burst (Ctrl-C plus the launcher's SIGTERM) is the
+    same request; one after SAME_EVENT_S stops the process at once (128 + signal) with one line."""
+    import subprocess
+    import sys
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from codir_ds.engine import preemption as p\n"
+        "p.SAME_EVENT_S = 0.3\n"
+        "s = p.StopSignals().install()\n"
+        "s.last_checkpoint = 'runs/x/checkpoints/step_00000004'\n"
+        "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('requested', s.requested(), s.name, flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "print('not reached', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "requested True SIGTERM"
+    assert proc.returncode == 128 + 15
+    assert proc.stderr.strip() == ("SIGTERM again: stopped at once without saving; the last complete checkpoint is "
+                                   "runs/x/checkpoints/step_00000004")
+
+
+def test_resume_command_drops_overwrite_and_adds_resume(monkeypatch):
+    from codir_ds.engine.preemption import resume_command
+    monkeypatch.setattr("sys.argv", [str(REPO / "launchers/finetune.py"), "--local_rank=1", "--config", "a b.yaml",
+                                     "--overwrite", "--output_dir", "runs/x"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(REPO)
+    assert resume_command() == ("deepspeed --num_gpus 2 launchers/finetune.py --config 'a b.yaml' --output_dir runs/x "
+                                "--resume")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("sys.argv", ["launchers/pretrain.py", "--resume"])
+    assert resume_command() == "python launchers/pretrain.py --resume"

@@ -352,3 +352,30 @@ def test_sbatch_launch_command_and_resume(tmp_path):
     proc = _sbatch(tmp_path, bin_dir, env)
     _ok(proc)
     assert "finished run" in proc.stdout and not (tmp_path / "srun_args").exists()
+
+
+def test_sbatch_requeues_a_run_that_stopped_on_a_signal_and_not_a_failed_one(tmp_path):
+    """After srun returns, OUTPUT_DIR/preempted.json (written by rank 0 when SIGTERM stopped the run after a
+    checkpoint) makes the script run `scontrol requeue <job id>` and exit 0; a marker left by an earlier attempt is
+    removed first, so a run that fails is not requeued and its exit status stays."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\nif [[ \"$1\" == requeue ]]; then echo \"$2\" >> " + str(tmp_path / "requeued") + "; exit 0; fi\n"
+        "[[ \"$1 $2\" == 'show hostnames' ]] || exit 1\necho gpu-01\necho gpu-02\n")
+    # srun stand-in: the ranks stop on SIGTERM (marker, torchrun's exit status 1), or fail without one
+    (bin_dir / "srun").write_text("#!/bin/bash\n[[ -n \"$FAKE_PREEMPT\" ]] && echo '{\"step\": 3}' > "
+                                  "\"$OUTPUT_DIR/preempted.json\"\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {"OUTPUT_DIR": str(run), "CONFIG": "configs/fine_movie_snippets_cpu.yaml", "SCRIPT": "launchers/finetune.py",
+           "RESUME": "0"}
+    proc = _sbatch(tmp_path, bin_dir, dict(env, FAKE_PREEMPT="1"))
+    _ok(proc)
+    assert "requeueing job 4242" in proc.stdout and (tmp_path / "requeued").read_text() == "4242\n"
+    # the next attempt fails without stopping on a signal: the old marker does not requeue it
+    proc = _sbatch(tmp_path, bin_dir, env)
+    assert proc.returncode == 1 and (tmp_path / "requeued").read_text() == "4242\n"
+    assert not (run / "preempted.json").exists()

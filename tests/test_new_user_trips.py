@@ -167,16 +167,16 @@ def stages(monkeypatch):
 def test_run_stage_records_its_time_and_reports_it_on_reuse(tmp_path, stages, monkeypatch, capsys):
     run = tmp_path / "stage"
 
-    def fake_job(cmd, env, cwd):  # the deepspeed job: writes its results.json
+    def fake_job(cmd, env):  # the deepspeed job: writes its results.json
         run.mkdir(exist_ok=True)
         (run / "results.json").write_text('{"steps": 3}')
-        return subprocess.CompletedProcess(cmd, 0)
-    monkeypatch.setattr(stages.subprocess, "run", fake_job)
+        return 0
+    monkeypatch.setattr(stages, "run_job", fake_job)
     assert stages.run_stage("stage 1", "launchers/pretrain.py", 1, run, []) == {"steps": 3}
     assert stages.read_stage_time(run) is not None and stages.STAGES[-1].reused is False
     (run / "stage_time.json").write_text(json.dumps({**json.loads((run / "stage_time.json").read_text()),
                                                      "seconds": 86.0}))  # as if it had taken 86 s
-    monkeypatch.setattr(stages.subprocess, "run", lambda *a, **k: pytest.fail("a finished stage was run again"))
+    monkeypatch.setattr(stages, "run_job", lambda *a, **k: pytest.fail("a finished stage was run again"))
     assert stages.run_stage("stage 1", "launchers/pretrain.py", 1, run, []) == {"steps": 3}
     out = capsys.readouterr().out
     assert f"[stage 1] reusing finished run {run} (it took 86 s)" in out

@@ -12,21 +12,21 @@ def test_finished_stage_is_reused_without_running(tmp_path, monkeypatch):
     run = tmp_path / "stage"
     run.mkdir()
     (run / "results.json").write_text(json.dumps({"best": {"accuracy": 0.5}}))
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished stage must not run again"))
+    monkeypatch.setattr(pipeline, "run_job", lambda *a, **k: pytest.fail("a finished stage must not run again"))
     assert pipeline.run_stage("s", "launchers/finetune.py", 1, run, [])["best"]["accuracy"] == 0.5
 
 
 def test_interrupted_stage_is_resumed_and_fresh_stage_is_not(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(cmd, env, cwd):
+    def fake_run(cmd, env):
         calls.append(cmd)
         out = cmd[cmd.index("--output_dir") + 1]
         (tmp_path / out).mkdir(parents=True, exist_ok=True)
         (tmp_path / out / "results.json").write_text("{}")
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(pipeline, "run_job", fake_run)
     fresh, stopped, early = tmp_path / "fresh", tmp_path / "stopped", tmp_path / "early"
     (stopped / "checkpoints").mkdir(parents=True)
     (stopped / "checkpoints" / "latest").write_text("step_00000003\n")
@@ -41,10 +41,36 @@ def test_interrupted_stage_is_resumed_and_fresh_stage_is_not(tmp_path, monkeypat
 
 
 def test_failed_stage_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(subprocess, "run", lambda cmd, env, cwd: subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(pipeline, "run_job", lambda cmd, env: 1)
     with pytest.raises(CodirError, match="stage 'x' failed \\(exit 1\\)") as err:
         pipeline.run_stage("x", "launchers/finetune.py", 1, tmp_path / "x", [])
     assert "\n" not in str(err.value)
+
+
+def test_a_stage_stopped_by_a_signal_says_so_and_how_to_continue(tmp_path, monkeypatch):
+    run = tmp_path / "x"
+
+    def stopped(cmd, env):  # the launcher saved after step 7 and wrote its marker (exit 1 through deepspeed)
+        run.mkdir()
+        (run / "preempted.json").write_text(json.dumps({"step": 7, "signal": "SIGINT"}))
+        return 1
+    monkeypatch.setattr(pipeline, "run_job", stopped)
+    with pytest.raises(CodirError, match=r"^stage 'x' was stopped by SIGINT after step 7 and saved a checkpoint in "
+                                         r".*: re-run the same command to continue from there$"):
+        pipeline.run_stage("x", "launchers/finetune.py", 1, run, [])
+
+
+def test_run_job_keeps_waiting_for_the_job_after_ctrl_c(monkeypatch):
+    waits = []
+
+    class Proc:
+        def wait(self):
+            waits.append(1)
+            if len(waits) == 1:
+                raise KeyboardInterrupt
+            return 75
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: Proc())
+    assert pipeline.run_job(["x"], {}) == 75 and len(waits) == 2
 
 
 def test_format_table():

@@ -26,17 +26,20 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from codir_ds.cli import report_line
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.diagnostics import CollapseWatch, last_diagnostics
 from codir_ds.distill.methods import build_method
 from codir_ds.engine.checkpointing import engine_config, resume_latest, resume_plan, save_run_checkpoint
+from codir_ds.engine.checkpointing.store import COMPLETE, tag_for
 from codir_ds.engine.compile import check_compile, compile_engine
 from codir_ds.engine.distributed import dist_env, host_group, init_distributed, set_seed
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.faults import check_fault_spec, maybe_fault
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.optim import check_optimizer_impl, optimizer_and_schedule
+from codir_ds.engine.preemption import StopSignals, clear_marker, resume_command, write_marker
 from codir_ds.engine.rundir import ARCHITECTURE, check_run_dir, open_run_dir, write_architecture
 from codir_ds.errors import CodirError
 
@@ -113,6 +116,7 @@ class Recipe:
         self.last_scalars: dict = {}
         self.extras: dict = {}          # name -> object with state_dict(), saved in the per-rank files
         self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
+        self.stops = StopSignals()      # SIGTERM / SIGINT while training: stop after the step, save, exit
 
     # ------------------------------------------------------------------ phases
     def run(self) -> dict:
@@ -197,6 +201,8 @@ class Recipe:
     def restore(self) -> None:
         """``--resume``: load the newest checkpoint; a new run seeds dropout differently on each rank."""
         if self.mode == "resume":
+            if self.rank == 0:
+                clear_marker(self.run_dir)
             client = resume_latest(self.engine, self.ckpt_root, self.rank, self.world, self.sampler, self.bank,
                                    self.cfg.training.seed, self.extras, extra_engines=self.extra_engines)
             self.progress.load_state_dict(client)
@@ -256,13 +262,33 @@ class Recipe:
         self.t_start = time.perf_counter()
         self.start_step = self.progress.step
         self.train_mode(True)
-        while self.progress.step < self.total_steps:
-            self.train_step([next(batches) for _ in range(self.accum)])
-            self.progress.step += 1
-            self.check_skipped()
-            if self.after_step():
-                return self.stop_early()
-        return self.finish()
+        self.stops.install()
+        try:
+            while self.progress.step < self.total_steps:
+                self.train_step([next(batches) for _ in range(self.accum)])
+                self.progress.step += 1
+                self.check_skipped()
+                if self.after_step():
+                    return self.stop_early()
+                if self.stops.requested(host_group()):  # collective: every rank stops after the same step
+                    return self.preempted()
+            return self.finish()  # a first signal from here on lets the run end as planned; a second stops it
+        finally:
+            self.stops.restore()
+
+    def preempted(self) -> dict:
+        """A signal stopped the run after this step: one complete checkpoint (unless this step just saved one), the
+        marker the SLURM script requeues on, and one line naming the checkpoint and the command that resumes."""
+        step = self.progress.step
+        tag = self.ckpt_root / tag_for(step)
+        if not (tag / COMPLETE).is_file():
+            self.save()
+        self.monitor.close()
+        if self.rank == 0:
+            write_marker(self.run_dir, step, self.stops.name, tag)
+            report_line(f"stopped by {self.stops.name} after step {step} of {self.total_steps}: saved checkpoint "
+                        f"{tag}; continue with: {resume_command()}")
+        return {"preempted_at_step": step}
 
     def train_mode(self, training: bool) -> None:
         for engine in (self.engine, *self.extra_engines.values()):
@@ -355,6 +381,7 @@ class Recipe:
         save_run_checkpoint(self.engine, self.ckpt_root, self.progress.step, self.progress.state_dict(), self.rank,
                             self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.extras,
                             extra_engines=self.extra_engines)
+        self.stops.last_checkpoint = str(self.ckpt_root / tag_for(self.progress.step))
 
     def stop_early(self) -> dict:
         """End a run stopped by ``training.stop_at_step``."""
