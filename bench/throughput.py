@@ -845,22 +845,19 @@ class RecipeRun(Run):
                 r.step_negatives = sections.wrap(r.step_negatives, "crd_and_bank")
 
     def filled_negatives(self, negative_ids):
-        """The recipe's ``negative_ids``, filled up to ``--global_negatives`` as if the global batch were that large."""
+        """The recipe's ``negative_ids``, filled up to ``--global_negatives`` as if the global batch were that large:
+        the extra ids are drawn by the recipe's own ``negatives.other_ids`` (seeded by seed and step, so every rank
+        draws the same)."""
         import torch
-        from codir_ds.distill.memory_bank import derive_seed
+        from codir_ds.distill.negatives import other_ids
         args, r = self.args, self.recipe
 
         def filled(batches):
             cand_ids = negative_ids(batches)
-            num_negatives, seed, step = r.cfg.method.num_negatives, r.cfg.training.seed, r.progress.step
-            want = min(args.global_negatives, num_negatives + 1)
-            if want > cand_ids.numel():  # the same extra ids on every rank: seeded by (seed, step)
-                g = torch.Generator().manual_seed(derive_seed(seed, step, 11))
-                extra = torch.unique(torch.randint(args.num_examples, (2 * want,), generator=g))
-                extra = extra[~torch.isin(extra, cand_ids)]
-                extra = extra[torch.randperm(extra.numel(), generator=g)[: want - cand_ids.numel()]]
-                cand_ids = torch.cat([cand_ids, extra])
-            return cand_ids
+            want = min(args.global_negatives, r.cfg.method.num_negatives + 1)
+            extra = other_ids(cand_ids, want - cand_ids.numel(), args.num_examples, r.cfg.training.seed,
+                              r.progress.step)
+            return torch.cat([cand_ids, extra]) if extra.numel() else cand_ids
         return filled
 
     def step(self, step: int, timed: bool) -> None:
