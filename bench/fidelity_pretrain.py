@@ -69,6 +69,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench/results/fidelity_cpu", help="where pretrain.md/.json/.png go")
     ap.add_argument("--work_dir", default="runs/fidelity_pre_cpu", help="the pipelines' run directories")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel ranks of every stage")
+    ap.add_argument("--split", default="validation", choices=["validation", "test"],
+                    help="the split the finetuned accuracy is read on: validation (the finetuning runs' final "
+                         "metrics) or test (the final model on movie_snippets' packaged test split)")
     ap.add_argument("--report_only", action="store_true",
                     help="run nothing: rewrite pretrain.md/.png and the JSON's comparisons from the pipelines' "
                          "summaries the JSON holds (same arguments as the study's command)")
@@ -87,6 +90,8 @@ def regenerate_command(args: argparse.Namespace) -> str:
     cmd = ["python", "bench/fidelity_pretrain.py", "--seeds", ",".join(map(str, args.seeds))]
     if args.variants != list(demo.PRE_VARIANTS):
         cmd += ["--variants", ",".join(args.variants)]
+    if args.split != "validation":
+        cmd += ["--split", args.split]
     cmd += ["--out", args.out]
     if args.work_dir != "runs/fidelity_pre_cpu":
         cmd += ["--work_dir", args.work_dir]
@@ -103,14 +108,17 @@ def pipeline_command(args: argparse.Namespace, seed: int) -> list[str]:
 
 
 def records_of(summary: dict, seed: int) -> dict:
-    """``{(variant, seed): record}`` in bench/fidelity.py's shape (``results.final[accuracy]``)."""
+    """``{(variant, seed): record}`` in bench/fidelity.py's shape (``results.final[accuracy]``, and
+    ``results.test[accuracy]`` where the finetuning run has a test split)."""
     out = {}
     for row in summary.get("rows", []):
         variant = row.get("variant")
         if variant is None:
             continue
-        out[(variant, seed)] = {"status": "ok", "row": row,
-                                "results": {"final": {METRIC: row["finetune_final"]}}}
+        results = {"final": {METRIC: row["finetune_final"]}}
+        if row.get("finetune_test") is not None:
+            results["test"] = {METRIC: row["finetune_test"]}
+        out[(variant, seed)] = {"status": "ok", "row": row, "name": f"{variant} seed {seed}", "results": results}
     return out
 
 
@@ -118,7 +126,8 @@ def records_of(summary: dict, seed: int) -> dict:
 
 
 def variant_rows(args, records: dict) -> list[str]:
-    lines = ["| stage 2 | n | movie_snippets acc. at the last step (mean ± std) | best checkpoint | held-out MLM "
+    lines = [f"| stage 2 | n | movie_snippets {args.split} acc. at the last step (mean ± std) | best validation "
+             "checkpoint | held-out MLM "
              "loss | held-out MLM acc. | pos cos | neg cos | gap | L_CRD/log(K+1) | collapse warnings |",
              "|" + "---|" * 11]
     for v in args.variants:
@@ -131,10 +140,11 @@ def variant_rows(args, records: dict) -> list[str]:
         def col(key: str, fmt: str = ".3f") -> str:
             xs = [d[key] for d in diags if d.get(key) is not None]
             return format(statistics.fmean(xs), fmt) if xs else "–"
+        scores = [fidelity.score(records[(v, s)], METRIC, args.split) for s in args.seeds if (v, s) in records]
         warned = (f"{sum(bool(d.get('collapse_warning')) for d in diags)}/{len(rows)}"
                   if any("bank/pos_sim" in d for d in diags) else "–")
         lines.append(f"| {demo.PRE_NAMES[v]} (`{v}`) | {len(rows)} | "
-                     f"{fidelity._mean_std([r['finetune_final'] for r in rows])} | "
+                     f"{fidelity._mean_std(scores)} | "
                      f"{fidelity._mean_std([r['finetune_best'] for r in rows])} | "
                      f"{statistics.fmean(r['mlm_loss'] for r in rows):.4f} | "
                      f"{statistics.fmean(r['mlm_accuracy'] for r in rows):.4f} | {col('bank/pos_sim')} | "
@@ -147,7 +157,7 @@ def write_outputs(args, records: dict, summaries: dict, recorded: Optional[dict]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     comparisons = fidelity.family([{"a": a, "b": b, "claim": claim,
-                                    "paired": fidelity.paired(records, a, b, args.seeds, METRIC)}
+                                    "paired": fidelity.paired(records, a, b, args.seeds, METRIC, args.split)}
                                    for a, b, claim in COMPARISONS if a in args.variants and b in args.variants])
     date, versions, device = fidelity.study_meta(recorded, args.ranks)
     first = next(iter(summaries.values()), {})
@@ -161,16 +171,19 @@ def write_outputs(args, records: dict, summaries: dict, recorded: Optional[dict]
              f"{a.get('stage1_steps')} MLM steps of the 2-layer student (shared by every seed); stage 2: "
              f"{a.get('stage2_steps')} steps at lr {a.get('stage2_lr')}, batch 32 blocks of 64 tokens, "
              f"alpha_1 = alpha_2 = 0.1, K up to 1000; then CE finetuning on movie_snippets (2,000 sentences, "
-             f"2 epochs, the whole 1,057-sentence validation split). {args.ranks} rank(s).",
-             "- Accuracy at the last finetuning step (no checkpoint selection) is what the comparisons use; the "
-             "best validation checkpoint is shown for reference. CRD columns: stage 2's last log window.",
+             f"2 epochs; " + ("the whole 1,057-sentence validation split" if args.split == "validation" else
+                               "read on its packaged test split, which no choice was made on")
+             + f"). {args.ranks} rank(s).",
+             f"- {args.split.capitalize()} accuracy of the model at the last finetuning step (no checkpoint "
+             "selection) is what the comparisons use; the best validation checkpoint is shown for reference. "
+             "CRD columns: stage 2's last log window.",
              "", *variant_rows(args, records), "",
-             f"Paired differences in finetuned validation {METRIC}, same seed on both sides. "
+             f"Paired differences in finetuned {args.split} {METRIC}, same seed on both sides. "
              f"{fidelity.statistics_note(len(comparisons))}", "", *fidelity.comparison_rows(args, comparisons)]
     md, js, png = out / "pretrain.md", out / "pretrain.json", out / "pretrain.png"
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps({"command": regenerate_command(args), "variants": args.variants, "seeds": args.seeds,
-                              "metric": METRIC, "date_utc": date, "versions": versions,
+                              "metric": METRIC, "split": args.split, "date_utc": date, "versions": versions,
                               "summaries": {str(s): v for s, v in summaries.items()},
                               "comparisons": comparisons}, indent=2))
     written = [md, js]

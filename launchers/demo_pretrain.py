@@ -223,7 +223,8 @@ def main() -> int:
                      "mlm_loss": pre["final"]["mlm_loss"], "mlm_accuracy": pre["final"]["mlm_accuracy"],
                      "pretrain_samples_per_second": pre["samples_per_second"],
                      "finetune_metric": fine["main_metric"], "finetune_best": fine["best"][fine["main_metric"]],
-                     "finetune_final": fine["final"][fine["main_metric"]], "finetune_steps": fine["steps"],
+                     "finetune_final": fine["final"][fine["main_metric"]],
+                     "finetune_test": (fine.get("test") or {}).get(fine["main_metric"]), "finetune_steps": fine["steps"],
                      "crd_diagnostics": pre.get("diagnostics")})
     lines = ["| pre-training (stage 2) | held-out MLM loss | held-out MLM acc. | pre-train samples/s "
              "| movie_snippets acc. (CE finetune, last step) | (best checkpoint) |", "|---|---|---|---|---|---|"]

@@ -47,6 +47,23 @@ def test_base_preset_is_the_papers_setting_and_its_defaults(tmp_path):
                                                 f"--out {tmp_path}"
 
 
+def test_cpu_preset_keeps_the_beta_its_committed_studies_ran_at(tmp_path):
+    """The shipped bank beta is 0.1 (the test-split bank study); the cpu preset's codir variants keep 0.5, at which
+    the committed CPU studies ran, so that their commands reproduce them; codir_b0.1's own key comes after it, and
+    no other method gets the key. The base preset runs the shipped default."""
+    assert MethodConfig().bank_momentum == 0.1
+    args = fidelity.parse_args(["--task", "trec6", "--size", "cpu", "--out", str(tmp_path)])
+    codir = fidelity.variant_overrides(args, "codir", 1, Path("/t/export"), None)
+    b01 = fidelity.variant_overrides(args, "codir_b0.1", 1, Path("/t/export"), None)
+    kd = fidelity.variant_overrides(args, "kd", 1, Path("/t/export"), None)
+    assert "method.bank_momentum=0.5" in codir and b01.index("method.bank_momentum=0.1") > b01.index(
+        "method.bank_momentum=0.5")
+    assert not any(o.startswith("method.bank_momentum") for o in kd)
+    base = fidelity.parse_args(["--task", "trec6", "--size", "base", "--out", str(tmp_path)])
+    assert not any(o.startswith("method.bank_momentum")
+                   for o in fidelity.variant_overrides(base, "codir", 1, Path("/t/export"), None))
+
+
 def test_model_copy_replaces_the_packaged_model_only(tmp_path):
     copy = tmp_path / "mpnet_fp16"
     copy.mkdir()
