@@ -12,6 +12,10 @@ hooks) are taken separately (``torch.autograd.grad`` on those activations; DeepS
 hooks and the engine's own gradients are untouched) and their norms, ratio and cosine are recorded
 per layer, together with the projected student feature's norm (the CRD gradient through the cosine
 scales as 1 / (tau * ||h_s||)). The training itself, and its results.json, are those of the plain run.
+
+``--until STEP`` ends the run at that optimizer step, after its probe, and writes the records so far: the
+schedule (warm-up, decay) is still the whole run's, so the early steps are probed as the full run has them,
+at a fraction of its cost; the JSON then has no final metrics and says where it stopped.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -60,8 +65,13 @@ def gradient_record(step: int, sup, crd, captured: list, student, batch) -> dict
             crd.item() / math.log(batch.negatives.per_anchor + 1)}
 
 
-def probe(recipe, every: int, records: list) -> None:
-    """Wrap ``recipe.method.loss`` so that every ``every``-th optimizer step records the two gradients.
+class ProbeDone(Exception):
+    """Raised at ``--until``: the probe has what it was asked for."""
+
+
+def probe(recipe, every: int, records: list, until: Optional[int] = None) -> None:
+    """Wrap ``recipe.method.loss`` so that every ``every``-th optimizer step records the two gradients
+    (and, with ``until``, stop the run by raising ProbeDone at the first micro-batch past that step).
 
     The gradients are taken on a copy of the trained module (same weights, same micro-batch, same teacher
     features): a backward through the engine's own outputs would run DeepSpeed's gradient hooks."""
@@ -82,6 +92,8 @@ def probe(recipe, every: int, records: list) -> None:
 
     def loss(student, teacher, batch):
         step = recipe.progress.step
+        if until is not None and step > until:
+            raise ProbeDone(step)
         if step % every == 0 and step not in seen and batch.negatives is not None:
             seen.add(step)
             rng = torch.get_rng_state()  # the copy's dropout must not shift the real run's random stream
@@ -115,7 +127,11 @@ def main(argv=None) -> int:
     ap.add_argument("--output_dir", required=True, help="the run directory (must not hold a run)")
     ap.add_argument("--every", type=int, default=10, help="probe every N optimizer steps")
     ap.add_argument("--out", required=True, help="JSON with the probe's records and the run's results")
+    ap.add_argument("--until", type=int, default=None, metavar="STEP",
+                    help="end the run after probing optimizer step STEP (the schedule stays the whole run's)")
     args = ap.parse_args(argv)
+    if args.every < 1 or (args.until is not None and args.until < 0):
+        ap.error("--every must be >= 1 and --until >= 0")
     from codir_ds.cli import quiet_environment
     from codir_ds.config import load_config
     from codir_ds.errors import CodirError
@@ -129,12 +145,17 @@ def main(argv=None) -> int:
     recipe = recipe_for(cfg, "finetune", args.deepspeed_config, args.output_dir)
     records: list = []
     recipe.setup()
-    probe(recipe, args.every, records)
-    results = recipe.train()
+    probe(recipe, args.every, records, args.until)
+    try:
+        results = recipe.train()
+    except ProbeDone:
+        results = {"stopped_after_step": args.until}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": " ".join(["python", "bench/crd_gradients.py", *sys.argv[1:]]),
                                           "probe": records, "final": results.get("final"),
-                                          "diagnostics": results.get("diagnostics")}, indent=2))
+                                          "diagnostics": results.get("diagnostics"),
+                                          "stopped_after_step": results.get("stopped_after_step"),
+                                          "total_steps": recipe.total_steps}, indent=2))
     print(f"written {args.out}")
     return 0
 

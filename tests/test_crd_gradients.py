@@ -45,3 +45,20 @@ def test_probe_refuses_a_method_without_crd(tmp_path, tiny_config):
     assert proc.stderr.startswith("error: method.name is kd: the probe measures codir's CRD term"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_until_stops_after_the_probed_step_with_the_whole_runs_schedule(tmp_path, tiny_config, single_process_env):
+    """--until N probes the first steps as the whole run has them and ends the run there; the records are the
+    full probe's first ones (same schedule, so same gradients), and the JSON says where it stopped."""
+    sets = ["training.checkpoint_every=0", "training.max_steps=6"]
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    common = ["--config", str(tiny_config), "--set", sets[0], "--set", sets[1], "--every", "1", "--deepspeed_config",
+              DS]
+    assert crd_gradients.main([*common, "--output_dir", str(tmp_path / "a"), "--out", str(full)]) == 0
+    assert crd_gradients.main([*common, "--until", "2", "--output_dir", str(tmp_path / "b"), "--out",
+                               str(part)]) == 0
+    f, p = json.loads(full.read_text()), json.loads(part.read_text())
+    assert [r["step"] for r in p["probe"]] == [0, 1, 2] and p["stopped_after_step"] == 2 and p["final"] is None
+    assert p["total_steps"] == f["total_steps"] == 6
+    for a, b in zip(p["probe"], f["probe"][:3]):
+        assert a["layers"] == b["layers"] and a["student_norm"] == b["student_norm"]
