@@ -46,6 +46,8 @@
 #   fid_base                 bench/fidelity.py --size base on trec6 (test split): MPNet 12L/768 teacher, 6L/768
 #                            students, ce/kd/codir/codir K 1000 x 5 seeds, ~8 min; its own invocation, after
 #                            staging the MPNet pieces (bench/mpnet_copy.py; `bash bench/gpu_session.sh stage`)
+#   fid_lr                   bench/fidelity.py at lr 2e-5, 12 epochs (cpu preset sizes, trec6 test split): kd, codir,
+#                            codir with a 180-step delay x seeds 11-20, ~7 min; its own invocation
 #
 # Time: every step has an expected time (GPU) and a timeout; a total budget (GPU_SESSION_BUDGET seconds,
 # default 520 on the GPU, counted after the install and the environment check) skips the steps whose
@@ -359,6 +361,7 @@ later_steps() {
     not_run ft_codir "no teacher export: ft_teacher did not run in this invocation or failed"
   fi
   fid_base
+  fid_lr
 }
 
 # fid_base: bench/fidelity.py's base preset (MPNet 12L/768 teacher, 6L/768 students, the paper's finetuning values;
@@ -382,6 +385,26 @@ fid_base() {
   step fid_base 480 560 "$OUT/fid_base/trec6.json" "$PY" bench/fidelity.py --task trec6 --size $size --split test \
     --launcher "$([ "$DRY" = 1 ] && echo python || echo deepspeed)" --out "$OUT/fid_base" \
     --work_dir "$WORK/fid_base" "${copy[@]}" "${resume[@]}"
+}
+
+# fid_lr: the paper's finetuning learning rate at the cpu preset's sizes (MiniLM 6L/384 teacher, 2L/384 students,
+# 2,000 trec6 examples): kd, codir and codir with the heads trained for 180 steps, lr 2e-5 for 12 epochs (744 steps;
+# the schedule read off a 12-epoch validation run of seed 1, bench/results/fidelity_cpu/lr2e-5_schedule), seeds
+# 11-20 on the test split, 6 runs at a time, results into $OUT/fid_lr/ as each run finishes. ~7 min (30 runs of
+# ~80 s in 5 waves, from compare_h200's per-run start-up and step times, plus the teacher); on the 2 CPU cores it
+# would take ~3 hours. Its own invocation: GPU_SESSION_ONLY=fid_lr GPU_SESSION_BUDGET=560. Dry: preset tiny.
+fid_lr() {
+  [[ fid_lr =~ $ONLY ]] || return 0
+  local size=cpu seeds=11,12,13,14,15,16,17,18,19,20 copy=(--model_copy "$MINILM")
+  local sets=(--set training.lr=2e-5 --set training.epochs=12)
+  if [ "$DRY" = 1 ]; then
+    size=tiny seeds=11,12 copy=() sets=(--set training.lr=2e-5)
+  fi
+  [ -n "${GPU_SESSION_FID_RESUME:-}" ] && copy+=(--resume_json "$GPU_SESSION_FID_RESUME")
+  step fid_lr 420 560 "$OUT/fid_lr/trec6.json" "$PY" bench/fidelity.py --task trec6 --size $size --split test \
+    --seeds $seeds --variants kd,codir,codir_delay180 --jobs 6 "${sets[@]}" \
+    --launcher "$([ "$DRY" = 1 ] && echo python || echo deepspeed)" --out "$OUT/fid_lr" --work_dir "$WORK/fid_lr" \
+    "${copy[@]}"
 }
 
 # `bash bench/gpu_session.sh stage`: move the carried MPNet pieces (.devassets/mpnet_parts/part_*) into .devstage/,

@@ -59,6 +59,13 @@ def test_cpu_preset_keeps_the_beta_its_committed_studies_ran_at(tmp_path):
     assert "method.bank_momentum=0.5" in codir and b01.index("method.bank_momentum=0.1") > b01.index(
         "method.bank_momentum=0.5")
     assert not any(o.startswith("method.bank_momentum") for o in kd)
+    # the GPU script's lr 2e-5 study runs this preset from a copy of the packaged MiniLM (--model_copy)
+    copy = tmp_path / "minilm"
+    copy.mkdir()
+    (copy / "config.json").write_text("{}")
+    gpu = fidelity.parse_args(["--task", "trec6", "--size", "cpu", "--model_copy", str(copy), "--out", str(tmp_path)])
+    student = fidelity.variant_overrides(gpu, "codir_delay180", 1, Path("/t/export"), None)
+    assert f"model.student_init={copy}" in student and "method.crd_encoder_delay=180" in student
     base = fidelity.parse_args(["--task", "trec6", "--size", "base", "--out", str(tmp_path)])
     assert not any(o.startswith("method.bank_momentum")
                    for o in fidelity.variant_overrides(base, "codir", 1, Path("/t/export"), None))
