@@ -9,7 +9,7 @@
 4. finetune each pre-trained student with plain cross-entropy on movie_snippets;
 5. print a table (held-out MLM after pre-training, movie_snippets validation accuracy), what the
    contrastive term did, and the differences against MLM-Pre beside those of the committed
-   5-seed study of this job (bench/results/fidelity_cpu/pretrain.json);
+   10-seed test-split study of this job (bench/results/fidelity_cpu_test/pretrain.json);
 6. finetune the MiniLM teacher itself on movie_snippets (plain CE), export it and each finetuned
    student to ONNX (fp32, checked against PyTorch, and ONNX Runtime int8), and print what each
    student buys against the teacher on this CPU: parameters, latency at batch 1 and 32 (PyTorch
@@ -38,7 +38,7 @@ PRE_NAMES = {"mlm": "MLM-Pre", "kd": "KD-Pre", "codir": "CoDIR-Pre", "codir_bank
 PRE_VARIANTS = {"mlm": ("mlm", []), "kd": ("kd", []), "codir": ("codir", []),
                 "codir_bank": ("codir", ["method.pretrain_negatives=bank"])}
 # the committed multi-seed study of this job at its defaults (bench/fidelity_pretrain.py)
-STUDY = Path(__file__).resolve().parent.parent / "bench" / "results" / "fidelity_cpu" / "pretrain.json"
+STUDY = Path(__file__).resolve().parent.parent / "bench" / "results" / "fidelity_cpu_test" / "pretrain.json"
 
 
 def fit_head(out: Path, teacher: str, config: str, steps: int) -> dict:
