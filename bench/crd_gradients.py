@@ -130,11 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--until", type=int, default=None, metavar="STEP",
                     help="end the run after probing optimizer step STEP (the schedule stays the whole run's)")
     args = ap.parse_args(argv)
-    if args.every < 1 or (args.until is not None and args.until < 0):
-        ap.error("--every must be >= 1 and --until >= 0")
     from codir_ds.cli import quiet_environment
     from codir_ds.config import load_config
     from codir_ds.errors import CodirError
+    if args.every < 1 or (args.until is not None and args.until < 0):
+        raise CodirError(f"--every must be >= 1 and --until >= 0, got --every {args.every} --until {args.until}")
     from codir_ds.recipes import recipe_for
 
     quiet_environment()
