@@ -854,7 +854,7 @@ class RecipeRun(Run):
 
         def filled(batches):
             cand_ids = negative_ids(batches)
-            want = min(args.global_negatives, r.cfg.method.num_negatives + 1)
+            want = min(args.global_negatives, r.method.bank.num_negatives + 1)
             extra = other_ids(cand_ids, want - cand_ids.numel(), args.num_examples, r.cfg.training.seed,
                               r.progress.step)
             return torch.cat([cand_ids, extra]) if extra.numel() else cand_ids
@@ -874,7 +874,7 @@ class RecipeRun(Run):
         world = self.ctx["world"]
         if r.bank is not None:
             self.record_gather(self.step_gathers, r.bank)
-            if not self.finetune or r.cfg.method.finetune_negatives == "anchor":  # all-gather of the step's int64 ids
+            if not self.finetune or r.method.bank.finetune_negatives == "anchor":  # all-gather of the step's int64 ids
                 local = sum(len(ids) for _, ids in batches)
                 self.neg_bytes.append(world * local * 8 if world > 1 else 0)
         if self.crd_inputs is not None and self.sections.enabled:

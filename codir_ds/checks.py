@@ -34,10 +34,11 @@ def in_range(key: str, value, ok: bool, allowed: str) -> None:
 
 
 def layers(key: str, value) -> None:
-    """``"all"`` or a non-empty list of layer indices >= 0."""
+    """``"all"``, ``"last"`` or a non-empty list of layer indices >= 0."""
     if isinstance(value, str):
-        if value != "all":
-            raise CodirError(f"config key '{key}' must be 'all' or a list of layer indices, got {value!r}: {fix(key)}")
+        if value not in ("all", "last"):
+            raise CodirError(f"config key '{key}' must be 'all', 'last' or a list of layer indices, got {value!r}: "
+                             f"{fix(key)}")
     elif not value or any(v < 0 for v in value):
         raise CodirError(f"config key '{key}' must be 'all' or a non-empty list of layer indices >= 0, got {value!r}: "
                          f"{fix(key)}")

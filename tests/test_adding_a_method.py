@@ -48,7 +48,7 @@ def test_new_method_is_registered_configured_and_validated(registered):
     field = {f.name: f for f in __import__("dataclasses").fields(registered.MethodConfig)}["alpha_mse"]
     assert field.metadata["methods"] == ("logit_mse",) and "logit" in field.metadata["help"]
     method = build_method(m, "finetune")
-    assert method.needs.teacher and method.needs.teacher_logits and not method.needs.bank
+    assert method.needs.teacher and method.needs.teacher_logits and method.bank is None
     with pytest.raises(CodirError, match="method.alpha_mse"):
         registered.load_config(None, ["method.name=logit_mse", "method.alpha_mse=-1", "model.teacher=x"])
     with pytest.raises(CodirError, match="not a pre-training objective"):

@@ -13,7 +13,7 @@ from codir_ds import checks
 from codir_ds.config import ExperimentConfig, MethodConfig, ModelConfig, validate
 from codir_ds.distill.ild import consistency_weight
 from codir_ds.distill.losses import kd_loss
-from codir_ds.distill.methods import (LossInputs, Method, Needs, PretrainingConfig, StudentOutput, TeacherOutput,
+from codir_ds.distill.methods import (BankSpec, ContrastSpec, LossInputs, Method, Needs, PretrainingConfig, StudentOutput, TeacherOutput,
                                       build_method, get_method, method_config_class, method_names, option,
                                       register_method, validate_options)
 from codir_ds.distill.methods import registry
@@ -157,15 +157,15 @@ DEFAULT_NEEDS = {
     ("mlm", "pretrain"): Needs(),
     ("kd", "finetune"): Needs(**TEACHER, teacher_cache=True),
     ("kd", "pretrain"): Needs(**TEACHER),  # the teacher cache is per finetuning example
-    ("codir", "finetune"): Needs(**TEACHER, pooled_layers=True, bank=True, teacher_cache=True),
-    ("codir", "pretrain"): Needs(**TEACHER, pooled_layers=True, bank=True),
+    ("codir", "finetune"): Needs(**TEACHER, teacher_cache=True),
+    ("codir", "pretrain"): Needs(**TEACHER),
     ("pkd", "finetune"): Needs(**TEACHER, layer_pairs="cls"),
     ("tinybert", "finetune"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True),
     ("tinybert", "pretrain"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True),
     ("distilbert", "finetune"): Needs(**TEACHER, layer_pairs="hidden"),
     ("distilbert", "pretrain"): Needs(**TEACHER, layer_pairs="hidden"),
     ("cr_ild", "finetune"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True, consistency=True,
-                                  staged=True, supplementary_data=True),
+                                  supplementary_data=True),
     ("ctcd", "finetune"): Needs(second_model=True),
     ("ctcd", "pretrain"): Needs(second_model=True),
 }
@@ -181,9 +181,18 @@ def test_needs_with_the_default_config(name, stage):
 
 
 def test_needs_follow_the_options():
-    # codir: bank, pooled layers and the teacher
-    codir = _build("codir", "finetune").needs
-    assert codir.bank and codir.pooled_layers and codir.teacher
+    # codir: bank, pooled layers and the teacher; its options reach the recipes only through its specs
+    codir = _build("codir", "finetune", teacher_layers=[2, 4], pooling="cls", projection_dim=64, bank_momentum=0.3,
+                   num_negatives=7, finetune_negatives="anchor", crd_encoder_delay=5)
+    assert codir.needs.teacher and codir.encoder_delay == 5
+    assert codir.contrast == ContrastSpec([2, 4], "all", "cls", 64)
+    assert codir.bank == BankSpec(0.3, True, "random", 7, "anchor", "batch", 5)
+    for name in ALL:
+        method = _build(name, get_method(name).stages[0])
+        if method.bank is not None:   # a bank holds the contrast spec's projected features
+            assert method.contrast is not None, name
+        if name not in ("codir",):
+            assert method.contrast is None and method.bank is None and method.encoder_delay == 0, name
     # pre-training with alpha_kd = 0: the teacher's hidden states, not its logits (no MLM head)
     for name in ("kd", "codir", "tinybert", "distilbert"):
         needs = _build(name, "pretrain", alpha_kd=0.0).needs
@@ -194,7 +203,8 @@ def test_needs_follow_the_options():
     assert not _build("cr_ild", "finetune", alpha_attention=0.0).needs.attention_maps
     # CR-ILD's consistency term (and its EMA copy) only with a weight on it
     cr = _build("cr_ild", "finetune", alpha_consistency=0.0, consistency_ema=0.9)
-    assert not cr.needs.consistency and cr.ema_decay == 0.0 and cr.needs.staged
+    assert not cr.needs.consistency and cr.ema_decay == 0.0
+    assert _build("cr_ild", "finetune", mixup_alpha=0.4).mixup_alpha() == 0.4
     assert _build("cr_ild", "finetune", consistency_ema=0.9).ema_decay == 0.9
     # ctcd: a second model always; the teacher in the one-way variant, its logits when alpha_kd > 0
     assert _build("ctcd", "finetune").needs.second_model and not _build("ctcd", "finetune").needs.teacher
@@ -220,7 +230,6 @@ def test_cr_ild_stages_switch_at_the_rounded_ild_fraction():
 @pytest.mark.parametrize("name", [n for n in ALL if n != "cr_ild"])
 def test_other_methods_have_one_stage(name):
     method = _build(name, get_method(name).stages[0])
-    assert not method.needs.staged
     assert {method.stage_at(step, 10) for step in range(10)} == {"train"}
     assert method.consistency_weight(3, 10) == 0.0 and method.ema_decay == 0.0
     assert not method.mixes_inputs("train")

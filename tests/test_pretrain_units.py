@@ -208,7 +208,7 @@ def test_codir_pretrain_with_in_batch_negatives():
     cfg = SimpleNamespace(name="codir", alpha_kd=0.5, alpha_crd=0.2, kd_temperature=2.0, kd_t2_scale=True,
                           crd_temperature=0.07)
     method = build_method(cfg, "pretrain")
-    assert method.needs.teacher and method.needs.teacher_logits and method.needs.bank
+    assert method.needs.teacher and method.needs.teacher_logits
     total, terms = method.loss(StudentOutput(logits, h_s=h_s, h_t=h_t), TeacherOutput(t_logits),
                                LossInputs(labels, pretraining=True, negatives=neg))
     want = F.cross_entropy(logits, labels) + 0.5 * 4.0 * kd_loss(logits, t_logits, 2.0) + 0.2 * crd

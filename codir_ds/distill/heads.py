@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from codir_ds.distill.ild import layer_pairs, mix_targets, mixup_embeddings
+from codir_ds.models.loading import hidden_size, resolve_layers
 from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
 
@@ -84,6 +85,22 @@ def ild_features(hidden_states, attentions, mask: torch.Tensor, spec: ILDSpec, l
     return out
 
 
+def build_module(student: nn.Module, teacher: Optional[nn.Module], method, masked_lm: bool = False):
+    """``(module, teacher_layers)``: what DeepSpeed trains, ``student`` plus the heads ``method`` asks for (its
+    :class:`~codir_ds.distill.methods.base.ContrastSpec`'s phi_s / phi_t, its layer pairs' width maps), and the
+    teacher layers the teacher runner pools (None without a contrast spec). ``masked_lm``: pre-training's module."""
+    spec = method.contrast
+    s_layers = resolve_layers(spec.student_layers if spec else "all", student, "method.student_layers")
+    t_layers = resolve_layers(spec.teacher_layers, teacher, "method.teacher_layers") if spec else None
+    ild_spec = build_ild_spec(method, student, teacher)
+    module = (PretrainModule if masked_lm else DistillationModule)(
+        student, s_layers, spec.pooling if spec else "mean",
+        teacher_dim=len(t_layers) * hidden_size(teacher) if spec else None,
+        projection_dim=spec.projection_dim if spec else None,
+        ild_spec=ild_spec, teacher_width=hidden_size(teacher) if ild_spec is not None else None)
+    return module, t_layers
+
+
 def build_ild_spec(method, student, teacher) -> Optional[ILDSpec]:
     """The layer pairs and features an ILD method distils (None when the method reads no layers)."""
     needs = method.needs
@@ -107,7 +124,7 @@ class DistillationModule(nn.Module):
     an EMA copy), whose mixed last-layer states and attention are the targets.
     """
 
-    def __init__(self, student: nn.Module, student_layers: Sequence[int], pooling: str,
+    def __init__(self, student: nn.Module, student_layers: Sequence[int], pooling: str = "mean",
                  teacher_dim: Optional[int] = None, projection_dim: Optional[int] = None,
                  ild_spec: Optional[ILDSpec] = None, teacher_width: Optional[int] = None):
         super().__init__()

@@ -26,7 +26,7 @@ class TeacherRunner:
     for backward, and phi_t (trained) consumes the features.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str,
+    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str = "mean",
                  ild_spec: Optional[ILDSpec] = None):
         assert not any(p.requires_grad for p in model.parameters()), "teacher must be frozen"
         self.model = model
@@ -62,8 +62,8 @@ class MLMTeacherRunner:
     (``logits=False``: CoDIR-Pre with alpha_kd = 0 needs hidden states only).
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str, logits: bool,
-                 ild_spec: Optional[ILDSpec] = None):
+    def __init__(self, model: torch.nn.Module, layers: Optional[Sequence[int]], pooling: str = "mean",
+                 logits: bool = True, ild_spec: Optional[ILDSpec] = None):
         assert not any(p.requires_grad for p in model.parameters()), "teacher must be frozen"
         self.model = model
         self.body, self.head = mlm_parts(model) if logits else (model, None)

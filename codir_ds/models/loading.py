@@ -269,10 +269,12 @@ def hidden_size(model: torch.nn.Module) -> int:
 
 
 def resolve_layers(spec, model: torch.nn.Module, key: str) -> list[int]:
-    """'all' -> [1..L]; a list is checked against the model depth (0 = embedding output)."""
+    """'all' -> [1..L]; 'last' -> [L]; a list is checked against the model depth (0 = embedding output)."""
     n = num_layers(model)
     if spec == "all":
         return list(range(1, n + 1))
+    if spec == "last":
+        return [n]
     bad = [i for i in spec if not 0 <= i <= n]
     if bad:
         raise CodirError(f"{key} {list(spec)} has indices outside 0..{n} for a {n}-layer model "

@@ -216,7 +216,7 @@ class Recipe:
         projected features, one inference pass over the ids it owns (no communication). A resumed run has
         its bank from the checkpoint."""
         self.warm_start_seconds = None
-        if self.bank is None or self.cfg.method.bank_init != "student" or self.mode == "resume":
+        if self.bank is None or self.method.bank.init != "student" or self.mode == "resume":
             return
         t0 = time.perf_counter()
         self.train_mode(False)

@@ -24,7 +24,7 @@ from typing import Optional
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.collate import ClassificationCollator, to_device
 from codir_ds.data.mlm import MLMCollator
-from codir_ds.distill.heads import DistillationModule, PretrainModule
+from codir_ds.distill.heads import build_module
 from codir_ds.distill.methods import LossInputs
 from codir_ds.engine.checkpointing import engine_config
 from codir_ds.engine.compile import compile_engine
@@ -35,7 +35,7 @@ from codir_ds.engine.rundir import ARCHITECTURE
 from codir_ds.engine.optim import optimizer_and_schedule
 from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit, resolve_layers
+from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit
 from codir_ds.models.mlm import load_mlm_teacher
 from codir_ds.models.size import parameter_counts
 from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped
@@ -55,14 +55,12 @@ def large_init_dir(spec: Optional[str]) -> Optional[Path]:
     return model_dir(spec, "method.ctcd_large_init")
 
 
-def large_model_config(cfg: ExperimentConfig, large_dir: Optional[Path]):
-    """The ``model.*`` settings ``build_student`` builds the larger model from."""
-    m = cfg.method
+def large_model_config(cfg: ExperimentConfig, large_dir: Optional[Path], method):
+    """The ``model.*`` settings ``build_student`` builds the larger model from (``method``: the CTCD method)."""
     if large_dir is not None:
         return dataclasses.replace(cfg.model, init_from=None, student_init=str(large_dir), student_init_layers=None)
-    return dataclasses.replace(cfg.model, init_from=None, student_init=None, student_layers=m.ctcd_large_layers,
-                               student_hidden=m.ctcd_large_hidden, student_heads=m.ctcd_large_heads,
-                               student_intermediate=None)
+    return dataclasses.replace(cfg.model, init_from=None, student_init=None, student_intermediate=None,
+                               **method.large_sizes())
 
 
 class CoTrainRecipe(Recipe):
@@ -81,7 +79,7 @@ class CoTrainRecipe(Recipe):
     def check_inputs(self) -> None:
         super().check_inputs()
         (check_task_inputs if self.finetune else check_corpus_inputs)(self)
-        self.large_dir = large_init_dir(self.cfg.method.ctcd_large_init)
+        self.large_dir = large_init_dir(self.method.large_init)
         if self.large_dir is not None:
             check_same_vocab(self.tokenizer, self.large_dir, "method.ctcd_large_init")
             if self.finetune:
@@ -104,14 +102,14 @@ class CoTrainRecipe(Recipe):
         small = build_student(cfg.model, self.num_labels, self.is_regression, self.tokenizer,
                               template_dir=self.teacher_dir or self.large_dir, masked_lm=not self.finetune,
                               label_names=names)
-        large = build_student(large_model_config(cfg, self.large_dir), self.num_labels, self.is_regression,
+        large = build_student(large_model_config(cfg, self.large_dir, self.method), self.num_labels, self.is_regression,
                               self.tokenizer, template_dir=self.teacher_dir, masked_lm=not self.finetune,
                               label_names=names)
         if not self.finetune:
             check_mlm_pair(small, large, cfg.corpus.block_size)
-        wrap = DistillationModule if self.finetune else PretrainModule  # no heads: module.student is the model
-        self.module = wrap(small, resolve_layers("all", small, "model"), cfg.method.pooling)
-        self.module_large = wrap(large, resolve_layers("all", large, "method.ctcd_large_init"), cfg.method.pooling)
+        # no heads (the method contrasts nothing): module.student is the model
+        self.module = build_module(small, None, self.method, masked_lm=not self.finetune)[0]
+        self.module_large = build_module(large, None, self.method, masked_lm=not self.finetune)[0]
         self.sizes = {"student": parameter_counts(small), "teacher": parameter_counts(large)}
         self.n_small, self.n_large = self.sizes["student"]["total"], self.sizes["teacher"]["total"]
 
@@ -119,7 +117,7 @@ class CoTrainRecipe(Recipe):
         super().setup_data(task_lengths(self) if self.finetune else None)
         self.collator = (ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.is_regression)
                          if self.finetune else
-                         MLMCollator(self.tokenizer, self.cfg.method.mlm_probability, seed=self.cfg.training.seed))
+                         MLMCollator(self.tokenizer, self.method.mlm_probability, seed=self.cfg.training.seed))
 
     def setup_engines(self) -> None:
         """Two engines, two optimizers and schedules, one DeepSpeed JSON."""
@@ -139,13 +137,13 @@ class CoTrainRecipe(Recipe):
         self.runner = None
         if self.teacher is not None:
             self.teacher.to(self.device)
-            self.runner = (TeacherRunner(self.teacher, None, self.cfg.method.pooling) if self.finetune else
-                           MLMTeacherRunner(self.teacher, None, self.cfg.method.pooling, logits=True))
+            self.runner = (TeacherRunner(self.teacher, None) if self.finetune else
+                           MLMTeacherRunner(self.teacher, None, logits=True))
         self.tokens = 0
 
     def describe(self) -> str:
         data = task_summary(self.task) if self.finetune else corpus_summary(self.corpus)
-        kind = "one-way from model.teacher" if self.cfg.method.ctcd_one_way else "mutual"
+        kind = "one-way from model.teacher" if self.method.one_way else "mutual"
         return (f"ctcd {self.stage} ({kind}): larger model {self.n_large / 1e6:.2f}M and smaller "
                 f"{self.n_small / 1e6:.2f}M parameters ({self.n_large / max(self.n_small, 1):.1f}x fewer); {data}, "
                 f"{self.batch_summary()}")

@@ -20,7 +20,7 @@ from codir_ds import checks
 from codir_ds.assets import sha256_file
 from codir_ds.data.collate import ClassificationCollator, to_device, token_lengths
 from codir_ds.data.tasks import TaskData, load_supplementary, load_task
-from codir_ds.distill.heads import DistillationModule, build_ild_spec
+from codir_ds.distill.heads import build_module
 from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.ild import mixup_draw
@@ -32,7 +32,7 @@ from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (WEIGHTS, build_student, check_same_vocab, hidden_size, load_teacher,
-                                     load_tokenizer, model_dir, position_limit, resolve_layers, tokenizer_dir)
+                                     load_tokenizer, model_dir, position_limit, tokenizer_dir)
 from codir_ds.models.size import counts_from_config, parameter_counts, size_comparison
 from codir_ds.recipes.base import Recipe
 
@@ -117,9 +117,9 @@ def check_task_extremes(recipe: Recipe) -> None:
                    else "Pearson and Spearman correlations are undefined on constant targets")
             raise CodirError(f"every {split} target of {where[split]} is {next(iter(values))}: {why}; add "
                              f"examples with other targets (check data.label_column, {limit[split]})")
-    if task.is_regression and recipe.method.needs.bank and \
-            len(set(contrast_labels(task, cfg.method.regression_bins).tolist())) < 2:
-        raise CodirError(f"method.regression_bins={cfg.method.regression_bins} puts every training target of "
+    bank = recipe.method.bank
+    if task.is_regression and bank is not None and len(set(contrast_labels(task, bank.regression_bins).tolist())) < 2:
+        raise CodirError(f"method.regression_bins={bank.regression_bins} puts every training target of "
                          f"{where['training']} into one bin, so CRD has no negatives (examples of other bins): "
                          f"set method.regression_bins >= 2 or add examples with other targets")
     for split, examples in splits:
@@ -208,20 +208,11 @@ class FinetuneRecipe(Recipe):
     def setup_models(self) -> None:
         """Teacher (checksum, classification head), then the student and the method's heads, seeded alike
         on every rank."""
-        cfg, needs = self.cfg, self.method.needs
-        self.teacher = self.load_teacher_model() if needs.teacher else None
-        set_seed(cfg.training.seed)  # identical student / head initialisation on every rank
+        self.teacher = self.load_teacher_model() if self.method.needs.teacher else None
+        set_seed(self.cfg.training.seed)  # identical student / head initialisation on every rank
         student = self.build_student_model()
-        m = cfg.method
-        self.student_layers = resolve_layers(m.student_layers, student, "method.student_layers")
-        self.teacher_layers = (resolve_layers(m.teacher_layers, self.teacher, "method.teacher_layers")
-                               if needs.pooled_layers else None)
-        self.ild_spec = build_ild_spec(self.method, student, self.teacher)
-        self.module = DistillationModule(
-            student, self.student_layers, m.pooling,
-            teacher_dim=len(self.teacher_layers) * hidden_size(self.teacher) if needs.pooled_layers else None,
-            projection_dim=m.projection_dim if needs.pooled_layers else None,
-            ild_spec=self.ild_spec, teacher_width=hidden_size(self.teacher) if self.ild_spec is not None else None)
+        self.module, self.teacher_layers = build_module(student, self.teacher, self.method)
+        self.ild_spec = self.module.ild_spec
         teacher_size = (parameter_counts(self.teacher) if self.teacher is not None else
                         counts_from_config(self.teacher_dir, self.task.num_labels) if self.teacher_dir else None)
         self.sizes = {"student": parameter_counts(student), "teacher": teacher_size}
@@ -253,29 +244,30 @@ class FinetuneRecipe(Recipe):
 
     def setup_components(self) -> None:
         """Teacher runner, EMA copy, memory bank and label negatives, teacher cache."""
-        m, t, needs = self.cfg.method, self.cfg.training, self.method.needs
+        t, contrast, bank = self.cfg.training, self.method.contrast, self.method.bank
         self.runner = None
         if self.teacher is not None:
             self.teacher.to(self.device)
-            self.runner = TeacherRunner(self.teacher, self.teacher_layers if needs.pooled_layers else None,
-                                        m.pooling, self.ild_spec)
+            self.runner = TeacherRunner(self.teacher, self.teacher_layers, contrast.pooling if contrast else "mean",
+                                        self.ild_spec)
         if self.ema is not None:
             self.ema.model.to(device=self.device, dtype=self.dtype)
         self.neg_sampler = self.labels_for_negatives = None
-        if needs.bank:
-            self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum, seed=t.seed,
-                                          normalize_features=m.bank_normalize).to(self.device)
-            self.labels_for_negatives = contrast_labels(self.task, m.regression_bins)
-            self.neg_sampler = LabelNegativeSampler(self.labels_for_negatives, m.num_negatives, seed=t.seed)
-            self.ids_group = host_group() if m.finetune_negatives == "anchor" else None  # step ids host to host
+        if bank is not None:
+            self.bank = ShardedMemoryBank(self.num_train, contrast.projection_dim, bank.momentum, seed=t.seed,
+                                          normalize_features=bank.normalize).to(self.device)
+            self.labels_for_negatives = contrast_labels(self.task, bank.regression_bins)
+            self.neg_sampler = LabelNegativeSampler(self.labels_for_negatives, bank.num_negatives, seed=t.seed)
+            self.ids_group = host_group() if bank.finetune_negatives == "anchor" else None  # step ids host to host
         self.cache = self.open_teacher_cache() if t.teacher_cache else None
 
     def open_teacher_cache(self) -> TeacherCache:
         """Memory-mapped per-example teacher logits (and pooled features) under <run>/teacher_cache/."""
-        pooled = self.method.needs.pooled_layers
+        contrast = self.method.contrast
+        pooled = contrast is not None
         meta = {"teacher": str(self.teacher_dir), "teacher_sha256": sha256_file(self.teacher_dir / WEIGHTS),
                 "task": self.task.name, "num_examples": self.num_train, "max_length": self.cfg.data.max_length,
-                "teacher_layers": self.teacher_layers if pooled else None, "pooling": self.cfg.method.pooling,
+                "teacher_layers": self.teacher_layers, "pooling": contrast.pooling if pooled else "mean",
                 "dtype": str(self.dtype)}
         feature_dim = len(self.teacher_layers) * hidden_size(self.teacher) if pooled else None
         return TeacherCache(self.run_dir / CACHE_DIR, self.rank, self.num_train, self.task.num_labels, feature_dim,
@@ -298,7 +290,7 @@ class FinetuneRecipe(Recipe):
                               token_type_ids=batch.get("token_type_ids"),
                               teacher_features=t_out.features if t_out is not None else None, ild=use_layers,
                               mix=mix, clean_model=self.ema.model if self.ema is not None else None,
-                              hold_encoder=step < self.cfg.method.crd_encoder_delay)
+                              hold_encoder=step < self.method.encoder_delay)
             if self.bank is not None and step_rows is None:  # collective, first micro step of an optimizer step
                 step_rows = self.step_negatives(step, batches)
             negatives = step_rows.for_batch(ids) if self.bank is not None else None
@@ -319,7 +311,7 @@ class FinetuneRecipe(Recipe):
         """The bank rows of this optimizer step's negatives, each micro-batch's through ``.for_batch(ids)``.
         COLLECTIVE: ``[C, K, m]`` per-class sets, or (``method.finetune_negatives=anchor``) K rows for every
         anchor of the global step."""
-        if self.cfg.method.finetune_negatives == "anchor":
+        if self.method.bank.finetune_negatives == "anchor":
             return self.neg_sampler.anchor_negatives(self.bank, step, torch.cat([ids for _, ids in batches]),
                                                      self.world, self.device, self.ids_group)
         return ClassNegativeRows(self.neg_sampler.class_negatives(self.bank, step), self.labels_for_negatives)
@@ -337,7 +329,7 @@ class FinetuneRecipe(Recipe):
                 pick = torch.randint(len(self.supplementary), (len(examples),),
                                      generator=torch.Generator().manual_seed(micro_seed))
                 examples = examples + [self.supplementary[i] for i in pick.tolist()]
-            mix = mixup_draw(self.cfg.method.mixup_alpha, len(examples), micro_seed)
+            mix = mixup_draw(self.method.mixup_alpha(), len(examples), micro_seed)
         return to_device(self.collator(examples), self.device), mix
 
     def teacher_outputs(self, ids, batch, use_layers: bool, mix):

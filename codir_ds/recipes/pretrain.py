@@ -25,7 +25,7 @@ from codir_ds.config import teacher_hint
 from codir_ds.data.collate import to_device
 from codir_ds.data.corpus import load_corpus
 from codir_ds.data.mlm import MLMCollator
-from codir_ds.distill.heads import PretrainModule, build_ild_spec
+from codir_ds.distill.heads import build_module
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.negatives import BatchNegatives, batch_negatives, self_mask
@@ -34,8 +34,8 @@ from codir_ds.engine.evaluation import evaluate_mlm
 from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import (build_student, check_same_vocab, hidden_size, load_tokenizer, model_dir,
-                                     position_limit, resolve_layers, tokenizer_dir, verify_weights)
+from codir_ds.models.loading import (build_student, check_same_vocab, load_tokenizer, model_dir, position_limit,
+                                     tokenizer_dir, verify_weights)
 from codir_ds.models.mlm import load_mlm_teacher, masked_rows
 from codir_ds.recipes.base import Recipe
 
@@ -100,13 +100,13 @@ def check_corpus_inputs(recipe: Recipe) -> None:
 def check_masking(recipe: Recipe) -> None:
     """Settings that leave a step without masked tokens (no MLM signal) or CRD without in-batch negatives."""
     cfg, batch = recipe.cfg, recipe.ds["train_batch_size"]
-    p, block = cfg.method.mlm_probability, cfg.corpus.block_size
+    p, block = recipe.method.mlm_probability, cfg.corpus.block_size
     if p * (block - 2) * batch < 1:
         raise CodirError(f"method.mlm_probability {p} x {block - 2} tokens per block (corpus.block_size {block}) x "
                          f"global batch {batch} masks fewer than one token per optimizer step on average, so most "
                          f"steps have nothing to predict: raise method.mlm_probability, corpus.block_size or the "
                          f"batch size")
-    if recipe.method.needs.bank and batch < 2:
+    if recipe.method.contrast is not None and batch < 2:
         raise CodirError(f"method.name={cfg.method.name} contrasts each block with the other blocks of its global "
                          f"batch, and a global batch of {batch} has none: set the global batch "
                          f"(training.train_batch_size) to at least 2")
@@ -156,7 +156,7 @@ class PretrainRecipe(Recipe):
         if cfg.corpus.block_size > position_limit(student.config):
             raise CodirError(f"corpus.block_size {cfg.corpus.block_size} exceeds the student's "
                              f"{position_limit(student.config)} positions: lower corpus.block_size")
-        self.module, self.teacher_layers = build_pretrain_module(student, self.teacher, self.method)
+        self.module, self.teacher_layers = build_module(student, self.teacher, self.method, masked_lm=True)
 
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher: a masked-LM model when its logits are used, else its body alone."""
@@ -169,19 +169,18 @@ class PretrainRecipe(Recipe):
 
     def setup_data(self) -> None:
         super().setup_data()
-        self.collator = MLMCollator(self.tokenizer, self.cfg.method.mlm_probability, seed=self.cfg.training.seed)
+        self.collator = MLMCollator(self.tokenizer, self.method.mlm_probability, seed=self.cfg.training.seed)
 
     def setup_components(self) -> None:
-        m, needs = self.cfg.method, self.method.needs
+        contrast, bank = self.method.contrast, self.method.bank
         self.runner = None
         if self.teacher is not None:
             self.teacher.to(self.device)
-            self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, m.pooling, logits=needs.teacher_logits,
-                                           ild_spec=self.module.ild_spec)
-        if needs.bank:
-            self.bank = ShardedMemoryBank(self.num_train, m.projection_dim, m.bank_momentum,
-                                          seed=self.cfg.training.seed,
-                                          normalize_features=m.bank_normalize).to(self.device)
+            self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, contrast.pooling if contrast else "mean",
+                                           logits=self.method.needs.teacher_logits, ild_spec=self.module.ild_spec)
+        if bank is not None:
+            self.bank = ShardedMemoryBank(self.num_train, contrast.projection_dim, bank.momentum,
+                                          seed=self.cfg.training.seed, normalize_features=bank.normalize).to(self.device)
         self.ids_group = host_group() if self.bank is not None else None  # step ids travel host to host (NCCL)
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 
@@ -209,7 +208,7 @@ class PretrainRecipe(Recipe):
             out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
                               teacher_features=t_out.features if t_out is not None else None,
                               ild=self.module.ild_spec is not None,
-                              hold_encoder=self.progress.step < self.cfg.method.crd_encoder_delay)
+                              hold_encoder=self.progress.step < self.method.encoder_delay)
             negatives = (BatchNegatives(candidates, self_mask(batch["ids"], cand_ids))
                          if self.bank is not None else None)
             inputs = LossInputs(labels, pretraining=True, token_scale=mb.token_scale, negatives=negatives)
@@ -224,9 +223,9 @@ class PretrainRecipe(Recipe):
 
     def negative_ids(self, batches) -> torch.Tensor:
         """Ids (host) of the global mini-batch whose bank rows are this step's negatives. Collective."""
-        m = self.cfg.method
-        fill = self.num_train if m.pretrain_negatives == "bank" else 0
-        return batch_negatives(torch.cat([ids for _, ids in batches]), m.num_negatives, self.cfg.training.seed,
+        bank = self.method.bank
+        fill = self.num_train if bank.pretrain_negatives == "bank" else 0
+        return batch_negatives(torch.cat([ids for _, ids in batches]), bank.num_negatives, self.cfg.training.seed,
                                self.progress.step, self.world, self.device, self.ids_group, fill_from=fill)
 
     # ------------------------------------------------------------------ evaluation and the end
@@ -266,16 +265,3 @@ class PretrainRecipe(Recipe):
                    "export_dir": str(self.run_dir / "export")}
         return self.write_results(results)
 
-
-def build_pretrain_module(student, teacher, method):
-    """The module DeepSpeed trains (student + the method's heads) and the teacher layers CRD pools."""
-    m, needs = method.cfg, method.needs
-    s_layers = resolve_layers(m.student_layers, student, "method.student_layers")
-    t_layers = resolve_layers(m.teacher_layers, teacher, "method.teacher_layers") if needs.pooled_layers else None
-    ild_spec = build_ild_spec(method, student, teacher)
-    module = PretrainModule(
-        student, s_layers, m.pooling,
-        teacher_dim=len(t_layers) * hidden_size(teacher) if needs.pooled_layers else None,
-        projection_dim=m.projection_dim if needs.pooled_layers else None,
-        ild_spec=ild_spec, teacher_width=hidden_size(teacher) if ild_spec is not None else None)
-    return module, t_layers

@@ -8,8 +8,9 @@ new method is one new file (see docs/adding_a_method.md).
 import importlib
 import pkgutil
 
-from codir_ds.distill.methods.base import (Consistency, LayerFeatures, LossInputs, Method, Needs,  # noqa: F401
-                                           PretrainingConfig, StudentOutput, TeacherOutput, option)
+from codir_ds.distill.methods.base import (BankSpec, Consistency, ContrastSpec, LayerFeatures,  # noqa: F401
+                                           LossInputs, Method, Needs, PretrainingConfig, StudentOutput,
+                                           TeacherOutput, option)
 from codir_ds.distill.methods.registry import (build_method, get_method, method_config_class,  # noqa: F401
                                                method_names, option_groups, register_method, validate_options)
 

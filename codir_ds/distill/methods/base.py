@@ -1,16 +1,18 @@
 """What a distillation method is: its config, what it needs from a run, and its loss.
 
 A method is a :class:`Method` subclass registered by name (:func:`register_method`). The
-recipes never branch on a method's name: they read its :class:`Needs` (which teacher
-outputs to compute, whether there is a memory bank, a second model, stages, ...), build
-what it asks for, and call :meth:`Method.loss` with typed outputs of the student
-(:class:`StudentOutput`) and the frozen teacher (:class:`TeacherOutput`).
+recipes never branch on a method's name and never read its options: they read its
+:class:`Needs` (which teacher outputs to compute, a second model, stages, ...), its
+:class:`ContrastSpec` (pooled layers projected into a contrastive space) and :class:`BankSpec`
+(the sharded memory bank and its negatives), build what it asks for, and call
+:meth:`Method.loss` with typed outputs of the student (:class:`StudentOutput`) and the frozen
+teacher (:class:`TeacherOutput`).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +47,37 @@ class Needs:
     """What a method needs a recipe to build and compute, for one stage (finetune / pretrain)."""
     teacher: bool = False            # a frozen teacher is loaded (and its vocabulary checked)
     teacher_logits: bool = False     # ... and its logits are computed (pre-training: its MLM head is loaded)
-    pooled_layers: bool = False      # CRD: pooled per-layer features of both models, projected by phi_s / phi_t
-    bank: bool = False               # CRD: the sharded memory bank (negatives, momentum updates)
     layer_pairs: Optional[str] = None  # ILD: "cls" ([CLS] rows) or "hidden" (sequences) of mapped layer pairs
     attention_maps: bool = False     # ILD: attention maps of the mapped layers (eager attention)
     consistency: bool = False        # CR-ILD: mixup consistency targets from clean inputs
     second_model: bool = False       # CTCD: a second trainable model, its own engine (co-training recipe)
-    staged: bool = False             # CR-ILD: an ILD stage on mixed inputs, then prediction-layer KD
     supplementary_data: bool = False  # data.supplementary joins the ILD stage's batches
     teacher_cache: bool = False      # per-example teacher outputs that training.teacher_cache may keep
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """Pooled layers of both models projected into a contrastive space: the student module gets phi_s and
+    phi_t, the teacher runner pools ``teacher_layers``, and the student output carries ``h_s`` / ``h_t``.
+
+    Layers: ``"all"``, ``"last"`` or indices (0 = the embedding output, 1..L the Transformer layers).
+    """
+    teacher_layers: Union[str, list] = "all"
+    student_layers: Union[str, list] = "all"
+    pooling: str = "mean"          # mean (masked mean over real tokens) or cls
+    projection_dim: int = 128      # m, the width of the contrastive space
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """The sharded memory bank of projected student features and how negatives are read from it."""
+    momentum: float                # beta of Eq. 5
+    normalize: bool = True         # L2-normalise the feature before the momentum update
+    init: str = "random"           # random unit rows, or student: one pass of the student's features
+    num_negatives: int = 100       # K
+    finetune_negatives: str = "class"   # class: one set of K rows per class and step; anchor: K per anchor
+    pretrain_negatives: str = "batch"   # batch: the global mini-batch's rows; bank: also rows of the whole bank
+    regression_bins: int = 5       # regression tasks: negatives come from other equal-frequency target bins
 
 
 @dataclass
@@ -155,7 +179,8 @@ def soft_kd(logits: torch.Tensor, target: torch.Tensor, temperature: float, t2_s
 class Method:
     """Base of every method: ``name``, ``config`` (its option dataclass), supported ``stages``.
 
-    Subclasses override :meth:`needs` and :meth:`loss`; staged methods also :meth:`stage_at`.
+    Subclasses override :meth:`requirements` and :meth:`loss`; contrastive methods :meth:`contrast_spec`
+    (and :meth:`bank_spec` for a memory bank); staged methods also :meth:`stage_at`.
     ``compare_keys`` / ``compare_sets``: the settings ``bench/compare.py`` writes out for it.
     """
     name: ClassVar[str] = ""
@@ -174,9 +199,40 @@ class Method:
         self.pretraining = stage == "pretrain"
         self.needs = self.requirements()
 
+    @property
+    def contrast(self) -> Optional[ContrastSpec]:
+        return self.contrast_spec()
+
+    @property
+    def bank(self) -> Optional[BankSpec]:
+        return self.bank_spec()
+
     def requirements(self) -> Needs:
         """What this method needs in ``self.stage`` with ``self.cfg``."""
         return Needs()
+
+    def contrast_spec(self) -> Optional[ContrastSpec]:
+        """The pooled, projected layers this method contrasts (``h_s`` / ``h_t``); None: none."""
+        return None
+
+    def bank_spec(self) -> Optional[BankSpec]:
+        """The memory bank this method reads negatives from (it holds the contrast spec's projected student
+        features, so a bank needs a :meth:`contrast_spec`); None: no bank."""
+        return None
+
+    @property
+    def encoder_delay(self) -> int:
+        """Optimizer steps during which the contrastive gradient stops at the projection heads (0: none)."""
+        return 0
+
+    @property
+    def mlm_probability(self) -> float:
+        """Pre-training: the fraction of tokens selected for masked-LM prediction."""
+        return self.cfg.mlm_probability
+
+    def mixup_alpha(self) -> float:
+        """Mixing stages (``mixes_inputs``): lambda ~ Beta(a, a)."""
+        raise NotImplementedError(f"method {self.name!r} mixes inputs but sets no mixup_alpha()")
 
     @classmethod
     def validate(cls, cfg) -> None:

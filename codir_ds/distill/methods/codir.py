@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from codir_ds import checks
-from codir_ds.distill.methods.base import Needs, option
+from codir_ds.distill.methods.base import BankSpec, ContrastSpec, Needs, option
 from codir_ds.distill.methods.kd import KDConfig, KDMethod
 from codir_ds.distill.methods.registry import register_method
 from codir_ds.errors import CodirError
@@ -82,8 +82,21 @@ class CoDIR(KDMethod):
     compare_keys = ("alpha_kd", "alpha_crd", "num_negatives", "pooling")
 
     def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits, pooled_layers=True, bank=True,
+        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits,
                      teacher_cache=not self.pretraining)  # the cache is per finetuning example
+
+    def contrast_spec(self) -> ContrastSpec:
+        m = self.cfg
+        return ContrastSpec(m.teacher_layers, m.student_layers, m.pooling, m.projection_dim)
+
+    def bank_spec(self) -> BankSpec:
+        m = self.cfg
+        return BankSpec(m.bank_momentum, m.bank_normalize, m.bank_init, m.num_negatives, m.finetune_negatives,
+                        m.pretrain_negatives, m.regression_bins)
+
+    @property
+    def encoder_delay(self) -> int:
+        return self.cfg.crd_encoder_delay
 
     def loss(self, student, teacher, batch):
         terms: dict = {}

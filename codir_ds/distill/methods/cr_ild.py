@@ -52,7 +52,7 @@ class CRILD(HiddenAttentionMethod):
 
     def requirements(self) -> Needs:
         return Needs(teacher=True, teacher_logits=True, layer_pairs="hidden", attention_maps=self.uses_attention,
-                     consistency=self.cfg.alpha_consistency > 0, staged=True, supplementary_data=True)
+                     consistency=self.cfg.alpha_consistency > 0, supplementary_data=True)
 
     def check_engine(self, ds: dict) -> None:
         if self.ema_decay > 0 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
@@ -68,6 +68,9 @@ class CRILD(HiddenAttentionMethod):
 
     def mixes_inputs(self, stage: str) -> bool:
         return stage == "ild"
+
+    def mixup_alpha(self) -> float:
+        return self.cfg.mixup_alpha
 
     def ild_steps(self, total_steps: int) -> int:
         return round(self.cfg.ild_fraction * total_steps)

@@ -61,6 +61,21 @@ class CTCD(Method):
                                  f"method.ctcd_large_heads ({m.ctcd_large_heads}): change one of them")
 
     @property
+    def one_way(self) -> bool:
+        return self.cfg.ctcd_one_way
+
+    @property
+    def large_init(self) -> Optional[str]:
+        """The larger model's directory, packaged name or CTCD run; None: a random model of ``large_sizes``."""
+        return self.cfg.ctcd_large_init
+
+    def large_sizes(self) -> dict:
+        """A random larger model's ``model.*`` sizes (layers, hidden, heads)."""
+        m = self.cfg
+        return {"student_layers": m.ctcd_large_layers, "student_hidden": m.ctcd_large_hidden,
+                "student_heads": m.ctcd_large_heads}
+
+    @property
     def loads_teacher(self) -> bool:
         """One-way with alpha_kd = 0 needs model.teacher set but never loads or runs it."""
         return self.cfg.ctcd_one_way and self.cfg.alpha_kd > 0
