@@ -216,7 +216,12 @@ class ExperimentConfig:
     source: ClassVar[Optional[str]] = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every section; of ``method``, the name and the options the chosen method reads (what config.yaml holds)."""
+        out = dataclasses.asdict(self)
+        if self.method.name in method_names():
+            reads = get_method(self.method.name).reads()
+            out["method"] = {k: v for k, v in out["method"].items() if k in reads}
+        return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -412,12 +417,50 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                              f"logging): see configs/ for examples")
     parsed = [_parse_override(item) for item in overrides or []]
     _drop_replaced_init(tree, parsed)
+    file_keys = set(tree["method"]) if isinstance(tree.get("method"), dict) else set()
     for keys, value in parsed:
         _merge(tree, keys, value)
+    if not evaluation:
+        _check_method_keys(tree, file_keys, parsed, stage, path)
     cfg = _build(ExperimentConfig, tree, "")
     validate(cfg, stage, path, evaluation)
     cfg.source = path
     return cfg
+
+
+def _check_method_keys(tree: dict, file_keys: set, parsed: list, stage: Optional[str], path: Optional[str]) -> None:
+    """Only the chosen method's options are accepted, and (``stage`` given) only those its stage reads.
+
+    A key of another method is one error line naming the methods that read it. Switching ``method.name`` on the
+    command line drops the YAML's keys the new method does not read (the YAML described another method); a key
+    the YAML sets for its own method, or one given on the command line, that the chosen method does not read
+    is an error.
+    """
+    section = tree.get("method")
+    if not isinstance(section, dict):
+        return
+    name = section.get("name", MethodConfig().name)
+    if not isinstance(name, str) or name not in method_names():
+        return  # the unknown name gets its own error
+    method = get_method(name)
+    reads = method.reads(stage)
+    cli = {keys[1] for keys, _ in parsed if keys[:1] == ["method"] and len(keys) == 2}
+    switched = "name" in cli
+    fields = {f.name: f for f in dataclasses.fields(MethodConfig)}
+    for key in list(section):
+        if key in reads or key not in fields:  # unknown keys get _build's error with suggestions
+            continue
+        if key in file_keys and key not in cli and switched:
+            del section[key]
+            continue
+        where = (f" from {path}" if path and key in file_keys and key not in cli else "") or " (--set)"
+        ignored = method.stage_ignores(key, stage)
+        if ignored:
+            raise CodirError(f"method.{key} is {ignored}: remove it{where}")
+        owners = [n for n in fields[key].metadata.get("methods", ()) if n != name]
+        raise CodirError(f"method.{key} is an option of {', '.join(owners) or 'no method'}, not of method.name={name}"
+                         f" (which reads {', '.join(sorted(reads - {'name'})) or 'no options'}): remove it{where}"
+                         + (f", or set method.name={owners[0]}" if owners else ""))
 
 
 _fix = checks.fix

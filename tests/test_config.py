@@ -7,6 +7,7 @@ import pytest
 from codir_ds.config import (DataConfig, ExperimentConfig, LoggingConfig, MethodConfig, ModelConfig,
                              TrainingConfig, load_config, save_config, validate)
 from codir_ds.errors import CodirError
+from conftest import REPO
 
 TEACHER = ["model.teacher=all-MiniLM-L6-v2"]
 
@@ -52,7 +53,7 @@ data:
   task: trec6
   max_length: 64
 method:
-  name: kd
+  name: codir
   alpha_kd: 1          # int widened to float
   kd_t2_scale: false
   teacher_layers: [2, 4, 6]
@@ -67,7 +68,7 @@ logging:
     assert cfg.name == "exp1"
     assert cfg.model.teacher == "/some/teacher" and cfg.model.student_layers == 3
     assert cfg.data.task == "trec6" and cfg.data.max_length == 64
-    assert cfg.method.name == "kd"
+    assert cfg.method.name == "codir"
     assert cfg.method.alpha_kd == 1.0 and isinstance(cfg.method.alpha_kd, float)
     assert cfg.method.kd_t2_scale is False
     assert cfg.method.teacher_layers == [2, 4, 6]
@@ -340,3 +341,78 @@ def test_round_trip_of_defaults(tmp_path):
     path = tmp_path / "config.yaml"
     save_config(cfg, path)
     assert load_config(str(path)) == cfg
+
+
+# ----------------------------------------------------------------------------- each method's own options
+
+def test_a_key_of_another_method_is_one_error_naming_its_method(tmp_path):
+    with pytest.raises(CodirError, match=r"^method\.alpha_crd is an option of codir, not of method\.name=kd "
+                                         r"\(which reads alpha_kd, kd_t2_scale, kd_temperature, mlm_probability\): "
+                                         r"remove it \(--set\), or set method\.name=codir$"):
+        load_config(None, TEACHER + ["method.name=kd", "method.alpha_crd=0.2"])
+    with pytest.raises(CodirError, match=r"method\.layer_map is an option of pkd, tinybert, distilbert, cr_ild, not "
+                                         r"of method\.name=codir .*, or set method\.name=pkd$"):
+        load_config(None, TEACHER + ["method.layer_map=[[1, 2]]"])
+    # a YAML that sets a key its own method does not read names the file
+    path = _yaml(tmp_path, "method:\n  name: ce\n  alpha_kd: 0.5\n")
+    with pytest.raises(CodirError, match=rf"method\.alpha_kd is an option of .*remove it from {path}"):
+        load_config(path)
+
+
+def test_switching_the_method_on_the_command_line_drops_the_yamls_other_keys(tmp_path):
+    path = _yaml(tmp_path, "method:\n  name: codir\n  alpha_kd: 0.3\n  alpha_crd: 0.5\n  num_negatives: 7\n")
+    cfg = load_config(path, TEACHER + ["method.name=kd"])
+    assert cfg.method.name == "kd" and cfg.method.alpha_kd == 0.3   # kd reads alpha_kd: kept
+    assert set(cfg.to_dict()["method"]) == {"name", "alpha_kd", "kd_temperature", "kd_t2_scale", "mlm_probability"}
+    # ... but a key of another method given on the same command line is still refused
+    with pytest.raises(CodirError, match=r"method\.num_negatives is an option of codir"):
+        load_config(path, TEACHER + ["method.name=kd", "method.num_negatives=9"])
+
+
+def test_an_option_the_launchers_stage_ignores_is_refused():
+    with pytest.raises(CodirError, match=r"^method\.pretrain_negatives is read in pre-training only, and this is "
+                                         r"finetuning \(method\.name=codir\): remove it \(--set\)$"):
+        load_config(None, TEACHER + ["method.pretrain_negatives=bank"], stage="finetune")
+    with pytest.raises(CodirError, match=r"method\.mlm_probability is read in pre-training only"):
+        load_config(None, TEACHER + ["method.mlm_probability=0.2"], stage="finetune")
+    with pytest.raises(CodirError, match=r"method\.finetune_negatives is read in finetuning only"):
+        load_config(None, TEACHER + ["method.finetune_negatives=anchor", "method.alpha_kd=0"], stage="pretrain")
+    # without a stage (a YAML checked on its own) both are accepted
+    assert load_config(None, TEACHER + ["method.pretrain_negatives=bank"]).method.pretrain_negatives == "bank"
+
+
+def test_every_shipped_yaml_loads_with_its_own_and_each_other_method():
+    """The documented commands switch method.name on the command line (e.g. --set method.name=kd on the codir
+    YAML): the YAML's keys of the old method are dropped, never an error."""
+    from codir_ds.distill.methods import get_method, method_names
+    for yaml_path in sorted((REPO / "configs").glob("*.yaml")):
+        stage = "pretrain" if yaml_path.name.startswith("pre_") else "finetune"
+        for name in method_names(stage):
+            extra = ["model.teacher=/some/teacher", "model.tokenizer=/some/tok"]
+            if name == "ctcd" and stage == "pretrain":
+                extra.append("method.ctcd_one_way=false")
+            try:
+                cfg = load_config(str(yaml_path), [f"method.name={name}", *extra, "method.alpha_kd=0"]
+                                  if "alpha_kd" in get_method(name).reads() else [f"method.name={name}", *extra],
+                                  stage=stage)
+            except CodirError as e:
+                assert "is an option of" not in str(e) and "only, and this is" not in str(e), (yaml_path, name, e)
+                continue
+            assert set(cfg.to_dict()["method"]) <= get_method(name).reads(), (yaml_path, name)
+
+
+def test_resume_accepts_a_run_that_saved_every_methods_options(tmp_path):
+    """Runs written before each method kept its own options saved the whole method section: resuming them
+    compares only the options the method reads."""
+    import yaml
+    from codir_ds.engine.rundir import check_run_dir
+    cfg = load_config(None, TEACHER + ["method.name=kd", "method.alpha_kd=0.4"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    assert "alpha_crd" in yaml.safe_load((tmp_path / "config.yaml").read_text())["method"]
+    try:
+        check_run_dir(tmp_path, cfg.to_dict(), resume=True, overwrite=False)
+    except CodirError as e:
+        assert "differs" not in str(e), e
+    other = load_config(None, TEACHER + ["method.name=kd", "method.alpha_kd=0.5"])
+    with pytest.raises(CodirError, match=r"differs from the saved run's in method\.alpha_kd"):
+        check_run_dir(tmp_path, other.to_dict(), resume=True, overwrite=False)

@@ -1,6 +1,8 @@
 """Run directories: refuse to clobber an earlier run, allow an explicit resume, set one up on every rank."""
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 import os
@@ -39,6 +41,8 @@ def _diff(old: dict, new: dict, prefix=()) -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         path = prefix + (key,)
+        if prefix == ("method",) and key not in new:
+            continue  # an option the run's method does not read (older runs saved every method's options)
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, path)
@@ -66,7 +70,7 @@ def check_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> s
         if not isinstance(old, dict):
             raise CodirError(f"--resume: the saved config '{saved}' is not a mapping: restore it or start the run "
                              f"again with --overwrite")
-        changed = _diff(_with_defaults(old, ExperimentConfig().to_dict()), cfg_dict)
+        changed = _diff(_with_defaults(old, dataclasses.asdict(ExperimentConfig())), cfg_dict)
         if changed:
             raise CodirError(f"--resume: the config differs from the saved run's in {', '.join(changed)}: resume "
                              f"with the same config (see {saved}) or start a new --output_dir")

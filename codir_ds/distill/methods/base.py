@@ -271,6 +271,27 @@ class Method:
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls.config)] if cls.config is not None else []
 
+    # options only one stage reads: {option: stage}; the other stage refuses them (config.load_config)
+    stage_options: ClassVar[dict] = {}
+
+    @classmethod
+    def reads(cls, stage: Optional[str] = None) -> set:
+        """The ``method.*`` keys this method reads (``name`` included), in ``stage`` when given."""
+        keys = {"name", *cls.option_names()}
+        if "pretrain" in cls.stages and stage != "finetune":
+            keys |= {f.name for f in dataclasses.fields(PretrainingConfig)}
+        return {k for k in keys if not cls.stage_ignores(k, stage)}
+
+    @classmethod
+    def stage_ignores(cls, key: str, stage: Optional[str]) -> str:
+        """Why ``stage`` ignores option ``key`` of this method ("" when it reads it, or no stage is given)."""
+        only = {**{f.name: "pretrain" for f in dataclasses.fields(PretrainingConfig)}, **cls.stage_options}.get(key)
+        if stage is None or only is None or only == stage or key not in {*cls.option_names(), *(
+                f.name for f in dataclasses.fields(PretrainingConfig))}:
+            return ""
+        what = {"finetune": "finetuning", "pretrain": "pre-training"}
+        return f"read in {what[only]} only, and this is {what[stage]} (method.name={cls.name})"
+
 
 class TaskMethod(Method):
     """The task loss alone (``ce`` in finetuning, ``mlm`` in pre-training): no teacher."""

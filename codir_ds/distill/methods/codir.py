@@ -80,6 +80,7 @@ class CoDIR(KDMethod):
     config = CRDConfig
     summary = "KD plus contrastive distillation of pooled intermediate layers against memory-bank negatives"
     compare_keys = ("alpha_kd", "alpha_crd", "num_negatives", "pooling")
+    stage_options = {"finetune_negatives": "finetune", "regression_bins": "finetune", "pretrain_negatives": "pretrain"}
 
     def requirements(self) -> Needs:
         return Needs(teacher=True, teacher_logits=self.uses_teacher_logits,
