@@ -466,7 +466,8 @@ def experiment_config(name: str, args, ctx: dict):
         sets.append(f"corpus.block_size={args.seq_len}")
     if reads_teacher(name, args.task):
         sets.append("model.teacher=bench-random-teacher")
-    return load_config(None, sets)
+    from codir_ds.distill.methods import read_by
+    return load_config(None, read_by(name, sets))
 
 
 def reads_teacher(method: str, task: str) -> bool:

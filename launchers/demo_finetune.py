@@ -42,15 +42,19 @@ def main() -> int:
     ap.add_argument("--teacher_epochs", type=float, default=2)
     ap.add_argument("--teacher_lr", type=float, default=5e-5)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override for every student run")
+                    help="extra config override for every student run (a method.* key goes to the methods that read "
+                         "it)")
     args = ap.parse_args()
     quiet_environment()
     from codir_ds.config import load_config
+    from codir_ds.distill.methods import read_by
     from codir_ds.pipeline import format_table, run_stage, timing_note
 
     out = Path(args.output_dir)
     base = ["--deepspeed_config", args.deepspeed_config, "--config", args.config]
-    load_config(args.config, args.overrides + ["method.name=ce"])  # fail fast, before any job starts
+    for method in args.methods:  # fail fast, before any job starts
+        load_config(args.config, read_by(method, args.overrides) + [f"method.name={method}", "model.teacher=t"],
+                    stage="finetune")
     t0 = time.perf_counter()
     teacher_sets = ["--set", "method.name=ce", "--set", "model.student_init=all-MiniLM-L6-v2",
                     "--set", "model.student_init_layers=null", "--set", f"training.epochs={args.teacher_epochs}", "--set", f"training.lr={args.teacher_lr}",
@@ -66,7 +70,7 @@ def main() -> int:
             sets = ["--set", f"method.name={method}", "--set", f"training.seed={seed}"]
             if reads_teacher(method):
                 sets += ["--set", f"model.teacher={teacher_dir}"]
-            for o in args.overrides:
+            for o in read_by(method, args.overrides):
                 sets += ["--set", o]
             r = run_stage(f"{method} seed {seed}", "launchers/finetune.py", args.ranks,
                           out / f"student_{method}_seed{seed}", base + sets)

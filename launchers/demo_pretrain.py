@@ -186,6 +186,7 @@ def main() -> int:
     quiet_environment()
     from codir_ds.config import load_config
     from codir_ds.deploy.report import render_markdown
+    from codir_ds.distill.methods import read_by
     from codir_ds.pipeline import run_stage, timing_note
 
     out = Path(args.output_dir)
@@ -207,11 +208,11 @@ def main() -> int:
     rows = []
     for variant in args.methods:
         method, extra = PRE_VARIANTS[variant]
-        sets = ["--set", f"method.name={method}", "--set", f"model.init_from={stage1_dir}",
-                "--set", "model.student_init=null", "--set", "model.student_init_layers=null",
-                "--set", f"model.teacher={teacher}", "--set", "method.alpha_kd=0.1", "--set", "method.alpha_crd=0.1",
-                "--set", f"training.max_steps={args.stage2_steps}", "--set", f"training.lr={args.stage2_lr}"]
-        sets += [a for kv in extra for a in ("--set", kv)]
+        settings = read_by(method, [f"method.name={method}", f"model.init_from={stage1_dir}", "model.student_init=null",
+                                    "model.student_init_layers=null", f"model.teacher={teacher}", "method.alpha_kd=0.1",
+                                    "method.alpha_crd=0.1", f"training.max_steps={args.stage2_steps}",
+                                    f"training.lr={args.stage2_lr}", *extra], "pretrain")
+        sets = [a for kv in settings for a in ("--set", kv)]
         pre_dir = out / f"stage2_{variant}"
         pre = run_stage(f"stage 2 {variant}", "launchers/pretrain.py", args.ranks, pre_dir,
                         ds + ["--config", args.stage2_config] + sets + seed)

@@ -11,7 +11,7 @@ import pkgutil
 from codir_ds.distill.methods.base import (BankSpec, Consistency, ContrastSpec, LayerFeatures,  # noqa: F401
                                            LossInputs, Method, Needs, PretrainingConfig, StudentOutput,
                                            TeacherOutput, option)
-from codir_ds.distill.methods.registry import (build_method, get_method, method_config_class,  # noqa: F401
+from codir_ds.distill.methods.registry import (build_method, get_method, method_config_class, read_by,  # noqa: F401
                                                method_names, option_groups, register_method, validate_options)
 
 # The paper's methods first, in this order (the order of names in messages, docs and comparison tables),

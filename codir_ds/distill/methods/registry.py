@@ -51,6 +51,15 @@ def build_method(method_cfg, stage: str):
     return cls(method_cfg, stage)
 
 
+def read_by(name: str, overrides: list[str], stage: Optional[str] = None) -> list[str]:
+    """``key=value`` overrides without the ``method.*`` keys that method ``name`` does not read (in ``stage``):
+    one list of settings applied to several methods, each getting the keys it reads (config.load_config
+    refuses the others)."""
+    reads = get_method(name).reads(stage)
+    return [kv for kv in overrides
+            if not kv.startswith("method.") or kv.split("=", 1)[0].split(".", 1)[1] in reads]
+
+
 def option_groups() -> list[type]:
     """Every option dataclass of the registered methods (bases first, each once), then the shared ones."""
     groups: list[type] = []
