@@ -86,8 +86,8 @@ BREAKDOWN_KEYS = ("teacher_forward", "student_forward_backward", "crd_and_bank",
 BREAKDOWN_HOOKS = {
     "teacher_forward": "recipe.runner (MLMTeacherRunner / TeacherRunner) calls",
     "student_forward_backward": "recipe.engine.forward, recipe.method.loss and recipe.engine.backward calls",
-    "crd_and_bank": "codir: recipe.negative_ids and bank.gather (pretrain) or "
-                    "recipe.step_negatives (finetune), and recipe.apply_bank_updates",
+    "crd_and_bank": "codir: the bank component's negative_ids and bank.gather (pretrain) or "
+                    "step_negatives (finetune), and its after_optimizer_step (the momentum updates)",
     "optimizer_step": "recipe.engine.step calls",
     "other": "the rest of the step: sampler, synthetic data, collation (finetune: tokenization) and masking, "
              "host-to-device copies, loss inputs, monitor, check_skipped",
@@ -821,10 +821,10 @@ class RecipeRun(Run):
                 return gather(ids)
             r.bank.gather = sections.wrap(recorded_gather, "crd_and_bank")
             if not self.finetune:
-                negative_ids = r.negative_ids
+                negative_ids = r.bank_component.negative_ids
                 if self.args.global_negatives:
                     negative_ids = self.filled_negatives(negative_ids)
-                r.negative_ids = sections.wrap(negative_ids, "crd_and_bank")
+                r.bank_component.negative_ids = sections.wrap(negative_ids, "crd_and_bank")
         if not sections.enabled:
             return
         engine = r.engine
@@ -841,9 +841,10 @@ class RecipeRun(Run):
         if r.runner is not None:
             r.runner = sections.wrap(r.runner, "teacher_forward")
         if r.bank is not None:
-            r.apply_bank_updates = sections.wrap(r.apply_bank_updates, "crd_and_bank")
+            component = r.bank_component
+            component.after_optimizer_step = sections.wrap(component.after_optimizer_step, "crd_and_bank")
             if self.finetune:
-                r.step_negatives = sections.wrap(r.step_negatives, "crd_and_bank")
+                component.step_negatives = sections.wrap(component.step_negatives, "crd_and_bank")
 
     def filled_negatives(self, negative_ids):
         """The recipe's ``negative_ids``, filled up to ``--global_negatives`` as if the global batch were that large:
@@ -853,8 +854,8 @@ class RecipeRun(Run):
         from codir_ds.distill.negatives import other_ids
         args, r = self.args, self.recipe
 
-        def filled(batches):
-            cand_ids = negative_ids(batches)
+        def filled(local_ids, step):
+            cand_ids = negative_ids(local_ids, step)
             want = min(args.global_negatives, r.method.bank.num_negatives + 1)
             extra = other_ids(cand_ids, want - cand_ids.numel(), args.num_examples, r.cfg.training.seed,
                               r.progress.step)

@@ -72,33 +72,31 @@ def test_a_codir_run_logs_and_reports_the_diagnostics(tmp_path, tiny_config, sin
 
 def test_warm_start_fills_exactly_the_owned_rows(monkeypatch):
     """Rank 1 of 2 writes the normalised student features of the ids it owns, nothing else, no communication."""
-    from types import SimpleNamespace
     import torch
     import torch.nn.functional as F
     from codir_ds.distill import memory_bank as mb
-    from codir_ds.recipes.base import Recipe
+    from codir_ds.distill.bank_component import MemoryBankComponent
+    from codir_ds.distill.methods import BankSpec, ContrastSpec
     monkeypatch.setattr(mb, "_dist_layout", lambda group: (1, 2))
-    bank = mb.ShardedMemoryBank(9, 3, 0.5, seed=1)
     seen = []
 
-    def features(input_ids, attention_mask, token_type_ids=None):
-        return input_ids.float().repeat(1, 3) * torch.tensor([1.0, 2.0, -1.0])  # row i: i * (1, 2, -1)
+    def features(ids):  # row i: i * (1, 2, -1)
+        seen.append(ids.tolist())
+        return ids.float().view(-1, 1).repeat(1, 3) * torch.tensor([1.0, 2.0, -1.0])
 
-    fake = SimpleNamespace(bank=bank, mode="fresh", rank=1, num_train=9, train_mode=lambda on: None,
-                           cfg=SimpleNamespace(method=SimpleNamespace(bank_init="student"),
-                                               training=SimpleNamespace(eval_batch_size=2)),
-                           feature_batch=lambda ids: seen.append(ids.tolist()) or
-                           {"input_ids": ids.view(-1, 1), "attention_mask": torch.ones(len(ids), 1)},
-                           engine=SimpleNamespace(module=SimpleNamespace(student_features=features)))
-    Recipe.warm_start_bank(fake)
+    component = MemoryBankComponent(BankSpec(0.5, init="student"), ContrastSpec(projection_dim=3), 9, 1, "cpu", 2,
+                                    labels=torch.tensor([0, 1] * 4 + [0]))
+    bank = component.bank
+    component.warm_start(features, 2)
     assert sum(seen, []) == [1, 3, 5, 7] and all(len(s) <= 2 for s in seen)
     want = F.normalize(torch.tensor([1.0, 2.0, -1.0]).repeat(4, 1), dim=1)
-    assert torch.allclose(bank.rows, want) and fake.warm_start_seconds is not None
+    assert torch.allclose(bank.rows, want) and component.warm_start_seconds is not None
     assert int(bank.updates.sum()) == 0  # a warm start is not a momentum update
-    resumed = SimpleNamespace(**{**vars(fake), "mode": "resume"})
-    bank.rows.zero_()
-    Recipe.warm_start_bank(resumed)  # a resumed run keeps its checkpoint's bank
-    assert bank.rows.abs().sum() == 0 and resumed.warm_start_seconds is None
+    random_rows = MemoryBankComponent(BankSpec(0.5), ContrastSpec(projection_dim=3), 9, 1, "cpu", 2,
+                                      labels=torch.tensor([0, 1] * 4 + [0]))
+    before = random_rows.bank.rows.clone()
+    random_rows.warm_start(features, 2)  # bank_init=random: nothing to do
+    assert torch.equal(random_rows.bank.rows, before) and random_rows.warm_start_seconds is None
 
 
 def test_warm_start_in_a_real_run_and_resume(tmp_path, tiny_config, single_process_env, capsys):

@@ -89,3 +89,49 @@ def test_functions_are_short():
                 if lines > MAX_FUNCTION_LINES and key not in LONG_FUNCTIONS:
                     long.append(f"{key} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them or give a reason): {long}"
+
+
+def method_option_reads(path: Path, root: Path = REPO) -> list[str]:
+    """``cfg.method.<option>`` reads (``name`` aside) in ``path``, directly or through an alias of the section
+    (``m = cfg.method``): ``file:line option``."""
+    tree = ast.parse(path.read_text())
+    aliases = set()
+    for node in ast.walk(tree):  # m = self.cfg.method / m = cfg.method / m, t = cfg.method, cfg.training
+        if isinstance(node, ast.Assign):
+            pairs = []
+            for target in node.targets:
+                if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                    pairs += list(zip(target.elts, node.value.elts))
+                else:
+                    pairs.append((target, node.value))
+            for target, value in pairs:
+                if isinstance(target, ast.Name) and isinstance(value, ast.Attribute) and value.attr == "method" \
+                        and isinstance(value.value, (ast.Name, ast.Attribute)) and \
+                        getattr(value.value, "attr", getattr(value.value, "id", "")) == "cfg":
+                    aliases.add(target.id)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or node.attr == "name":
+            continue
+        base = node.value
+        via_cfg = isinstance(base, ast.Attribute) and base.attr == "method" and \
+            getattr(base.value, "attr", getattr(base.value, "id", "")) == "cfg"
+        via_alias = isinstance(base, ast.Name) and base.id in aliases
+        if via_cfg or via_alias:
+            found.append(f"{path.relative_to(root)}:{node.lineno} {node.attr}")
+    return found
+
+
+def test_no_recipe_reads_a_method_option():
+    """A recipe learns what a method needs from the method (its Needs, ContrastSpec, BankSpec and properties),
+    never from ``cfg.method.<option>``: a new method's options are its own."""
+    reads = [r for path in sorted((PACKAGE / "recipes").glob("*.py")) for r in method_option_reads(path)]
+    assert not reads, reads
+
+
+def test_the_option_read_check_finds_reads(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(self, cfg):\n    m = cfg.method\n    a = self.cfg.method.pooling\n    b = m.bank_init\n"
+                     "    c = cfg.method.name\n")
+    found = [r.split(" ")[1] for r in method_option_reads(probe, tmp_path)]
+    assert sorted(found) == ["bank_init", "pooling"]

@@ -58,17 +58,25 @@ def _nan_at(monkeypatch, micro_steps: set):
 
 def _record_bank_steps(monkeypatch):
     """Per optimizer step: (applied, bank rows unchanged by it, loss scale)."""
-    from codir_ds.recipes.base import Recipe
-    real = Recipe.apply_bank_updates
+    from codir_ds.distill.bank_component import MemoryBankComponent
+    real = MemoryBankComponent.after_optimizer_step
     log = []
 
-    def wrapped(self, pending):
-        before = self.bank.rows.clone()
-        real(self, pending)
-        log.append((self.engine.was_step_applied(), torch.equal(before, self.bank.rows),
-                    getattr(self.engine.optimizer, "cur_scale", None)))
+    from codir_ds.recipes.base import Recipe
+    real_check = Recipe.check_skipped
 
-    monkeypatch.setattr(Recipe, "apply_bank_updates", wrapped)
+    def wrapped(self, applied, stage="train"):
+        before = self.bank.rows.clone()
+        real(self, applied, stage)
+        log.append([applied, torch.equal(before, self.bank.rows), None])
+
+    def with_scale(self):  # after the same step: the engine's loss scale
+        log[-1][2] = getattr(self.engine.optimizer, "cur_scale", None)
+        assert log[-1][0] == self.engine.was_step_applied()
+        return real_check(self)
+
+    monkeypatch.setattr(MemoryBankComponent, "after_optimizer_step", wrapped)
+    monkeypatch.setattr(Recipe, "check_skipped", with_scale)
     return log
 
 

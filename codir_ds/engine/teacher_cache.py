@@ -30,13 +30,17 @@ from typing import Optional
 import numpy as np
 import torch
 
+from codir_ds.distill.components import Component
 from codir_ds.distill.methods.base import TeacherOutput
 
 CACHE_DIR = "teacher_cache"
 
 
-class TeacherCache:
-    """This rank's memory-mapped teacher outputs, keyed by training-example id."""
+class TeacherCache(Component):
+    """This rank's memory-mapped teacher outputs, keyed by training-example id (a component: flushed before every
+    checkpoint, its hit and miss counts in results.json; the recipe's teacher step calls ``lookup`` / ``store``)."""
+    name = "teacher_cache"
+    section = "teacher_cache"
 
     def __init__(self, root: Path, rank: int, num_examples: int, logit_dim: int, feature_dim: Optional[int],
                  meta: dict):
@@ -92,6 +96,14 @@ class TeacherCache:
         for arr in (self.logits, self.features, self.filled):
             if arr is not None:
                 arr.flush()
+
+    def before_save(self) -> None:
+        self.flush()
+
+    def results(self) -> dict:
+        """This rank's (rank 0's in results.json) counts: micro-batches served from the cache, disk used."""
+        return {"teacher_cache": {"hit_batches": self.hits, "miss_batches": self.misses,
+                                  "disk_bytes_rank0": self.disk_bytes()}}
 
     def disk_bytes(self) -> int:
         """Bytes this rank's files occupy on disk (sparse files: the rows written so far)."""

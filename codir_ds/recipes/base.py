@@ -11,7 +11,8 @@ A recipe is one kind of run (finetuning, pre-training, co-training). ``run()`` i
 
 Subclasses implement the stage-specific phases (``check_inputs``, ``setup_models``,
 ``setup_engines``, ``setup_components``, ``train_step``, ``evaluate``, ``finish``). The base owns
-the run directory, checkpoints and resume, the monitor, the non-finite policy and bank updates.
+the run directory, checkpoints and resume, the monitor and the non-finite policy; a method's
+memory bank is a component (:mod:`codir_ds.distill.bank_component`) the recipes call at fixed points of a step.
 """
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from codir_ds.cli import report_line
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.sampler import build_sampler
+from codir_ds.distill.bank_component import MemoryBankComponent
+from codir_ds.distill.components import Component
+from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.diagnostics import CollapseWatch, last_diagnostics
 from codir_ds.distill.methods import build_method
 from codir_ds.engine.checkpointing import engine_config, resume_latest, resume_plan, save_run_checkpoint
@@ -110,11 +115,11 @@ class Recipe:
         self.rank, _, self.world = dist_env()
         self.method = build_method(cfg.method, self.stage)  # refuses a method the stage does not have
         self.progress = Progress()
-        self.engine = self.bank = self.sampler = self.monitor = None
+        self.engine = self.sampler = self.monitor = None
+        self.bank_component: Optional[MemoryBankComponent] = None  # the method's memory bank (BankSpec), if any
+        self.components: list[Component] = []  # called at fixed points of every step (codir_ds.distill.components)
         self.collapse = CollapseWatch()
-        self.warm_start_seconds: Optional[float] = None  # method.bank_init=student's pass, when it ran
         self.last_scalars: dict = {}
-        self.extras: dict = {}          # name -> object with state_dict(), saved in the per-rank files
         self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
         self.stops = StopSignals()      # SIGTERM / SIGINT while training: stop after the step, save, exit
 
@@ -198,6 +203,40 @@ class Recipe:
     def setup_components(self) -> None:
         """Teacher runner, bank, caches: what the method needs besides the engine(s)."""
 
+    @property
+    def bank(self) -> Optional[ShardedMemoryBank]:
+        """The memory bank's rows (checkpointed per rank), None without a bank."""
+        return self.bank_component.bank if self.bank_component is not None else None
+
+    def build_bank(self, labels: Optional[torch.Tensor] = None) -> None:
+        """The method's memory bank, when it has a :class:`BankSpec` (``labels``: finetuning's contrast labels)."""
+        if self.method.bank is not None:
+            self.bank_component = self.add_component(MemoryBankComponent(
+                self.method.bank, self.method.contrast, self.num_train, self.cfg.training.seed, self.device,
+                self.world, self.cfg.training.deterministic, labels))
+
+    def add_component(self, component: Component) -> Component:
+        """Register ``component``: called at fixed points of every step from now on (in the order added)."""
+        self.components.append(component)
+        return component
+
+    @property
+    def extras(self) -> dict:
+        """``{name: component}`` of the components whose state goes into the per-rank checkpoint files."""
+        return {c.name: c for c in self.components if c.stateful}
+
+    def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
+        for c in self.components:
+            with record_function(c.section):
+                c.after_micro_step(ids, out)
+
+    def after_optimizer_step(self, stage: str = "train") -> None:
+        """Every component after the optimizer step (the engine tells whether it was applied)."""
+        applied = self.engine.was_step_applied()
+        for c in self.components:
+            with record_function(c.section):
+                c.after_optimizer_step(applied, stage)
+
     def restore(self) -> None:
         """``--resume``: load the newest checkpoint; a new run seeds dropout differently on each rank."""
         if self.mode == "resume":
@@ -212,25 +251,22 @@ class Recipe:
         self.progress.step = self.engine.global_steps
 
     def warm_start_bank(self) -> None:
-        """``method.bank_init=student``, new runs only: every rank fills its own bank rows with the student's
-        projected features, one inference pass over the ids it owns (no communication). A resumed run has
-        its bank from the checkpoint."""
-        self.warm_start_seconds = None
-        if self.bank is None or self.method.bank.init != "student" or self.mode == "resume":
+        """``bank_init=student``, new runs only: every rank fills its own bank rows with the student's projected
+        features, one inference pass over the ids it owns (no communication). A resumed run has its bank from
+        the checkpoint."""
+        if self.bank_component is None or self.mode == "resume" or self.method.bank.init != "student":
             return
-        t0 = time.perf_counter()
         self.train_mode(False)
-        with torch.no_grad():
-            for ids in self.bank.owned_ids().split(self.cfg.training.eval_batch_size):
-                batch = self.feature_batch(ids)
-                feats = self.engine.module.student_features(batch["input_ids"], batch["attention_mask"],
-                                                            batch.get("token_type_ids"))
-                self.bank.set_rows(ids, feats)
+        student_features = self.engine.module.student_features
+
+        def features(ids: torch.Tensor) -> torch.Tensor:
+            batch = self.feature_batch(ids)
+            return student_features(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        self.bank_component.warm_start(features, self.cfg.training.eval_batch_size)
         self.train_mode(True)
-        self.warm_start_seconds = round(time.perf_counter() - t0, 2)
         if self.rank == 0:
             print(f"bank warm start: {self.num_train} rows from the student's projected features "
-                  f"({self.bank.num_local} on this rank) in {self.warm_start_seconds} s", flush=True)
+                  f"({self.bank.num_local} on this rank) in {self.bank_component.warm_start_seconds} s", flush=True)
 
     def feature_batch(self, ids: torch.Tensor) -> dict:
         """The training inputs of ``ids`` on the device, as the bank's features are computed in training."""
@@ -298,22 +334,6 @@ class Recipe:
         """One optimizer step over this rank's ``accumulation`` micro-batches ``(epoch, ids)``."""
         raise NotImplementedError
 
-    def apply_bank_updates(self, pending: list) -> None:
-        """After an optimizer step: the positives' momentum updates (Eq. 5), held back since their micro steps.
-
-        A step the engine skipped (fp16 overflow, non-finite gradients) leaves the bank untouched
-        too. ``training.deterministic`` (ranks train on ids they do not own) sends each update to
-        the owner rank; this is collective. Empties ``pending`` (``[(ids, features)]``).
-        """
-        if self.bank is not None and self.engine.was_step_applied():
-            if self.cfg.training.deterministic:
-                self.bank.update_routed(torch.cat([ids for ids, _ in pending]), torch.cat([f for _, f in pending]),
-                                        id_group=host_group())
-            else:
-                for ids, feats in pending:  # host ids: the bank checks them without a device sync
-                    self.bank.update(ids, feats)
-        pending.clear()
-
     def check_skipped(self) -> None:
         """The non-finite policy, after every optimizer step (identical on all ranks)."""
         check_skipped(self.engine, self.progress, self.cfg.training.max_consecutive_skips, self.progress.step)
@@ -349,8 +369,8 @@ class Recipe:
         if self.dtype == torch.float16 and scale is not None:
             extra["train/loss_scale"] = float(scale)
         extra["train/skipped_steps"] = float(self.engine.skipped_steps)
-        if self.bank is not None:
-            extra["bank/never_updated"] = never_updated_fraction(self.bank)
+        for c in self.components:
+            extra.update(c.scalars())
         return extra
 
     def watch_training(self, step: int, scalars: dict) -> None:
@@ -378,6 +398,8 @@ class Recipe:
     def save(self) -> None:
         """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and extras."""
         self.progress.collapse = self.collapse.state_dict()
+        for c in self.components:
+            c.before_save()
         save_run_checkpoint(self.engine, self.ckpt_root, self.progress.step, self.progress.state_dict(), self.rank,
                             self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.extras,
                             extra_engines=self.extra_engines)
@@ -411,20 +433,12 @@ class Recipe:
         results = {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
                    "precision": precision_name(self.dtype), "steps": self.progress.step,
                    "train_batch_size": self.ds["train_batch_size"]}
-        if self.warm_start_seconds is not None:
-            results["bank_warm_start_seconds"] = self.warm_start_seconds
+        for c in self.components:
+            results.update(c.results())
         diagnostics = last_diagnostics(self.last_scalars)
         if diagnostics:  # the CRD and bank diagnostics at the last log step
             results["diagnostics"] = {**diagnostics, "collapse_warning": self.collapse.warned}
         return results
-
-
-def never_updated_fraction(bank) -> float:
-    """Fraction of all bank rows that no momentum update has reached yet (collective: sums every shard)."""
-    counts = torch.tensor([float((bank.updates == 0).sum()), float(bank.num_local)], device=bank.device)
-    if dist.is_available() and dist.is_initialized() and bank.world_size > 1:
-        dist.all_reduce(counts, group=bank.group)
-    return float(counts[0] / counts[1].clamp_min(1.0))
 
 
 def check_skipped(engine, progress: ModelProgress, limit: int, step: int) -> None:

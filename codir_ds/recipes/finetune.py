@@ -8,7 +8,6 @@ and exports the best student; ``finish`` writes results.json.
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import unicodedata
@@ -20,12 +19,12 @@ from codir_ds import checks
 from codir_ds.assets import sha256_file
 from codir_ds.data.collate import ClassificationCollator, to_device, token_lengths
 from codir_ds.data.tasks import TaskData, load_supplementary, load_task
+from codir_ds.distill.components import EMAComponent
 from codir_ds.distill.heads import build_module
-from codir_ds.distill.memory_bank import ShardedMemoryBank, derive_seed
+from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.distill.ild import mixup_draw
-from codir_ds.distill.negatives import ClassNegativeRows, LabelNegativeSampler
-from codir_ds.engine.distributed import host_group, set_seed
+from codir_ds.engine.distributed import set_seed
 from codir_ds.engine.evaluation import evaluate
 from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.teacher import TeacherRunner
@@ -44,29 +43,6 @@ def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
         return values.long()
     edges = torch.quantile(values, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])
     return torch.bucketize(values, edges).long()
-
-
-class EMA:
-    """Exponential moving average of the student's weights (CR-ILD's optional consistency targets).
-
-    Every rank holds the same copy (data-parallel weights are identical after a step); it is
-    updated after each applied optimizer step and saved in the per-rank checkpoint files.
-    """
-
-    def __init__(self, student: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(student).requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, student: torch.nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), student.parameters(), strict=True):
-            e.mul_(self.decay).add_(p.detach().to(e.dtype), alpha=1.0 - self.decay)
-
-    def state_dict(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
 
 
 def check_task_inputs(recipe: Recipe) -> None:
@@ -217,9 +193,8 @@ class FinetuneRecipe(Recipe):
                         counts_from_config(self.teacher_dir, self.task.num_labels) if self.teacher_dir else None)
         self.sizes = {"student": parameter_counts(student), "teacher": teacher_size}
         decay = self.method.ema_decay
-        self.ema = EMA(student, decay) if decay > 0 else None
-        if self.ema is not None:
-            self.extras["ema"] = self.ema
+        self.ema = self.add_component(EMAComponent(student, decay, lambda: self.engine.module.student,
+                                                   active=self.method.uses_layers)) if decay > 0 else None
 
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher classifier (checksum verified, classification head for this task)."""
@@ -252,14 +227,8 @@ class FinetuneRecipe(Recipe):
                                         self.ild_spec)
         if self.ema is not None:
             self.ema.model.to(device=self.device, dtype=self.dtype)
-        self.neg_sampler = self.labels_for_negatives = None
-        if bank is not None:
-            self.bank = ShardedMemoryBank(self.num_train, contrast.projection_dim, bank.momentum, seed=t.seed,
-                                          normalize_features=bank.normalize).to(self.device)
-            self.labels_for_negatives = contrast_labels(self.task, bank.regression_bins)
-            self.neg_sampler = LabelNegativeSampler(self.labels_for_negatives, bank.num_negatives, seed=t.seed)
-            self.ids_group = host_group() if bank.finetune_negatives == "anchor" else None  # step ids host to host
-        self.cache = self.open_teacher_cache() if t.teacher_cache else None
+        self.build_bank(contrast_labels(self.task, bank.regression_bins) if bank is not None else None)
+        self.cache = self.add_component(self.open_teacher_cache()) if t.teacher_cache else None
 
     def open_teacher_cache(self) -> TeacherCache:
         """Memory-mapped per-example teacher logits (and pooled features) under <run>/teacher_cache/."""
@@ -281,7 +250,7 @@ class FinetuneRecipe(Recipe):
     def train_step(self, batches) -> None:
         step = self.progress.step
         stage = self.method.stage_at(step, self.total_steps)
-        pending, step_rows = [], None  # bank updates wait for the optimizer step; negatives' rows once per step
+        bank, step_rows = self.bank_component, None  # the negatives' rows: once per optimizer step
         for _, ids in batches:
             batch, mix = self.micro_batch(ids, stage)
             use_layers = self.ild_spec is not None and self.method.uses_layers(stage)
@@ -291,30 +260,18 @@ class FinetuneRecipe(Recipe):
                               teacher_features=t_out.features if t_out is not None else None, ild=use_layers,
                               mix=mix, clean_model=self.ema.model if self.ema is not None else None,
                               hold_encoder=step < self.method.encoder_delay)
-            if self.bank is not None and step_rows is None:  # collective, first micro step of an optimizer step
-                step_rows = self.step_negatives(step, batches)
-            negatives = step_rows.for_batch(ids) if self.bank is not None else None
+            if bank is not None and step_rows is None:  # collective, first micro step of an optimizer step
+                step_rows = bank.step_negatives(step, batches)
+            negatives = step_rows.for_batch(ids) if bank is not None else None
             inputs = LossInputs(batch["labels"], is_regression=self.task.is_regression, negatives=negatives,
                                 stage=stage, consistency_weight=self.method.consistency_weight(step, self.total_steps))
             total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
             self.engine.backward(total)
             self.engine.step()
             self.progress.micro_step += 1
-            if self.bank is not None:
-                pending.append((ids, out["h_s"].detach()))
+            self.after_micro_step(ids, out)  # the bank holds the positives' features until the optimizer step
             self.monitor.accumulate(terms, len(ids) * self.world)
-        self.apply_bank_updates(pending)
-        if self.ema is not None and self.method.uses_layers(stage) and self.engine.was_step_applied():
-            self.ema.update(self.engine.module.student)
-
-    def step_negatives(self, step: int, batches):
-        """The bank rows of this optimizer step's negatives, each micro-batch's through ``.for_batch(ids)``.
-        COLLECTIVE: ``[C, K, m]`` per-class sets, or (``method.finetune_negatives=anchor``) K rows for every
-        anchor of the global step."""
-        if self.method.bank.finetune_negatives == "anchor":
-            return self.neg_sampler.anchor_negatives(self.bank, step, torch.cat([ids for _, ids in batches]),
-                                                     self.world, self.device, self.ids_group)
-        return ClassNegativeRows(self.neg_sampler.class_negatives(self.bank, step), self.labels_for_negatives)
+        self.after_optimizer_step(stage)  # bank updates (if applied), the EMA copy (its stages, if applied)
 
     def feature_batch(self, ids: torch.Tensor) -> dict:
         return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)
@@ -364,11 +321,6 @@ class FinetuneRecipe(Recipe):
     def run_manifest(self) -> dict:
         return {"task": self.task.name, "label_names": self.task.label_names, "method": self.method.name}
 
-    def save(self) -> None:
-        if self.cache is not None:
-            self.cache.flush()
-        super().save()
-
     def test_metrics(self):
         """The final model's metrics on the task's test split (None without one). COLLECTIVE. Reported only:
         nothing is selected on them."""
@@ -394,7 +346,4 @@ class FinetuneRecipe(Recipe):
                    "main_metric": task.metric_names[0], "final": final, "test": test,
                    "best": self.progress.best, "history": self.progress.history,
                    "parameters": self.sizes, **self.throughput(), "export_dir": str(self.run_dir / "export")}
-        if self.cache is not None:  # this rank's (rank 0's) counts: micro-batches served from the cache, disk used
-            results["teacher_cache"] = {"hit_batches": self.cache.hits, "miss_batches": self.cache.misses,
-                                        "disk_bytes_rank0": self.cache.disk_bytes()}
         return self.write_results(results)

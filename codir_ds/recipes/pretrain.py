@@ -26,10 +26,8 @@ from codir_ds.data.collate import to_device
 from codir_ds.data.corpus import load_corpus
 from codir_ds.data.mlm import MLMCollator
 from codir_ds.distill.heads import build_module
-from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.methods import LossInputs, StudentOutput
-from codir_ds.distill.negatives import BatchNegatives, batch_negatives, self_mask
-from codir_ds.engine.distributed import host_group, set_seed
+from codir_ds.engine.distributed import set_seed
 from codir_ds.engine.evaluation import evaluate_mlm
 from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.teacher import MLMTeacherRunner
@@ -178,10 +176,7 @@ class PretrainRecipe(Recipe):
             self.teacher.to(self.device)
             self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, contrast.pooling if contrast else "mean",
                                            logits=self.method.needs.teacher_logits, ild_spec=self.module.ild_spec)
-        if bank is not None:
-            self.bank = ShardedMemoryBank(self.num_train, contrast.projection_dim, bank.momentum,
-                                          seed=self.cfg.training.seed, normalize_features=bank.normalize).to(self.device)
-        self.ids_group = host_group() if self.bank is not None else None  # step ids travel host to host (NCCL)
+        self.build_bank()  # pre-training's negatives: the rows of the global mini-batch
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 
     def feature_batch(self, ids: torch.Tensor) -> dict:
@@ -193,12 +188,9 @@ class PretrainRecipe(Recipe):
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
-        cand_ids = candidates = None
-        if self.bank is not None:  # collective: the global mini-batch's bank rows, shared by its micro steps
-            cand_ids = self.negative_ids(batches)
-            candidates = self.bank.gather(cand_ids)
-            cand_ids = cand_ids.to(self.device, non_blocking=True)
-        pending = []
+        bank = self.bank_component
+        # collective: the global mini-batch's bank rows, shared by the step's micro steps
+        step_rows = bank.step_negatives(self.progress.step, batches) if bank is not None else None
         for mb in mask_step(self, batches):
             labels = mb.host["labels"].reshape(-1)[mb.rows].to(self.device, non_blocking=True)
             self.tokens += int(mb.host["attention_mask"].sum())
@@ -209,24 +201,15 @@ class PretrainRecipe(Recipe):
                               teacher_features=t_out.features if t_out is not None else None,
                               ild=self.module.ild_spec is not None,
                               hold_encoder=self.progress.step < self.method.encoder_delay)
-            negatives = (BatchNegatives(candidates, self_mask(batch["ids"], cand_ids))
-                         if self.bank is not None else None)
+            negatives = step_rows.for_batch(batch["ids"]) if bank is not None else None
             inputs = LossInputs(labels, pretraining=True, token_scale=mb.token_scale, negatives=negatives)
             total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
             self.engine.backward(total)
             self.engine.step()
             self.progress.micro_step += 1
-            if self.bank is not None:
-                pending.append((mb.ids, out["h_s"].detach()))
+            self.after_micro_step(mb.ids, out)  # the bank holds the positives' features until the optimizer step
             self.monitor.accumulate(terms, len(mb.ids) * self.world)
-        self.apply_bank_updates(pending)
-
-    def negative_ids(self, batches) -> torch.Tensor:
-        """Ids (host) of the global mini-batch whose bank rows are this step's negatives. Collective."""
-        bank = self.method.bank
-        fill = self.num_train if bank.pretrain_negatives == "bank" else 0
-        return batch_negatives(torch.cat([ids for _, ids in batches]), bank.num_negatives, self.cfg.training.seed,
-                               self.progress.step, self.world, self.device, self.ids_group, fill_from=fill)
+        self.after_optimizer_step()  # the bank's momentum updates, if the step was applied
 
     # ------------------------------------------------------------------ evaluation and the end
     def forward_logits(self, batch: dict) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""What a method needs beside the engine, as components with one small lifecycle.
+
+A recipe holds the run's components in order (:attr:`Recipe.components`) and calls each at fixed points,
+without knowing what it is::
+
+    after every micro step       after_micro_step(ids, out)          ids: the micro-batch's example ids,
+                                                                     out: the engine's output dict
+    after every optimizer step   after_optimizer_step(applied, stage)   applied: the engine did not skip it
+    at log steps                 scalars()                            COLLECTIVE where a component sums ranks
+    before a checkpoint          before_save()
+    in every checkpoint          state_dict() / load_state_dict()     this rank's file (None: nothing to save)
+    at the end                   results()                            entries of results.json
+
+Each call runs under the profiler section :attr:`Component.section` (``torch.profiler.record_function``), which
+``bench/throughput.py`` and any torch profiler trace show. The memory bank
+(:class:`~codir_ds.distill.bank_component.MemoryBankComponent`), CR-ILD's EMA copy (:class:`EMAComponent`) and
+the teacher cache (:class:`~codir_ds.engine.teacher_cache.TeacherCache`) are components.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+
+
+class Component:
+    """Base of the components: every hook does nothing unless overridden."""
+    name: str = ""      # the key of its state in the checkpoint's per-rank file
+    section: str = ""   # the profiler section of its work
+    stateful: bool = False  # its state_dict() goes into every checkpoint
+
+    def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
+        """After a micro step's backward and ``engine.step()`` (gradient accumulation boundary or not)."""
+
+    def after_optimizer_step(self, applied: bool, stage: str) -> None:
+        """After the optimizer step: ``applied`` False when the engine skipped it (non-finite gradients)."""
+
+    def scalars(self) -> dict:
+        """Values logged at log steps (TensorBoard tags as keys)."""
+        return {}
+
+    def before_save(self) -> None:
+        """Before every checkpoint (flush what the checkpoint must find on disk)."""
+
+    def state_dict(self) -> Optional[dict]:
+        """This rank's state for the checkpoint (None: the component keeps nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output on ``--resume``."""
+
+    def results(self) -> dict:
+        """Entries of results.json."""
+        return {}
+
+
+class EMAComponent(Component):
+    """Exponential moving average of the student's weights (CR-ILD's optional consistency targets).
+
+    Every rank holds the same copy (data-parallel weights are identical after a step); it is updated after each
+    applied optimizer step of the stages where ``active(stage)`` holds, and saved in the per-rank checkpoint
+    files.
+    """
+    name = "ema"
+    section = "ema_update"
+    stateful = True
+
+    def __init__(self, student: torch.nn.Module, decay: float, source: Optional[Callable[[], torch.nn.Module]] = None,
+                 active: Callable[[str], bool] = lambda stage: True):
+        self.decay = decay
+        self.model = copy.deepcopy(student).requires_grad_(False)
+        self.source = source or (lambda: student)  # the trained student (the engine's module.student)
+        self.active = active
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), student.parameters(), strict=True):
+            e.mul_(self.decay).add_(p.detach().to(e.dtype), alpha=1.0 - self.decay)
+
+    def after_optimizer_step(self, applied: bool, stage: str) -> None:
+        if applied and self.active(stage):
+            self.update(self.source())
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
