@@ -58,7 +58,7 @@ REFERENCE_RUNS = {
     "pre_ctcd": ("pretrain", "configs/pre_ctcd_cpu.yaml", ["model.teacher=null"]),
 }
 SUPPLEMENTARY = {"trec6": "movie_snippets", "movie_snippets": "trec6"}
-VOLATILE = ("seconds", "per_second", "export_dir", "run_dir", "elapsed", "date", "time")
+VOLATILE = ("seconds", "per_second", "samples_per_s", "export_dir", "run_dir", "elapsed", "date", "time")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -69,6 +69,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--task", default="trec6", choices=sorted(SUPPLEMENTARY))
     ap.add_argument("--runs", default=",".join(REFERENCE_RUNS), help="comma-separated reference runs")
     ap.add_argument("--out", default="runs/parity")
+    ap.add_argument("--report_only", action="store_true",
+                    help="compare the runs already under --out (both sides finished) without launching any")
     args = ap.parse_args(argv)
     for side in ("before", "after"):
         if not (Path(getattr(args, side)) / "launchers" / "finetune.py").is_file():
@@ -193,7 +195,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    teacher_mlm = mlm_teacher(args, work) if any(REFERENCE_RUNS[r][0] == "pretrain" for r in args.runs) else None
+    teacher_mlm = (mlm_teacher(args, work) if not args.report_only and
+                   any(REFERENCE_RUNS[r][0] == "pretrain" for r in args.runs) else work / "teacher_mlm")
     report, failed = {"before": str(Path(args.before).resolve()), "after": str(Path(args.after).resolve()),
                       "task": args.task, "runs": {}}, False
     for name in args.runs:
@@ -202,6 +205,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for side in ("before", "after"):
             dirs[side] = work / side / name
             dirs[side].parent.mkdir(parents=True, exist_ok=True)
+            if args.report_only:
+                rcs[side] = 0 if (dirs[side] / "results.json").is_file() else "not run"
+                continue
             rcs[side] = launch(Path(getattr(args, side)), stage, config, sets, dirs[side],
                                work / side / f"{name}.log")
         entry = {"stage": stage, "config": config, "overrides": sets, "exit": rcs}

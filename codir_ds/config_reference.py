@@ -44,7 +44,10 @@ error: config key 'method.pooling' must be one of mean, cls; got 'max'
 The engine (batch sizes, precision, ZeRO stage) lives in the DeepSpeed JSON passed with
 `--deepspeed_config` (see `ds_configs/`); `training.train_batch_size`, `training.micro_batch_size`
 and `training.fp16_fallback` adapt it, as [Running distillation](running.md#batch-sizes-and-precision)
-explains. A run writes the resolved config, every default filled in, to `<run>/config.yaml`.
+explains. A run writes the resolved config, every default filled in, to `<run>/config.yaml`
+(of the `method` section, the chosen method's keys only). A run accepts only the chosen method's
+`method.*` keys (the "used by" column): a key of another method is an error that names its methods,
+and `--set method.name=...` on the command line drops the YAML's keys the new method does not read.
 What each method's keys mean is on its card in [methods/](methods/README.md).
 
 Values are written as in YAML: `null` is None, lists are `[a, b]`.

@@ -80,6 +80,7 @@ def test_new_method_loss_against_hand_computation(registered):
     mse = ((z_s - z_t) ** 2).mean()
     assert torch.allclose(total, ce + 0.3 * kd + 0.5 * mse, atol=1e-6)
     assert torch.allclose(terms["loss/logit_mse"], mse) and torch.allclose(terms["loss/total"], total)
+    assert set(terms) <= set(type(build_method(m, "finetune")).declared_tags())  # every tag it writes is declared
 
 
 def test_feature_example_reads_the_last_layer_pair(registered):
@@ -145,6 +146,7 @@ def test_inbatch_loss_against_hand_computation(registered):
     nce = sum(-cos[i][i] / 0.5 + math.log(sum(math.exp(c / 0.5) for c in cos[i])) for i in range(3)) / 3
     assert terms["loss/inbatch_nce"].item() == pytest.approx(nce, rel=1e-5)
     assert total.item() == pytest.approx(math.log(2) + 0.5 * nce, rel=1e-5)   # CE of zero logits is log 2
+    assert set(terms) <= set(type(method).declared_tags())
 
 
 def test_inbatch_example_trains_through_the_finetuning_recipe(registered, tmp_path, tiny_config,

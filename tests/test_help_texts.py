@@ -29,6 +29,7 @@ BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 BENCH_DOCS = [BENCH / "README.md", REPO / "docs" / "benchmarks.md"]
 RUNNING = REPO / "docs" / "running.md"
+COMMAND = "python -m codir_ds.tag_reference --write"
 
 
 def _help(script: Path) -> str:
@@ -278,15 +279,30 @@ def undocumented_tags(tags) -> list[str]:
     return missing
 
 
-def test_every_tag_in_the_code_is_documented():
-    """The literal tags in codir_ds (loss terms, bank, train, perf) and ``eval/<metric>`` of every task metric."""
-    from codir_ds.data.metrics import METRICS
+# the files that write TensorBoard tags: loss terms, components' scalars, the monitor and the recipes
+TAG_WRITERS = ("codir_ds/distill/methods/*.py", "codir_ds/distill/*component*.py", "codir_ds/distill/diagnostics.py",
+               "codir_ds/engine/monitor.py", "codir_ds/recipes/*.py")
+
+
+def test_every_tag_in_the_code_is_declared_and_documented():
+    """Every literal ``prefix/name`` in the files that write tags, whatever its prefix, is declared (by a method,
+    a component, the run or the metrics) and in docs/running.md."""
+    from codir_ds.tag_reference import all_tags
     literal = set()
-    for path in (REPO / "codir_ds").rglob("*.py"):
-        literal |= set(re.findall(r"[\"']((?:loss|bank|train|perf|eval)/[a-z0-9_]+)[\"']", path.read_text()))
-    assert {"loss/total", "bank/pos_sim", "train/lr", "perf/samples_per_s"} <= literal
-    tags = literal | {f"eval/{name}" for name in METRICS} | {f"eval/large_{name}" for name in METRICS}
-    assert not undocumented_tags(tags), f"add to docs/running.md, 'TensorBoard tags': {undocumented_tags(tags)}"
+    for pattern in TAG_WRITERS:
+        for path in REPO.glob(pattern):
+            literal |= set(re.findall(r"[\"']([a-z]+/[a-z0-9_]+)[\"']", path.read_text()))
+    assert {"loss/total", "bank/pos_sim", "crd/student_norm", "train/lr", "perf/samples_per_s"} <= literal
+    assert not literal - all_tags(), f"declare these tags (a method's or component's tags): {literal - all_tags()}"
+    assert not undocumented_tags(all_tags()), f"run {COMMAND}"
+    from codir_ds.data.metrics import METRICS
+    assert {f"eval/{name}" for name in METRICS} <= all_tags()
+
+
+def test_the_tag_reference_is_generated_from_the_declarations():
+    from codir_ds.tag_reference import BEGIN, END, render
+    text = RUNNING.read_text(encoding="utf-8")
+    assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == render(), f"stale: run {COMMAND}"
 
 
 def test_undocumented_tags_finds_new_ones():

@@ -89,6 +89,20 @@ def spearman(preds: np.ndarray, labels: np.ndarray) -> float:
     return float(stats.spearmanr(preds.astype(np.float64), labels.astype(np.float64))[0])
 
 
+# {tag: (written by, what it is)} of every evaluation metric (docs/running.md's tag reference).
+EVAL_TAGS = {
+    "eval/accuracy": ("finetuning on a classification task", "validation accuracy"),
+    "eval/f1": ("finetuning on a classification task", "validation F1 (binary: of class 1; else macro)"),
+    "eval/mcc": ("finetuning on CoLA", "validation Matthews correlation"),
+    "eval/pearson": ("finetuning on a regression task", "validation Pearson correlation"),
+    "eval/spearman": ("finetuning on a regression task", "validation Spearman correlation"),
+    "eval/mlm_loss": ("pre-training", "held-out masked-LM loss"),
+    "eval/mlm_accuracy": ("pre-training", "held-out masked-LM accuracy"),
+    "eval/perplexity": ("pre-training", "held-out perplexity"),
+    "eval/masked_tokens": ("pre-training", "the number of masked tokens scored"),
+    "eval/large_<name>": ("`ctcd`", "each `eval/<name>` above for the larger model (`eval/<name>` is the student's)"),
+}
+
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy,
     "f1": f1,

@@ -40,6 +40,8 @@ class MemoryBankComponent(Component):
     """
     name = "bank"
     section = "crd_and_bank"
+    tags = {"bank/never_updated": "fraction of all bank rows that no momentum update has reached yet (still their "
+                                  "initial rows)"}
 
     def __init__(self, spec: BankSpec, contrast: ContrastSpec, num_train: int, seed: int, device, world: int,
                  deterministic: bool = False, labels: Optional[torch.Tensor] = None):

@@ -29,6 +29,7 @@ class Component:
     name: str = ""      # the key of its state in the checkpoint's per-rank file
     section: str = ""   # the profiler section of its work
     stateful: bool = False  # its state_dict() goes into every checkpoint
+    tags: dict = {}     # TensorBoard tags its scalars() write: {tag: what it is} (docs/running.md's tag reference)
 
     def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
         """After a micro step's backward and ``engine.step()`` (gradient accumulation boundary or not)."""

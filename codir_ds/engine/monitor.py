@@ -16,6 +16,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# The tags every run writes beside its method's and components' ({tag: (written by, what it is)}).
+RUN_TAGS = {
+    "train/lr": ("every run", "learning rate"),
+    "train/loss_scale": ("fp16 runs", "DeepSpeed's loss scale"),
+    "train/skipped_steps": ("every run", "optimizer steps skipped so far (non-finite gradients)"),
+    "perf/samples_per_s": ("every run", "training samples per second (all ranks) since the previous write"),
+}
+
 
 def duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``2h03m``; ``?`` when unknown."""

@@ -176,6 +176,11 @@ def soft_kd(logits: torch.Tensor, target: torch.Tensor, temperature: float, t2_s
     return kd * temperature ** 2 if t2_scale else kd
 
 
+# The TensorBoard tags of the task loss (task_loss): written by every method that trains on the task itself.
+TASK_TAGS = {"loss/task": "finetuning: cross-entropy (MSE on regression tasks)",
+             "loss/mlm": "pre-training: the masked-LM loss"}
+
+
 class Method:
     """Base of every method: ``name``, ``config`` (its option dataclass), supported ``stages``.
 
@@ -190,6 +195,17 @@ class Method:
     compare_keys: ClassVar[tuple[str, ...]] = ()
     compare_sets: ClassVar[tuple[str, ...]] = ()
     teacher_condition: ClassVar[str] = ""   # when the teacher is needed only with some option, e.g. " with ..."
+    # TensorBoard tags the loss terms add ({tag: what it is}); a class's own, merged along the MRO by declared_tags().
+    # docs/running.md's tag reference is generated from them (python -m codir_ds.tag_reference --write).
+    tags: ClassVar[dict] = {"loss/total": "the loss minimised (`ctcd`: both models' losses summed)"}
+
+    @classmethod
+    def declared_tags(cls) -> dict:
+        """Every tag this method's loss terms may write: its own ``tags`` and its base classes'."""
+        out: dict = {}
+        for klass in reversed(cls.__mro__):
+            out.update(klass.__dict__.get("tags", {}))
+        return out
 
     def __init__(self, cfg, stage: str = "finetune"):
         if stage not in STAGES:
@@ -295,6 +311,7 @@ class Method:
 
 class TaskMethod(Method):
     """The task loss alone (``ce`` in finetuning, ``mlm`` in pre-training): no teacher."""
+    tags = TASK_TAGS
 
     def loss(self, student, teacher, batch):
         total, key = task_loss(student.logits, batch)

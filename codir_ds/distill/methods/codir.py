@@ -35,8 +35,8 @@ class CRDConfig(KDConfig):
     projection_dim: int = option(128, "m: width of the contrastive space (phi_s, phi_t)")
     pooling: str = option("mean", "layer summary: mean (masked mean over real tokens, the paper's choice) or cls")
     teacher_layers: Union[str, list[int]] = option(
-        "all", "teacher layers whose pooled features are concatenated: 'all' or 1-based layer indices "
-               "(0 = the embedding output)")
+        "all", "teacher layers whose pooled features are concatenated: 'all', 'last' or 1-based layer "
+               "indices (0 = the embedding output)")
     student_layers: Union[str, list[int]] = option("all", "student layers, as teacher_layers")
     bank_init: str = option("random", "initial bank rows: random (seeded unit vectors, the CRD convention) or "
                                       "student (one inference pass of the student's projected features over the "
@@ -81,6 +81,14 @@ class CoDIR(KDMethod):
     summary = "KD plus contrastive distillation of pooled intermediate layers against memory-bank negatives"
     compare_keys = ("alpha_kd", "alpha_crd", "num_negatives", "pooling")
     stage_options = {"finetune_negatives": "finetune", "regression_bins": "finetune", "pretrain_negatives": "pretrain"}
+    tags = {"loss/crd": "the contrastive (InfoNCE) term",
+            "bank/pos_sim": "mean cosine of the teacher's projected feature with the student's (the positive)",
+            "bank/neg_sim": "mean cosine of the teacher's projected feature with the negatives' bank rows",
+            "bank/sim_gap": "`bank/pos_sim` − `bank/neg_sim`",
+            "crd/loss_over_log_k1": "`loss/crd` / log(K+1): 1 when the term cannot tell the positive from its K "
+                                    "negatives, towards 0 when it separates them",
+            "crd/student_norm": "mean L2 norm of the projected student features (before the cosine)",
+            "crd/teacher_norm": "mean L2 norm of the projected teacher features (before the cosine)"}
 
     def requirements(self) -> Needs:
         return Needs(teacher=True, teacher_logits=self.uses_teacher_logits,

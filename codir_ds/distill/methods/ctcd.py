@@ -46,6 +46,9 @@ class CTCD(Method):
     compare_keys = ("alpha_small_to_large", "alpha_large_to_small")
     compare_sets = ("method.ctcd_large_init=all-MiniLM-L6-v2",)
     teacher_condition = " with method.ctcd_one_way"
+    tags = {"loss/large_task": "the larger model's task (or masked-LM) loss",
+            "loss/small_task": "the smaller model's task (or masked-LM) loss",
+            "loss/large_kd": "the larger model's KD term", "loss/small_kd": "the smaller model's KD term"}
 
     def requirements(self) -> Needs:
         return Needs(teacher=self.cfg.ctcd_one_way, teacher_logits=self.loads_teacher, second_model=True)

@@ -11,6 +11,7 @@ from codir_ds.distill.methods.registry import register_method
 class DistilBERT(LayerMethod):
     name = "distilbert"
     summary = "KD plus cosine loss between the last hidden states"
+    tags = {"loss/cosine": "cosine loss on the last hidden states"}
 
     def layer_loss(self, student, teacher, terms):
         loss = cosine_loss(student.hidden[-1], teacher.hidden[-1], student.mask)

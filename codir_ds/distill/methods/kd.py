@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codir_ds import checks
-from codir_ds.distill.methods.base import Method, Needs, option, soft_kd, task_loss
+from codir_ds.distill.methods.base import TASK_TAGS, Method, Needs, option, soft_kd, task_loss
 from codir_ds.distill.methods.registry import register_method
 
 
@@ -27,6 +27,8 @@ class KDConfig:
 
 class KDMethod(Method):
     """L_task plus logit KD from the frozen teacher; the base of every method that reads a teacher."""
+    tags = {**TASK_TAGS, "loss/kd": "logit KD, when the teacher's logits are used (pre-training: `method.alpha_kd` > 0; "
+                                    "`cr_ild`: its KD stage)"}
 
     def requirements(self) -> Needs:
         return Needs(teacher=True, teacher_logits=self.uses_teacher_logits)

@@ -81,6 +81,8 @@ class LayerMethod(KDMethod):
 
 class HiddenAttentionMethod(LayerMethod):
     """ILD on whole hidden states plus, with ``alpha_attention > 0``, attention maps (tinybert, cr_ild)."""
+    tags = {"loss/hidden_mse": "hidden-state MSE of the mapped layers (`cr_ild`: its ILD stage)",
+            "loss/attention_mse": "attention-map MSE, when `method.alpha_attention` > 0 (`cr_ild`: its ILD stage)"}
 
     @property
     def uses_attention(self) -> bool:
