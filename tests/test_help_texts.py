@@ -305,6 +305,13 @@ def test_the_tag_reference_is_generated_from_the_declarations():
     assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == render(), f"stale: run {COMMAND}"
 
 
+def test_the_method_index_is_generated_from_the_registry():
+    from codir_ds.method_index import BEGIN, COMMAND as INDEX_COMMAND, END, OUTPUT, render
+    text = OUTPUT.read_text(encoding="utf-8")
+    assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == render(), f"stale: run {INDEX_COMMAND}"
+    assert "| [ctcd](ctcd.md) |" in render() and "only with `method.ctcd_one_way`" in render()
+
+
 def test_undocumented_tags_finds_new_ones():
     assert undocumented_tags({"loss/total", "eval/large_accuracy", "eval/mlm_loss"}) == []
     assert undocumented_tags({"loss/new_term", "eval/large_new_metric"}) == ["eval/large_new_metric", "loss/new_term"]

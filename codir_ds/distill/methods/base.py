@@ -192,6 +192,7 @@ class Method:
     config: ClassVar[Optional[type]] = None
     stages: ClassVar[tuple[str, ...]] = STAGES
     summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""           # the paper it follows, e.g. "CoDIR, Sun et al. 2020" (the method index)
     compare_keys: ClassVar[tuple[str, ...]] = ()
     compare_sets: ClassVar[tuple[str, ...]] = ()
     teacher_condition: ClassVar[str] = ""   # when the teacher is needed only with some option, e.g. " with ..."

@@ -79,6 +79,7 @@ class CoDIR(KDMethod):
     name = "codir"
     config = CRDConfig
     summary = "KD plus contrastive distillation of pooled intermediate layers against memory-bank negatives"
+    reference = "CoDIR, Sun et al. 2020"
     compare_keys = ("alpha_kd", "alpha_crd", "num_negatives", "pooling")
     stage_options = {"finetune_negatives": "finetune", "regression_bins": "finetune", "pretrain_negatives": "pretrain"}
     tags = {"loss/crd": "the contrastive (InfoNCE) term",

@@ -47,6 +47,7 @@ class CRILD(HiddenAttentionMethod):
     config = CRILDConfig
     stages = ("finetune",)
     summary = "last-layer ILD with mixup consistency (and supplementary data), then prediction-layer KD"
+    reference = "CR-ILD, Ko et al. 2023"
     tags = {"loss/consistency": "the mixup consistency term (ILD stage)",
             "train/consistency_weight": "the consistency term's current weight (ILD stage)"}
     compare_keys = ("ild_fraction", "alpha_consistency")

@@ -43,6 +43,7 @@ class CTCD(Method):
     name = "ctcd"
     config = CTCDConfig
     summary = "a larger and a smaller model trained together, each distilling into the other"
+    reference = "CTCD, Lee et al. 2023"
     compare_keys = ("alpha_small_to_large", "alpha_large_to_small")
     compare_sets = ("method.ctcd_large_init=all-MiniLM-L6-v2",)
     teacher_condition = " with method.ctcd_one_way"

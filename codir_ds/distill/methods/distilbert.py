@@ -11,6 +11,7 @@ from codir_ds.distill.methods.registry import register_method
 class DistilBERT(LayerMethod):
     name = "distilbert"
     summary = "KD plus cosine loss between the last hidden states"
+    reference = "DistilBERT-style, Sanh et al. 2019"
     tags = {"loss/cosine": "cosine loss on the last hidden states"}
 
     def layer_loss(self, student, teacher, terms):

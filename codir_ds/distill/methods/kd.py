@@ -64,6 +64,7 @@ class KD(KDMethod):
     name = "kd"
     config = KDConfig
     summary = "task loss plus logit KD from the frozen teacher (KD, KD-Pre)"
+    reference = "Hinton et al. 2015"
     compare_keys = ("alpha_kd", "kd_temperature")
 
     def requirements(self) -> Needs:

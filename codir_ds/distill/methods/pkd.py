@@ -14,6 +14,7 @@ class PKD(LayerMethod):
     stages = ("finetune",)
     features = "cls"
     summary = "KD plus normalised MSE of the [CLS] rows of mapped intermediate layers"
+    reference = "Patient KD, Sun et al. 2019"
     tags = {"loss/pkd": "normalised [CLS] distance over the mapped layers"}
 
     def default_pairs(self, student_layers, teacher_layers):

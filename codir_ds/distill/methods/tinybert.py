@@ -11,6 +11,7 @@ from codir_ds.distill.methods.registry import register_method
 class TinyBERT(HiddenAttentionMethod):
     name = "tinybert"
     summary = "KD plus hidden-state and attention-map MSE over mapped layers"
+    reference = "TinyBERT-style, Jiao et al. 2020"
     compare_keys = ("layer_map", "alpha_hidden", "alpha_attention")
 
     def default_pairs(self, student_layers, teacher_layers):
