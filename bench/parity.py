@@ -155,8 +155,8 @@ def differences(a, b, path: str = "") -> list[str]:
     import torch
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
-            a.dtype == b.dtype and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) if \
-            a.is_floating_point() else torch.equal(a, b)
+            a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and \
+            torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
         return [] if same else [path or "<value>"]
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{path}.{k}" if path else str(k) for k in sorted(set(a) ^ set(b), key=str)]
