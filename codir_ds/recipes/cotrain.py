@@ -22,25 +22,19 @@ from pathlib import Path
 from typing import Optional
 
 from codir_ds.config import ExperimentConfig
-from codir_ds.data.collate import ClassificationCollator, to_device
-from codir_ds.data.mlm import MLMCollator
 from codir_ds.distill.heads import build_module
 from codir_ds.distill.methods import LossInputs
 from codir_ds.engine.checkpointing import engine_config
 from codir_ds.engine.compile import compile_engine
 from codir_ds.engine.distributed import set_seed
-from codir_ds.engine.evaluation import evaluate, evaluate_mlm
 from codir_ds.engine.export import export_engine_student
-from codir_ds.engine.rundir import ARCHITECTURE
 from codir_ds.engine.optim import optimizer_and_schedule
-from codir_ds.engine.teacher import MLMTeacherRunner, TeacherRunner
+from codir_ds.engine.rundir import ARCHITECTURE
 from codir_ds.errors import CodirError
-from codir_ds.models.loading import build_student, check_same_vocab, load_teacher, model_dir, position_limit
-from codir_ds.models.mlm import load_mlm_teacher
+from codir_ds.models.loading import build_student, check_same_vocab, model_dir, position_limit
 from codir_ds.models.size import parameter_counts
 from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped
-from codir_ds.recipes.finetune import check_max_length, check_task_inputs, task_lengths, task_summary
-from codir_ds.recipes.pretrain import check_corpus_inputs, corpus_summary, count_tokens, mask_step
+from codir_ds.recipes.stages import stage_for
 
 LARGE = "large"  # the larger model's DeepSpeed tag inside each checkpoint folder: checkpoints/step_N/large/
 EXPORT_LARGE = "export_large"
@@ -68,56 +62,43 @@ class CoTrainRecipe(Recipe):
 
     def __init__(self, cfg: ExperimentConfig, ds_config_path: str, output_dir: str, stage: str = "finetune",
                  resume: bool = False, overwrite: bool = False):
-        if stage not in ("finetune", "pretrain"):
-            raise ValueError(f"stage must be finetune or pretrain, got {stage!r}")
+        self.data = stage_for(stage, self)  # the task or the corpus: the recipe never branches on the stage
         self.stage = stage
-        self.finetune = stage == "finetune"
         super().__init__(cfg, ds_config_path, output_dir, resume, overwrite)
         self.progress = Progress(large=ModelProgress())
-        self.monitor_name = "ctcd" if self.finetune else "ctcd-pre"
+        self.monitor_name = "ctcd" if stage == "finetune" else "ctcd-pre"
+        self.tokens = 0  # pre-training: real tokens trained on, counted on the host side of the batch
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        (check_task_inputs if self.finetune else check_corpus_inputs)(self)
+        self.data.check_inputs()
         self.large_dir = large_init_dir(self.method.large_init)
         if self.large_dir is not None:
             check_same_vocab(self.tokenizer, self.large_dir, "method.ctcd_large_init")
-            if self.finetune:
-                check_max_length(self, [(f"method.ctcd_large_init '{self.large_dir}'", self.large_dir)])
-        self.num_labels, self.is_regression = ((self.task.num_labels, self.task.is_regression) if self.finetune
-                                               else (0, False))
+            self.data.check_model_dir("method.ctcd_large_init", self.large_dir)
 
     def setup_models(self) -> None:
         """The frozen teacher (one-way only) and both models, initialised alike on every rank (smaller first)."""
-        cfg = self.cfg
-        self.teacher = None
-        if self.method.loads_teacher:
-            self.teacher = (load_teacher(str(self.teacher_dir), self.num_labels, self.dtype, cfg.model.teacher_sha256,
-                                         source=cfg.source)
-                            if self.finetune else
-                            load_mlm_teacher(str(self.teacher_dir), self.dtype, cfg.model.teacher_sha256, need_head=True,
-                                             source=cfg.source))
+        cfg, data = self.cfg, self.data
+        self.teacher = data.load_teacher(str(self.teacher_dir)) if self.method.loads_teacher else None
         set_seed(cfg.training.seed)
-        names = self.task.label_names if self.finetune else ()
-        small = build_student(cfg.model, self.num_labels, self.is_regression, self.tokenizer,
-                              template_dir=self.teacher_dir or self.large_dir, masked_lm=not self.finetune,
-                              label_names=names)
-        large = build_student(large_model_config(cfg, self.large_dir, self.method), self.num_labels, self.is_regression,
-                              self.tokenizer, template_dir=self.teacher_dir, masked_lm=not self.finetune,
-                              label_names=names)
-        if not self.finetune:
+        small = build_student(cfg.model, data.num_labels, data.is_regression, self.tokenizer,
+                              template_dir=self.teacher_dir or self.large_dir, masked_lm=data.masked_lm,
+                              label_names=data.label_names)
+        large = build_student(large_model_config(cfg, self.large_dir, self.method), data.num_labels,
+                              data.is_regression, self.tokenizer, template_dir=self.teacher_dir,
+                              masked_lm=data.masked_lm, label_names=data.label_names)
+        if data.masked_lm:
             check_mlm_pair(small, large, cfg.corpus.block_size)
         # no heads (the method contrasts nothing): module.student is the model
-        self.module = build_module(small, None, self.method, masked_lm=not self.finetune)[0]
-        self.module_large = build_module(large, None, self.method, masked_lm=not self.finetune)[0]
+        self.module = build_module(small, None, self.method, masked_lm=data.masked_lm)[0]
+        self.module_large = build_module(large, None, self.method, masked_lm=data.masked_lm)[0]
         self.sizes = {"student": parameter_counts(small), "teacher": parameter_counts(large)}
         self.n_small, self.n_large = self.sizes["student"]["total"], self.sizes["teacher"]["total"]
 
     def setup_data(self) -> None:
-        super().setup_data(task_lengths(self) if self.finetune else None)
-        self.collator = (ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.is_regression)
-                         if self.finetune else
-                         MLMCollator(self.tokenizer, self.method.mlm_probability, seed=self.cfg.training.seed))
+        super().setup_data(self.data.lengths())
+        self.collator = self.data.collator()
 
     def setup_engines(self) -> None:
         """Two engines, two optimizers and schedules, one DeepSpeed JSON."""
@@ -137,12 +118,10 @@ class CoTrainRecipe(Recipe):
         self.runner = None
         if self.teacher is not None:
             self.teacher.to(self.device)
-            self.runner = (TeacherRunner(self.teacher, None) if self.finetune else
-                           MLMTeacherRunner(self.teacher, None, logits=True))
-        self.tokens = 0
+            self.runner = self.data.teacher_runner(self.teacher)
 
     def describe(self) -> str:
-        data = task_summary(self.task) if self.finetune else corpus_summary(self.corpus)
+        data = self.data.summary()
         kind = "one-way from model.teacher" if self.method.one_way else "mutual"
         return (f"ctcd {self.stage} ({kind}): larger model {self.n_large / 1e6:.2f}M and smaller "
                 f"{self.n_small / 1e6:.2f}M parameters ({self.n_large / max(self.n_small, 1):.1f}x fewer); {data}, "
@@ -150,11 +129,11 @@ class CoTrainRecipe(Recipe):
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
-        for inputs, labels, token_scale, n in self.step_inputs(batches):
+        for inputs, labels, token_scale, n in self.data.step_inputs(batches):
             t_out = self.runner(**inputs) if self.runner is not None else None  # one-way variant only
             large_logits = self.engine_large(**inputs)["logits"]
             small_logits = self.engine(**inputs)["logits"]
-            batch = LossInputs(labels, pretraining=not self.finetune, is_regression=self.is_regression,
+            batch = LossInputs(labels, pretraining=self.data.masked_lm, is_regression=self.data.is_regression,
                                token_scale=token_scale)
             # Each loss reads the other model's logits detached: two separate graphs, one per engine.
             loss_large, loss_small, terms = self.method.co_loss(
@@ -166,39 +145,14 @@ class CoTrainRecipe(Recipe):
             self.progress.micro_step += 1
             self.monitor.accumulate(terms, n * self.world)
 
-    def step_inputs(self, batches):
-        """Per micro-batch: the models' keyword inputs on the device, labels, token scale, batch size."""
-        if self.finetune:
-            for _, ids in batches:
-                batch = to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)
-                inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              token_type_ids=batch.get("token_type_ids"))
-                yield inputs, batch["labels"], None, len(ids)
-            return
-        for mb in mask_step(self, batches):  # vocabulary logits at the masked positions only
-            batch = to_device(mb.host, self.device)
-            labels = mb.host["labels"].reshape(-1)[mb.rows].to(self.device, non_blocking=True)
-            self.tokens += int(mb.host["attention_mask"].sum())
-            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          rows=mb.rows.to(self.device, non_blocking=True))
-            yield inputs, labels, mb.token_scale, len(mb.ids)
-
     def check_skipped(self) -> None:
         limit, step = self.cfg.training.max_consecutive_skips, self.progress.step
         check_skipped(self.engine, self.progress, limit, step)
         check_skipped(self.engine_large, self.progress.large, limit, step)
 
     # ------------------------------------------------------------------ evaluation and the end
-    def forward_with(self, engine):
-        if self.finetune:
-            return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                    token_type_ids=b.get("token_type_ids"))["logits"]
-        return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], rows=b["rows"])["logits"]
-
     def run_manifest(self) -> dict:
-        extra = ({"task": self.task.name, "label_names": self.task.label_names} if self.finetune else
-                 {"stage": "pretrain"})
-        return {**extra, "method": self.method.name}
+        return {**self.data.manifest(), "method": self.method.name}
 
     def architectures(self) -> dict:
         return {ARCHITECTURE: self.module.student, ARCHITECTURE + "_large": self.module_large.student}
@@ -210,20 +164,15 @@ class CoTrainRecipe(Recipe):
 
     def evaluate(self) -> dict:
         """Evaluate both models; finetuning exports each one's best to export/ and export_large/."""
-        step, t = self.progress.step, self.cfg.training
+        step = self.progress.step
         self.train_mode(False)
         results = {}
         for role, engine, progress, out in (("small", self.engine, self.progress, self.run_dir / "export"),
                                             (LARGE, self.engine_large, self.progress.large,
                                              self.run_dir / EXPORT_LARGE)):
-            if self.finetune:
-                metrics = evaluate(self.forward_with(engine), self.task.validation, self.collator, t.eval_batch_size,
-                                   self.device, self.task.metric_names, self.rank, self.world)
-            else:
-                metrics = evaluate_mlm(self.forward_with(engine), self.corpus, self.collator, t.eval_batch_size,
-                                       self.device, self.rank, self.world)
+            metrics = self.data.evaluate(self.data.forward_with(engine))
             results[role] = metrics
-            main = self.task.metric_names[0] if self.finetune else None
+            main = self.data.main_metric  # None (pre-training): no best kept, the final models are exported
             if metrics and progress.record(step, metrics, main):
                 self.export(engine, out, role, metrics)
         self.train_mode(True)
@@ -234,31 +183,19 @@ class CoTrainRecipe(Recipe):
     def finish(self) -> dict:
         final = self.evaluate()
         self.save()
-        if not self.finetune:
+        if self.data.main_metric is None:  # no best was exported along the way
             self.export(self.engine, self.run_dir / "export", "small", final["small"])
             self.export(self.engine_large, self.run_dir / EXPORT_LARGE, LARGE, final[LARGE])
         timing = self.throughput()
-        results = {**self.common_results(), **self.data_results(final)}
+        results = {**self.common_results(), **self.data.results(final["small"], self.progress)}
         large = {"final": final[LARGE], "history": self.progress.large.history,
                  "export_dir": str(self.run_dir / EXPORT_LARGE), "num_parameters": self.n_large}
-        if self.finetune:
+        if self.data.main_metric is not None:
             large["best"] = self.progress.large.best
         results.update({**timing, "export_dir": str(self.run_dir / "export"), "num_parameters": self.n_small,
                         # The KD weights actually used: alpha_small_to_large / alpha_large_to_small, or alpha_kd.
                         "ctcd": self.method.summary_dict(), LARGE: large})
         return self.write_results(results)
-
-    def data_results(self, final: dict) -> dict:
-        if self.finetune:
-            task = self.task
-            return {"task": task.name, "num_train_examples": len(task.train), "parameters": self.sizes,
-                    "num_validation_examples": len(task.validation), "main_metric": task.metric_names[0],
-                    "final": final["small"], "best": self.progress.best, "history": self.progress.history}
-        tokens = count_tokens(self.tokens, self.device, self.world)
-        return {"stage": "pretrain", "block_size": self.corpus.block_size, "num_train_blocks": self.num_train,
-                "num_validation_blocks": len(self.corpus.validation_ids), "corpus": str(self.corpus.path),
-                "final": final["small"], "history": self.progress.history,
-                "tokens_per_second": round(tokens / max(self.elapsed, 1e-9), 1)}
 
 
 def check_mlm_pair(small, large, block_size: int) -> None:
