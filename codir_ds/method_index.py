@@ -9,11 +9,11 @@ One row per registered method: its card (``docs/methods/<name>.md`` when it exis
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
+from codir_ds import doc_blocks
 from codir_ds.distill.methods import build_method, get_method, method_config_class, method_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,26 +40,8 @@ def render() -> str:
                       *(row(n) for n in method_names()), "", END])
 
 
-def write(path: Path = OUTPUT) -> bool:
-    """Replace the generated block of ``path``; True when it changed."""
-    text = path.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} has no generated method index ({BEGIN} ... {END}): add the two markers")
-    head, rest = text.split(BEGIN, 1)
-    new = head + render() + rest.split(END, 1)[1]
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return new != text
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help=f"rewrite the index in {OUTPUT.relative_to(REPO)}")
-    if ap.parse_args(argv).write:
-        print(f"{'wrote' if write() else 'unchanged'}: {OUTPUT}")
-    else:
-        print(render())
-    return 0
+    return doc_blocks.main(argv, __doc__.splitlines()[0], OUTPUT, BEGIN, END, render)
 
 
 if __name__ == "__main__":

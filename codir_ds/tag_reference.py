@@ -10,10 +10,10 @@ bank), the run-wide tags (``codir_ds.engine.monitor.RUN_TAGS``) and the evaluati
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from codir_ds import doc_blocks
 from codir_ds.data.metrics import EVAL_TAGS
 from codir_ds.distill.bank_component import MemoryBankComponent
 from codir_ds.distill.components import EMAComponent
@@ -89,27 +89,8 @@ def render() -> str:
     return "\n".join(lines + ["", END])
 
 
-def write(path: Path = OUTPUT) -> bool:
-    """Replace the generated block of ``path``; True when it changed."""
-    text = path.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} has no generated tag block ({BEGIN} ... {END}): add the two markers")
-    head, rest = text.split(BEGIN, 1)
-    new = head + render() + rest.split(END, 1)[1]
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return new != text
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help=f"rewrite the tag table in {OUTPUT.relative_to(REPO)}")
-    args = ap.parse_args(argv)
-    if args.write:
-        print(f"{'wrote' if write() else 'unchanged'}: {OUTPUT}")
-    else:
-        print(render())
-    return 0
+    return doc_blocks.main(argv, __doc__.splitlines()[0], OUTPUT, BEGIN, END, render)
 
 
 if __name__ == "__main__":
