@@ -421,11 +421,32 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     for keys, value in parsed:
         _merge(tree, keys, value)
     if not evaluation:
+        _check_stage_sections(tree, parsed, stage, path)
         _check_method_keys(tree, file_keys, parsed, stage, path)
     cfg = _build(ExperimentConfig, tree, "")
     validate(cfg, stage, path, evaluation)
     cfg.source = path
     return cfg
+
+
+# The section a stage never reads: finetuning trains on a task (data.*), pre-training on a corpus (corpus.*).
+_IGNORED_SECTION = {"finetune": ("corpus", "pre-training", "pretrain"), "pretrain": ("data", "finetuning", "finetune")}
+
+
+def _check_stage_sections(tree: dict, parsed: list, stage: Optional[str], path: Optional[str]) -> None:
+    """With the launcher's ``stage``: keys of the section that stage never reads are refused, not ignored."""
+    if stage not in _IGNORED_SECTION:
+        return
+    section, reader, launcher = _IGNORED_SECTION[stage]
+    keys = tree.get(section)
+    if not isinstance(keys, dict) or not keys:
+        return
+    cli = [".".join(k) for k, _ in parsed if k[:1] == [section]]
+    where = " (--set)" if cli else (f" from {path}" if path else "")
+    first = cli[0] if cli else f"{section}.{next(iter(keys))}"
+    this = "finetuning" if stage == "finetune" else "pre-training"
+    raise CodirError(f"{first} is read in {reader} only, and this is {this}: remove the {section} keys{where}, or "
+                     f"run launchers/{launcher}.py")
 
 
 def _check_method_keys(tree: dict, file_keys: set, parsed: list, stage: Optional[str], path: Optional[str]) -> None:

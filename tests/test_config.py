@@ -416,3 +416,16 @@ def test_resume_accepts_a_run_that_saved_every_methods_options(tmp_path):
     other = load_config(None, TEACHER + ["method.name=kd", "method.alpha_kd=0.5"])
     with pytest.raises(CodirError, match=r"differs from the saved run's in method\.alpha_kd"):
         check_run_dir(tmp_path, other.to_dict(), resume=True, overwrite=False)
+
+
+def test_the_section_a_stage_never_reads_is_refused(tmp_path):
+    """Finetuning trains on data.*, pre-training on corpus.*: the other section's keys are an error, not ignored."""
+    with pytest.raises(CodirError, match=r"^corpus\.block_size is read in pre-training only, and this is finetuning: "
+                                         r"remove the corpus keys \(--set\), or run launchers/pretrain\.py$"):
+        load_config(None, TEACHER + ["corpus.block_size=64"], stage="finetune")
+    path = _yaml(tmp_path, "data:\n  max_length: 64\n")
+    with pytest.raises(CodirError, match=rf"^data\.max_length is read in finetuning only, and this is pre-training: "
+                                         rf"remove the data keys from {path}, or run launchers/finetune\.py$"):
+        load_config(path, ["method.alpha_kd=0"], stage="pretrain")
+    # without a stage (evaluation, benches building configs for either recipe) both sections are accepted
+    assert load_config(None, TEACHER + ["corpus.block_size=64"]).corpus.block_size == 64

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from conftest import REPO, TINY_YAML, python_launch
 from test_bad_inputs import launcher_error
 from codir_ds.config import ModelConfig, load_config
+from codir_ds.distill.methods import read_by
 from codir_ds.errors import CodirError
 
 DS = str(REPO / "ds_configs" / "zero2.json")
@@ -58,6 +59,9 @@ def tiny(argv: list[str], runs: Path) -> list[str]:
             "launchers/export.py": ["data.max_eval_examples=16"],
             "launchers/evaluate.py": ["data.max_eval_examples=16", "training.eval_batch_size=16"]}[script]
     timing = ["--repeats", "2", "--warmup", "0"] if script == "launchers/evaluate.py" else []  # latency: 2 passes
+    named = [a.split("=", 1)[1] for a in argv if a.startswith("method.name=")]
+    if script == "launchers/finetune.py" and named:  # a method.* key only for the methods that read it
+        sets = read_by(named[-1], sets)
     return argv + [x for s in sets for x in ("--set", s)] + timing
 
 
@@ -124,7 +128,7 @@ def test_missing_teacher_hint_for_pretraining_names_the_head_launcher(tmp_path, 
 def test_teacher_without_a_head_hint_finetunes_that_teacher(tmp_path, tiny_mlm_teacher, single_process_env):
     from codir_ds.recipes import run_finetune
     cfg = load_config(None, [f"model.teacher={tiny_mlm_teacher}", "method.name=kd", "model.student_layers=1",
-                             "model.student_hidden=32", *TINY_FINETUNE], stage="finetune")
+                             "model.student_hidden=32", *read_by("kd", TINY_FINETUNE)], stage="finetune")
     with pytest.raises(CodirError) as info:
         run_finetune(cfg, DS, str(tmp_path / "run"))
     argv = _suggested_command(str(info.value))
