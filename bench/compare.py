@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 from codir_ds.config import ExperimentConfig, MethodConfig, load_config  # noqa: E402
-from codir_ds.distill.methods import get_method, method_names  # noqa: E402
+from codir_ds.distill.methods import get_method, method_names, read_by  # noqa: E402
 from codir_ds.engine.rundir import RESUMABLE_CHANGES  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
 from codir_ds.models.loading import EXPORT_MANIFEST  # noqa: E402
@@ -188,7 +188,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="a directory holding a copy of all-MiniLM-L6-v2 to use instead of the packaged one "
                          "(e.g. an fp16 copy carried to a GPU machine); default: the packaged model")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override for every student run (not the teacher), repeatable")
+                    help="extra config override for every student run (not the teacher; a method.* key only for the "
+                         "methods that read it), repeatable")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
     return ap.parse_checked(argv, check_args)
 
@@ -441,7 +442,8 @@ def student_overrides(args: argparse.Namespace, method: str, seed: int, teacher_
             sha = f"'{sha}'"
         out += [f"model.teacher={launcher_path(teacher_export) if teacher_export else 'TEACHER'}",
                 f"model.teacher_sha256={sha}"]
-    return with_minilm(out + method_settings(method, args.task, p["common"]), args) + list(args.overrides)
+    # --set: every student, a method.* key only for the methods that read it
+    return with_minilm(out + method_settings(method, args.task, p["common"]), args) + read_by(method, args.overrides)
 
 
 # --------------------------------------------------------------------------- summary

@@ -208,7 +208,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--launcher", default="python", help="python (one rank, no launcher start-up) or deepspeed")
     ap.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override for every student run (not the teacher), repeatable")
+                    help="extra config override for every student run (not the teacher; a method.* key only for the "
+                         "methods that read it), repeatable")
     ap.add_argument("--force", action="store_true", help="rerun finished runs too (the teacher included)")
     ap.add_argument("--split", default="validation", choices=["validation", "test"],
                     help="the split every row and comparison reads: validation (the runs' final metrics) or test "
@@ -317,7 +318,7 @@ def variant_overrides(args: argparse.Namespace, variant: str, seed: int, teacher
                 "training.teacher_cache=true"]
     codir_sets = p.get("codir_sets", []) if method == "codir" else []
     return with_model_copy(args, out + compare.method_settings(method, args.task, p["common"]) + codir_sets + extra
-                           + list(args.overrides))
+                           + compare.read_by(method, args.overrides))
 
 
 # --------------------------------------------------------------------------- statistics

@@ -437,6 +437,10 @@ def _check_stage_sections(tree: dict, parsed: list, stage: Optional[str], path: 
     """With the launcher's ``stage``: keys of the section that stage never reads are refused, not ignored."""
     if stage not in _IGNORED_SECTION:
         return
+    name = (tree.get("method") or {}).get("name", MethodConfig().name) if isinstance(tree.get("method"), dict) \
+        else MethodConfig().name
+    if name in method_names() and stage not in get_method(name).stages:
+        return  # the method itself is of the other stage: its own error names the launcher to use
     section, reader, launcher = _IGNORED_SECTION[stage]
     keys = tree.get(section)
     if not isinstance(keys, dict) or not keys:

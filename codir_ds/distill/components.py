@@ -22,6 +22,7 @@ import copy
 from typing import Callable, Optional
 
 import torch
+from torch.profiler import record_function
 
 
 class Component:
@@ -54,6 +55,53 @@ class Component:
     def results(self) -> dict:
         """Entries of results.json."""
         return {}
+
+
+class Components:
+    """A run's components in the order they were added, each hook called on every one under its section."""
+
+    def __init__(self):
+        self.items: list[Component] = []
+
+    def add(self, component: Component) -> Component:
+        self.items.append(component)
+        return component
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
+        for c in self.items:
+            with record_function(c.section):
+                c.after_micro_step(ids, out)
+
+    def after_optimizer_step(self, applied: bool, stage: str) -> None:
+        for c in self.items:
+            with record_function(c.section):
+                c.after_optimizer_step(applied, stage)
+
+    def scalars(self) -> dict:
+        out: dict = {}
+        for c in self.items:
+            out.update(c.scalars())
+        return out
+
+    def before_save(self) -> None:
+        for c in self.items:
+            c.before_save()
+
+    def results(self) -> dict:
+        out: dict = {}
+        for c in self.items:
+            out.update(c.results())
+        return out
+
+    def stateful(self) -> dict:
+        """``{name: component}`` of those whose state goes into the per-rank checkpoint files."""
+        return {c.name: c for c in self.items if c.stateful}
 
 
 class EMAComponent(Component):

@@ -26,13 +26,12 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch.profiler import record_function
 
 from codir_ds.cli import report_line
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.bank_component import MemoryBankComponent
-from codir_ds.distill.components import Component
+from codir_ds.distill.components import Components
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.diagnostics import CollapseWatch, last_diagnostics
 from codir_ds.distill.methods import build_method
@@ -117,7 +116,7 @@ class Recipe:
         self.progress = Progress()
         self.engine = self.sampler = self.monitor = None
         self.bank_component: Optional[MemoryBankComponent] = None  # the method's memory bank (BankSpec), if any
-        self.components: list[Component] = []  # called at fixed points of every step (codir_ds.distill.components)
+        self.components = Components()  # called at fixed points of every step (codir_ds.distill.components)
         self.collapse = CollapseWatch()
         self.last_scalars: dict = {}
         self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
@@ -211,31 +210,10 @@ class Recipe:
     def build_bank(self, labels: Optional[torch.Tensor] = None) -> None:
         """The method's memory bank, when it has a :class:`BankSpec` (``labels``: finetuning's contrast labels)."""
         if self.method.bank is not None:
-            self.bank_component = self.add_component(MemoryBankComponent(
+            self.bank_component = self.components.add(MemoryBankComponent(
                 self.method.bank, self.method.contrast, self.num_train, self.cfg.training.seed, self.device,
                 self.world, self.cfg.training.deterministic, labels))
 
-    def add_component(self, component: Component) -> Component:
-        """Register ``component``: called at fixed points of every step from now on (in the order added)."""
-        self.components.append(component)
-        return component
-
-    @property
-    def extras(self) -> dict:
-        """``{name: component}`` of the components whose state goes into the per-rank checkpoint files."""
-        return {c.name: c for c in self.components if c.stateful}
-
-    def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
-        for c in self.components:
-            with record_function(c.section):
-                c.after_micro_step(ids, out)
-
-    def after_optimizer_step(self, stage: str = "train") -> None:
-        """Every component after the optimizer step (the engine tells whether it was applied)."""
-        applied = self.engine.was_step_applied()
-        for c in self.components:
-            with record_function(c.section):
-                c.after_optimizer_step(applied, stage)
 
     def restore(self) -> None:
         """``--resume``: load the newest checkpoint; a new run seeds dropout differently on each rank."""
@@ -243,7 +221,7 @@ class Recipe:
             if self.rank == 0:
                 clear_marker(self.run_dir)
             client = resume_latest(self.engine, self.ckpt_root, self.rank, self.world, self.sampler, self.bank,
-                                   self.cfg.training.seed, self.extras, extra_engines=self.extra_engines)
+                                   self.cfg.training.seed, self.components.stateful(), extra_engines=self.extra_engines)
             self.progress.load_state_dict(client)
             self.collapse.load_state_dict(self.progress.collapse)
         else:
@@ -369,8 +347,7 @@ class Recipe:
         if self.dtype == torch.float16 and scale is not None:
             extra["train/loss_scale"] = float(scale)
         extra["train/skipped_steps"] = float(self.engine.skipped_steps)
-        for c in self.components:
-            extra.update(c.scalars())
+        extra.update(self.components.scalars())
         return extra
 
     def watch_training(self, step: int, scalars: dict) -> None:
@@ -398,10 +375,9 @@ class Recipe:
     def save(self) -> None:
         """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and extras."""
         self.progress.collapse = self.collapse.state_dict()
-        for c in self.components:
-            c.before_save()
+        self.components.before_save()
         save_run_checkpoint(self.engine, self.ckpt_root, self.progress.step, self.progress.state_dict(), self.rank,
-                            self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.extras,
+                            self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.components.stateful(),
                             extra_engines=self.extra_engines)
         self.stops.last_checkpoint = str(self.ckpt_root / tag_for(self.progress.step))
 
@@ -433,8 +409,7 @@ class Recipe:
         results = {"method": self.method.name, "seed": self.cfg.training.seed, "world_size": self.world,
                    "precision": precision_name(self.dtype), "steps": self.progress.step,
                    "train_batch_size": self.ds["train_batch_size"]}
-        for c in self.components:
-            results.update(c.results())
+        results.update(self.components.results())
         diagnostics = last_diagnostics(self.last_scalars)
         if diagnostics:  # the CRD and bank diagnostics at the last log step
             results["diagnostics"] = {**diagnostics, "collapse_warning": self.collapse.warned}

@@ -193,7 +193,7 @@ class FinetuneRecipe(Recipe):
                         counts_from_config(self.teacher_dir, self.task.num_labels) if self.teacher_dir else None)
         self.sizes = {"student": parameter_counts(student), "teacher": teacher_size}
         decay = self.method.ema_decay
-        self.ema = self.add_component(EMAComponent(student, decay, lambda: self.engine.module.student,
+        self.ema = self.components.add(EMAComponent(student, decay, lambda: self.engine.module.student,
                                                    active=self.method.uses_layers)) if decay > 0 else None
 
     def load_teacher_model(self) -> torch.nn.Module:
@@ -228,7 +228,7 @@ class FinetuneRecipe(Recipe):
         if self.ema is not None:
             self.ema.model.to(device=self.device, dtype=self.dtype)
         self.build_bank(contrast_labels(self.task, bank.regression_bins) if bank is not None else None)
-        self.cache = self.add_component(self.open_teacher_cache()) if t.teacher_cache else None
+        self.cache = self.components.add(self.open_teacher_cache()) if t.teacher_cache else None
 
     def open_teacher_cache(self) -> TeacherCache:
         """Memory-mapped per-example teacher logits (and pooled features) under <run>/teacher_cache/."""
@@ -269,9 +269,9 @@ class FinetuneRecipe(Recipe):
             self.engine.backward(total)
             self.engine.step()
             self.progress.micro_step += 1
-            self.after_micro_step(ids, out)  # the bank holds the positives' features until the optimizer step
+            self.components.after_micro_step(ids, out)  # the bank holds the positives' features until the optimizer step
             self.monitor.accumulate(terms, len(ids) * self.world)
-        self.after_optimizer_step(stage)  # bank updates (if applied), the EMA copy (its stages, if applied)
+        self.components.after_optimizer_step(self.engine.was_step_applied(), stage)  # bank updates (if applied), the EMA copy (its stages, if applied)
 
     def feature_batch(self, ids: torch.Tensor) -> dict:
         return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)

@@ -207,9 +207,9 @@ class PretrainRecipe(Recipe):
             self.engine.backward(total)
             self.engine.step()
             self.progress.micro_step += 1
-            self.after_micro_step(mb.ids, out)  # the bank holds the positives' features until the optimizer step
+            self.components.after_micro_step(mb.ids, out)  # the bank holds the positives' features until the optimizer step
             self.monitor.accumulate(terms, len(mb.ids) * self.world)
-        self.after_optimizer_step()  # the bank's momentum updates, if the step was applied
+        self.components.after_optimizer_step(self.engine.was_step_applied(), "train")  # bank updates, if applied
 
     # ------------------------------------------------------------------ evaluation and the end
     def forward_logits(self, batch: dict) -> torch.Tensor:
