@@ -219,12 +219,11 @@ class FinetuneRecipe(Recipe):
 
     def setup_components(self) -> None:
         """Teacher runner, EMA copy, memory bank and label negatives, teacher cache."""
-        t, contrast, bank = self.cfg.training, self.method.contrast, self.method.bank
+        t, bank = self.cfg.training, self.method.bank
         self.runner = None
         if self.teacher is not None:
             self.teacher.to(self.device)
-            self.runner = TeacherRunner(self.teacher, self.teacher_layers, contrast.pooling if contrast else "mean",
-                                        self.ild_spec)
+            self.runner = TeacherRunner(self.teacher, self.teacher_layers, self.module.pooling, self.ild_spec)
         if self.ema is not None:
             self.ema.model.to(device=self.device, dtype=self.dtype)
         self.build_bank(contrast_labels(self.task, bank.regression_bins) if bank is not None else None)
@@ -232,11 +231,10 @@ class FinetuneRecipe(Recipe):
 
     def open_teacher_cache(self) -> TeacherCache:
         """Memory-mapped per-example teacher logits (and pooled features) under <run>/teacher_cache/."""
-        contrast = self.method.contrast
-        pooled = contrast is not None
+        pooled = self.teacher_layers is not None  # a contrast spec: the pooled features are cached too
         meta = {"teacher": str(self.teacher_dir), "teacher_sha256": sha256_file(self.teacher_dir / WEIGHTS),
                 "task": self.task.name, "num_examples": self.num_train, "max_length": self.cfg.data.max_length,
-                "teacher_layers": self.teacher_layers, "pooling": contrast.pooling if pooled else "mean",
+                "teacher_layers": self.teacher_layers, "pooling": self.module.pooling,
                 "dtype": str(self.dtype)}
         feature_dim = len(self.teacher_layers) * hidden_size(self.teacher) if pooled else None
         return TeacherCache(self.run_dir / CACHE_DIR, self.rank, self.num_train, self.task.num_labels, feature_dim,

@@ -170,11 +170,10 @@ class PretrainRecipe(Recipe):
         self.collator = MLMCollator(self.tokenizer, self.method.mlm_probability, seed=self.cfg.training.seed)
 
     def setup_components(self) -> None:
-        contrast, bank = self.method.contrast, self.method.bank
         self.runner = None
         if self.teacher is not None:
             self.teacher.to(self.device)
-            self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, contrast.pooling if contrast else "mean",
+            self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, self.module.pooling,
                                            logits=self.method.needs.teacher_logits, ild_spec=self.module.ild_spec)
         self.build_bank()  # pre-training's negatives: the rows of the global mini-batch
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)

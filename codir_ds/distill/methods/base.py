@@ -302,9 +302,9 @@ class Method:
     @classmethod
     def stage_ignores(cls, key: str, stage: Optional[str]) -> str:
         """Why ``stage`` ignores option ``key`` of this method ("" when it reads it, or no stage is given)."""
-        only = {**{f.name: "pretrain" for f in dataclasses.fields(PretrainingConfig)}, **cls.stage_options}.get(key)
-        if stage is None or only is None or only == stage or key not in {*cls.option_names(), *(
-                f.name for f in dataclasses.fields(PretrainingConfig))}:
+        pretraining = {f.name for f in dataclasses.fields(PretrainingConfig)}
+        only = cls.stage_options.get(key) or ("pretrain" if key in pretraining else None)
+        if stage is None or only in (None, stage):
             return ""
         what = {"finetune": "finetuning", "pretrain": "pre-training"}
         return f"read in {what[only]} only, and this is {what[stage]} (method.name={cls.name})"
