@@ -138,7 +138,7 @@ def teacher_label(size: str) -> str:
 def uses_teacher(method: str) -> bool:
     """Whether the method's comparison runs read the finetuned teacher (model.teacher)."""
     cls = get_method(method)
-    return cls(MethodConfig(name=method), "finetune").needs.teacher
+    return cls(MethodConfig(name=method), "finetune").teacher is not None
 
 
 # --------------------------------------------------------------------------- arguments

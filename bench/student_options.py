@@ -184,7 +184,7 @@ def _common_sets(args, work: Path) -> list[str]:
             "logging.progress_bar=false", "logging.tensorboard=false", f"logging.log_every={10 ** 6}"]
     from codir_ds.config import MethodConfig
     from codir_ds.distill.methods import build_method
-    if not build_method(MethodConfig(name=args.method), "finetune").needs.teacher:
+    if build_method(MethodConfig(name=args.method), "finetune").teacher is None:
         sets.append("model.teacher=null")
     else:
         sys.path.insert(0, str(REPO / "bench"))

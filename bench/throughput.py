@@ -474,7 +474,7 @@ def reads_teacher(method: str, task: str) -> bool:
     """Whether the codir-ds objective ``method`` runs a teacher (the registry's declaration)."""
     from codir_ds.config import MethodConfig
     from codir_ds.distill.methods import build_method
-    return build_method(MethodConfig(name=method), task).needs.teacher
+    return build_method(MethodConfig(name=method), task).teacher is not None
 
 
 class Sections:
@@ -611,7 +611,7 @@ class SyntheticInputs:
 
     def load_teacher_model(self):
         teacher = self.inputs["teacher"]  # frozen, in the run's dtype, on the device (built once per process)
-        return teacher if self.stage == "finetune" or self.method.needs.teacher_logits else teacher.base_model
+        return teacher if self.stage == "finetune" or self.method.teacher.logits else teacher.base_model
 
     def build_student_model(self):
         args = self.inputs["args"]

@@ -574,7 +574,8 @@ def _validate_extremes(cfg: ExperimentConfig, evaluation: bool = False) -> None:
         _positive("model.student_intermediate", mc.student_intermediate)
     method = get_method(cfg.method.name)
     layer_map = getattr(cfg.method, "layer_map", None)
-    if (isinstance(layer_map, list) and method(cfg.method, method.stages[0]).needs.attention_maps
+    layers = method(cfg.method, method.stages[0]).layers
+    if (isinstance(layer_map, list) and layers is not None and layers.attention
             and not any(s > 0 and t_ > 0 for s, t_ in layer_map)):
         raise CodirError(f"method.layer_map {layer_map} maps only the embeddings (layer 0), which have no attention "
                          f"maps for method.alpha_attention: add a [student_layer, teacher_layer] pair of Transformer "
@@ -611,23 +612,25 @@ def _validate_method_needs(cfg: ExperimentConfig, stage: Optional[str] = None, s
     m, d, t, mc = cfg.method, cfg.data, cfg.training, cfg.model
     method = get_method(m.name)
     method.validate(cfg)
-    needs = method(m, stage if stage in method.stages else method.stages[0]).needs  # the launcher's stage
+    chosen = method(m, stage if stage in method.stages else method.stages[0])  # for the launcher's stage
+    teacher, mixing = chosen.teacher, chosen.mixing
     if d.supplementary_max_examples is not None:
         _positive("data.supplementary_max_examples", d.supplementary_max_examples)
-    if d.supplementary and not needs.supplementary_data:
-        readers = _methods_needing("supplementary_data")
+    if d.supplementary and not (mixing is not None and mixing.supplementary):
+        readers = _methods_where(lambda m: m.mixing is not None and m.mixing.supplementary)
         raise CodirError(f"data.supplementary is set but method.name is {m.name}: only {' and '.join(readers)} reads "
                          f"supplementary data; unset data.supplementary or use method.name={readers[0]}")
-    if t.teacher_cache and not needs.teacher_cache:
+    if t.teacher_cache and not (teacher is not None and teacher.cacheable):
         where = " pre-training" if stage == "pretrain" else ""
+        cached = _methods_where(lambda m: m.teacher is not None and m.teacher.cacheable)
         raise CodirError(f"training.teacher_cache caches per-example teacher logits and pooled features for "
-                         f"finetuning with {' and '.join(_methods_needing('teacher_cache'))} (this is{where} "
+                         f"finetuning with {' and '.join(cached)} (this is{where} "
                          f"method.name={m.name}): set training.teacher_cache=false")
-    if needs.teacher and not mc.teacher:
+    if teacher is not None and not mc.teacher:
         raise CodirError(f"method.name={m.name}{method.teacher_condition} needs a teacher: set model.teacher to "
                          f"{teacher_hint(stage, source)}")
     if stage == "pretrain" and stage in method.stages and mc.teacher and is_packaged_minilm(mc.teacher) \
-            and method(m, stage).needs.teacher_logits:
+            and teacher is not None and teacher.logits:
         # known without loading it: the packaged MiniLM is a sentence-embedding model without an MLM head
         raise CodirError(missing_mlm_head(mc.teacher, source))
     if mc.tokenizer is None and mc.teacher is None and mc.student_init is None and mc.init_from is None:
@@ -710,12 +713,13 @@ def teacher_hint(stage: Optional[str], source: Optional[str] = None, body: str =
     return fine if stage == "finetune" else f"{fine}; for pre-training, {mlm}"
 
 
-def _methods_needing(need: str) -> list[str]:
-    """Names of the registered methods whose default config needs ``need`` (a :class:`Needs` field)."""
+def _methods_where(test) -> list[str]:
+    """Names of the registered methods for which ``test(method)`` holds, each built with its default options for
+    its first stage."""
     names = []
     for name in method_names():
         cls = get_method(name)
-        if getattr(cls(MethodConfig(name=name), cls.stages[0]).needs, need):
+        if test(cls(MethodConfig(name=name), cls.stages[0])):
             names.append(name)
     return names
 

@@ -4,7 +4,7 @@
     python -m codir_ds.method_index --write    # (re)write it into docs/methods/README.md
 
 One row per registered method: its card (``docs/methods/<name>.md`` when it exists), its ``summary`` and
-``reference``, the stages it runs in and whether it needs a teacher (its default config's ``Needs``, with the
+``reference``, the stages it runs in and whether it needs a teacher (its default config's ``TeacherSpec``, with the
 ``teacher_condition`` of methods that need one only with some option).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def row(name: str) -> str:
     what = cls.summary + (f" ({cls.reference})" if cls.reference else "")
     method = build_method(method_config_class()(name=name), cls.stages[0])
     condition = re.sub(r"(method\.[a-z_0-9]+)", r"`\1`", cls.teacher_condition.strip())
-    teacher = "yes" if method.needs.teacher else (f"only {condition}" if condition else "no")
+    teacher = "yes" if method.teacher is not None else (f"only {condition}" if condition else "no")
     stages = ["yes" if s in cls.stages else "" for s in ("finetune", "pretrain")]
     return f"| {card} | {what} | {stages[0]} | {stages[1]} | {teacher} |"
 

@@ -26,7 +26,7 @@ def reads_teacher(method: str) -> bool:
     """Whether ``method`` distils from the finetuned teacher (the registry's declaration, default config)."""
     from codir_ds.config import MethodConfig
     from codir_ds.distill.methods import build_method
-    return build_method(MethodConfig(name=method), "finetune").needs.teacher
+    return build_method(MethodConfig(name=method), "finetune").teacher is not None
 
 
 def main() -> int:

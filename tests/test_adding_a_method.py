@@ -49,7 +49,7 @@ def test_new_method_is_registered_configured_and_validated(registered):
     field = {f.name: f for f in __import__("dataclasses").fields(registered.MethodConfig)}["alpha_mse"]
     assert field.metadata["methods"] == ("logit_mse",) and "logit" in field.metadata["help"]
     method = build_method(m, "finetune")
-    assert method.needs.teacher and method.needs.teacher_logits and method.bank is None
+    assert method.teacher.logits and method.bank is None
     with pytest.raises(CodirError, match="method.alpha_mse"):
         registered.load_config(None, ["method.name=logit_mse", "method.alpha_mse=-1", "model.teacher=x"])
     with pytest.raises(CodirError, match="not a pre-training objective"):
@@ -89,7 +89,7 @@ def test_feature_example_reads_the_last_layer_pair(registered):
     s, t = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     method = build_method(registered.MethodConfig(name="last_hidden_mse", alpha_kd=0.0, alpha_hidden=2.0), "finetune")
-    assert method.needs.layer_pairs == "hidden" and method.layer_pairs(3, 6) == [(3, 6)]
+    assert method.layers.kind == "hidden" and method.layer_pairs(3, 6) == [(3, 6)]
     logits = torch.zeros(2, 2)
     total, terms = method.loss(StudentOutput(logits, layers=LayerFeatures(mask, hidden=[s])),
                                TeacherOutput(logits, layers=LayerFeatures(mask, hidden=[t])),
@@ -117,7 +117,7 @@ def test_inbatch_example_owns_its_options_and_heads(registered):
     from codir_ds.errors import CodirError
     method = build_method(registered.MethodConfig(name="inbatch_crd", inbatch_dim=32), "finetune")
     assert method.contrast == ContrastSpec("last", "last", "mean", 32) and method.bank is None
-    assert method.needs.teacher_cache and method.encoder_delay == 0
+    assert method.teacher.cacheable and method.encoder_delay == 0
     cfg = registered.load_config(None, ["method.name=inbatch_crd", "model.teacher=x"])
     assert (cfg.method.alpha_inbatch, cfg.method.inbatch_temperature, cfg.method.inbatch_dim) == (0.1, 0.1, 64)
     assert set(cfg.to_dict()["method"]) == {"name", "alpha_kd", "kd_temperature", "kd_t2_scale", "alpha_inbatch",

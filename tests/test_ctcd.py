@@ -170,7 +170,7 @@ def test_one_way_teacher_distils_into_both_with_alpha_kd():
     labels = torch.tensor([0, 2])
     co = _ctcd("finetune", ctcd_one_way=True, alpha_kd=0.4, alpha_small_to_large=0.9, alpha_large_to_small=0.9,
                kd_temperature=2.0)
-    assert co.needs.teacher and co.needs.teacher_logits and co.needs.second_model
+    assert co.teacher.logits and co.second_model.one_way
     assert (co.alpha_large, co.alpha_small) == (0.4, 0.4)
     loss_large, loss_small, terms = co.co_loss(large, small, _batch(labels), teacher_logits=teacher)
     kd_l, kd_s = 4.0 * kd_loss(large, teacher, 2.0), 4.0 * kd_loss(small, teacher, 2.0)
@@ -180,13 +180,13 @@ def test_one_way_teacher_distils_into_both_with_alpha_kd():
     torch.testing.assert_close(loss_small, torch.nn.functional.cross_entropy(small, labels) + 0.4 * kd_s)
     # One-way with alpha_kd = 0: the teacher is required by the config but never loaded: no KD term.
     co = _ctcd("finetune", ctcd_one_way=True, alpha_kd=0.0)
-    assert co.needs.teacher and not co.needs.teacher_logits
+    assert co.teacher is not None and not co.teacher.logits
     loss_large, _, terms = co.co_loss(large, small, _batch(labels), teacher_logits=None)
     assert terms["loss/large_kd"].item() == 0.0 and terms["loss/small_kd"].item() == 0.0
     torch.testing.assert_close(loss_large, torch.nn.functional.cross_entropy(large, labels))
     # Mutual (default): no teacher at all; the single-model loss() is refused.
     co = _ctcd("finetune")
-    assert not co.needs.teacher and not co.needs.teacher_logits and co.needs.second_model
+    assert co.teacher is None and co.second_model is not None
     with pytest.raises(CodirError, match="co_loss"):
         co.loss(None, None, _batch(labels))
 

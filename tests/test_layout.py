@@ -123,7 +123,7 @@ def method_option_reads(path: Path, root: Path = REPO) -> list[str]:
 
 
 def test_no_recipe_reads_a_method_option():
-    """A recipe learns what a method needs from the method (its Needs, ContrastSpec, BankSpec and properties),
+    """A recipe learns what a method needs from the method (its specs and properties),
     never from ``cfg.method.<option>``: a new method's options are its own."""
     reads = [r for path in sorted((PACKAGE / "recipes").glob("*.py")) for r in method_option_reads(path)]
     assert not reads, reads

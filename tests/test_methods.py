@@ -1,5 +1,5 @@
 """The method registry: names and stages, stage refusals, the ``method`` config section built from the
-methods' option dataclasses, each method's Needs, CR-ILD's stages, and a method added by a test."""
+methods' option dataclasses, each method's specs, CR-ILD's stages, and a method added by a test."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,8 @@ from codir_ds import checks
 from codir_ds.config import ExperimentConfig, MethodConfig, ModelConfig, validate
 from codir_ds.distill.ild import consistency_weight
 from codir_ds.distill.losses import kd_loss
-from codir_ds.distill.methods import (BankSpec, ContrastSpec, LossInputs, Method, Needs, PretrainingConfig, StudentOutput, TeacherOutput,
+from codir_ds.distill.methods import (BankSpec, ContrastSpec, LayerSpec, LossInputs, Method, MixSpec,
+                                      PretrainingConfig, SecondModelSpec, StudentOutput, TeacherOutput, TeacherSpec,
                                       build_method, get_method, method_config_class, method_names, option,
                                       register_method, validate_options)
 from codir_ds.distill.methods import registry
@@ -150,41 +151,45 @@ def test_option_checks_run_for_every_key():
 
 # ----------------------------------------------------------------------------- what each method needs
 
-TEACHER = dict(teacher=True, teacher_logits=True)
+T, CACHED = TeacherSpec(), TeacherSpec(cacheable=True)  # the teacher cache is per finetuning example
 
-DEFAULT_NEEDS = {
-    ("ce", "finetune"): Needs(),
-    ("mlm", "pretrain"): Needs(),
-    ("kd", "finetune"): Needs(**TEACHER, teacher_cache=True),
-    ("kd", "pretrain"): Needs(**TEACHER),  # the teacher cache is per finetuning example
-    ("codir", "finetune"): Needs(**TEACHER, teacher_cache=True),
-    ("codir", "pretrain"): Needs(**TEACHER),
-    ("pkd", "finetune"): Needs(**TEACHER, layer_pairs="cls"),
-    ("tinybert", "finetune"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True),
-    ("tinybert", "pretrain"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True),
-    ("distilbert", "finetune"): Needs(**TEACHER, layer_pairs="hidden"),
-    ("distilbert", "pretrain"): Needs(**TEACHER, layer_pairs="hidden"),
-    ("cr_ild", "finetune"): Needs(**TEACHER, layer_pairs="hidden", attention_maps=True, consistency=True,
-                                  supplementary_data=True),
-    ("ctcd", "finetune"): Needs(second_model=True),
-    ("ctcd", "pretrain"): Needs(second_model=True),
+# (teacher, layers, mixing, second model) of every shipped method with its default options
+DEFAULT_SPECS = {
+    ("ce", "finetune"): (None, None, None, False),
+    ("mlm", "pretrain"): (None, None, None, False),
+    ("kd", "finetune"): (CACHED, None, None, False),
+    ("kd", "pretrain"): (T, None, None, False),
+    ("codir", "finetune"): (CACHED, None, None, False),
+    ("codir", "pretrain"): (T, None, None, False),
+    ("pkd", "finetune"): (T, LayerSpec("cls"), None, False),
+    ("tinybert", "finetune"): (T, LayerSpec("hidden", attention=True), None, False),
+    ("tinybert", "pretrain"): (T, LayerSpec("hidden", attention=True), None, False),
+    ("distilbert", "finetune"): (T, LayerSpec("hidden"), None, False),
+    ("distilbert", "pretrain"): (T, LayerSpec("hidden"), None, False),
+    ("cr_ild", "finetune"): (T, LayerSpec("hidden", attention=True, consistency=True), MixSpec(1.0), False),
+    ("ctcd", "finetune"): (None, None, None, True),
+    ("ctcd", "pretrain"): (None, None, None, True),
 }
 
 
-def test_default_needs_cover_every_shipped_method_and_stage():
-    assert set(DEFAULT_NEEDS) == {(n, s) for s in ("finetune", "pretrain") for n in _shipped(method_names(s))}
+def _specs(method) -> tuple:
+    return method.teacher, method.layers, method.mixing, method.second_model is not None
 
 
-@pytest.mark.parametrize("name,stage", sorted(DEFAULT_NEEDS))
-def test_needs_with_the_default_config(name, stage):
-    assert _build(name, stage).needs == DEFAULT_NEEDS[(name, stage)]
+def test_default_specs_cover_every_shipped_method_and_stage():
+    assert set(DEFAULT_SPECS) == {(n, s) for s in ("finetune", "pretrain") for n in _shipped(method_names(s))}
 
 
-def test_needs_follow_the_options():
+@pytest.mark.parametrize("name,stage", sorted(DEFAULT_SPECS))
+def test_specs_with_the_default_config(name, stage):
+    assert _specs(_build(name, stage)) == DEFAULT_SPECS[(name, stage)]
+
+
+def test_specs_follow_the_options():
     # codir: bank, pooled layers and the teacher; its options reach the recipes only through its specs
     codir = _build("codir", "finetune", teacher_layers=[2, 4], pooling="cls", projection_dim=64, bank_momentum=0.3,
                    num_negatives=7, finetune_negatives="anchor", crd_encoder_delay=5)
-    assert codir.needs.teacher and codir.encoder_delay == 5
+    assert codir.teacher == CACHED and codir.encoder_delay == 5
     assert codir.contrast == ContrastSpec([2, 4], "all", "cls", 64)
     assert codir.bank == BankSpec(0.3, True, "random", 7, "anchor", "batch", 5)
     for name in ALL:
@@ -195,22 +200,24 @@ def test_needs_follow_the_options():
             assert method.contrast is None and method.bank is None and method.encoder_delay == 0, name
     # pre-training with alpha_kd = 0: the teacher's hidden states, not its logits (no MLM head)
     for name in ("kd", "codir", "tinybert", "distilbert"):
-        needs = _build(name, "pretrain", alpha_kd=0.0).needs
-        assert needs.teacher and not needs.teacher_logits, name
-        assert _build(name, "finetune", alpha_kd=0.0).needs.teacher_logits, name   # finetuning always reads them
+        assert _build(name, "pretrain", alpha_kd=0.0).teacher == TeacherSpec(logits=False), name
+        assert _build(name, "finetune", alpha_kd=0.0).teacher.logits, name   # finetuning always reads them
     # attention maps only with a weight on them
-    assert not _build("tinybert", "finetune", alpha_attention=0.0).needs.attention_maps
-    assert not _build("cr_ild", "finetune", alpha_attention=0.0).needs.attention_maps
+    assert not _build("tinybert", "finetune", alpha_attention=0.0).layers.attention
+    assert not _build("cr_ild", "finetune", alpha_attention=0.0).layers.attention
     # CR-ILD's consistency term (and its EMA copy) only with a weight on it
     cr = _build("cr_ild", "finetune", alpha_consistency=0.0, consistency_ema=0.9)
-    assert not cr.needs.consistency and cr.ema_decay == 0.0
-    assert _build("cr_ild", "finetune", mixup_alpha=0.4).mixup_alpha() == 0.4
+    assert not cr.layers.consistency and cr.ema_decay == 0.0
+    assert _build("cr_ild", "finetune", mixup_alpha=0.4).mixing == MixSpec(0.4, supplementary=True)
     assert _build("cr_ild", "finetune", consistency_ema=0.9).ema_decay == 0.9
     # ctcd: a second model always; the teacher in the one-way variant, its logits when alpha_kd > 0
-    assert _build("ctcd", "finetune").needs.second_model and not _build("ctcd", "finetune").needs.teacher
-    one_way = _build("ctcd", "finetune", ctcd_one_way=True).needs
-    assert one_way.teacher and one_way.teacher_logits and one_way.second_model
-    assert not _build("ctcd", "pretrain", ctcd_one_way=True, alpha_kd=0.0).needs.teacher_logits
+    assert _build("ctcd", "finetune").second_model is not None and _build("ctcd", "finetune").teacher is None
+    one_way = _build("ctcd", "finetune", ctcd_one_way=True)
+    assert one_way.teacher == T and one_way.second_model.one_way
+    assert _build("ctcd", "pretrain", ctcd_one_way=True, alpha_kd=0.0).teacher == TeacherSpec(logits=False)
+    large = _build("ctcd", "finetune", ctcd_large_init=None, ctcd_large_layers=3, ctcd_large_hidden=96,
+                   ctcd_large_heads=4).second_model
+    assert large == SecondModelSpec(None, {"student_layers": 3, "student_hidden": 96, "student_heads": 4})
 
 
 def test_cr_ild_stages_switch_at_the_rounded_ild_fraction():
@@ -233,7 +240,7 @@ def test_other_methods_have_one_stage(name):
     assert {method.stage_at(step, 10) for step in range(10)} == {"train"}
     assert method.consistency_weight(3, 10) == 0.0 and method.ema_decay == 0.0
     assert not method.mixes_inputs("train")
-    assert method.uses_layers("train") == (method.needs.layer_pairs is not None)
+    assert method.uses_layers("train") == (method.layers is not None)
 
 
 # ----------------------------------------------------------------------------- adding a method
@@ -286,14 +293,14 @@ def test_a_registered_method_joins_names_config_and_validation(new_method):
     validate_options(cfg_cls(name=NEW))
     with pytest.raises(CodirError, match="method.kd_scale_for_test"):
         validate_options(cfg_cls(name=NEW, kd_scale_for_test=-1.0))
-    # the whole-config validation accepts its name and reads its Needs (a teacher)
+    # the whole-config validation accepts its name and reads its specs (a teacher)
     validate(ExperimentConfig(model=ModelConfig(teacher="x"), method=cfg_cls(name=NEW)))
     with pytest.raises(CodirError, match=f"method.name={NEW} needs a teacher"):
         validate(ExperimentConfig(model=ModelConfig(tokenizer="x"), method=cfg_cls(name=NEW)))
 
     # built and used like any method
     method = build_method(cfg_cls(name=NEW, kd_scale_for_test=3.0, alpha_kd=0.5), "finetune")
-    assert method.needs == Needs(teacher=True, teacher_logits=True)
+    assert _specs(method) == (T, None, None, False)
     torch.manual_seed(0)
     logits, t_logits, labels = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
     total, _ = method.loss(StudentOutput(logits), TeacherOutput(t_logits), LossInputs(labels))

@@ -66,7 +66,7 @@ def _log_softmax(row):
 def test_build_ce():
     obj = build_method(MethodConfig(name="ce", alpha_kd=0.9), "finetune")
     assert isinstance(obj, Method)
-    assert obj.name == "ce" and not obj.needs.teacher and not obj.needs.teacher_logits
+    assert obj.name == "ce" and obj.teacher is None
     assert obj.bank is None and obj.contrast is None
     # unused weights do not leak in: with a teacher and negatives at hand, the loss is the task loss alone
     x = _inputs(7)
@@ -79,7 +79,7 @@ def test_build_ce():
 def test_build_kd():
     obj = build_method(MethodConfig(name="kd", alpha_kd=0.3, alpha_crd=0.9, kd_temperature=4.0,
                                     kd_t2_scale=False), "finetune")
-    assert obj.needs.teacher and obj.needs.teacher_logits and obj.bank is None and obj.contrast is None
+    assert obj.teacher.logits and obj.bank is None and obj.contrast is None
     assert (obj.cfg.alpha_kd, obj.cfg.kd_temperature, obj.cfg.kd_t2_scale) == (0.3, 4.0, False)
     # alpha_crd is not kd's: no CRD term even when negatives are given
     x = _inputs(8)
@@ -92,7 +92,7 @@ def test_build_kd():
 
 def test_build_codir_from_namespace():
     obj = build_method(_ns(alpha_crd=0.25, crd_temperature=0.05), "finetune")
-    assert obj.name == "codir" and obj.needs.teacher
+    assert obj.name == "codir" and obj.teacher is not None
     assert (obj.cfg.alpha_kd, obj.cfg.alpha_crd, obj.cfg.kd_temperature, obj.cfg.crd_temperature) == \
         (0.7, 0.25, 2.0, 0.05)
     assert obj.cfg.kd_t2_scale is True

@@ -150,7 +150,7 @@ def test_kd_on_masked_positions_only(tok):
     assert out["logits"].shape == (rows.numel(), student.config.vocab_size) == t_out.logits.shape
     cfg = SimpleNamespace(name="kd", alpha_kd=0.5, kd_temperature=2.0, kd_t2_scale=True, crd_temperature=0.07)
     method = build_method(cfg, "pretrain")
-    assert method.needs.teacher_logits
+    assert method.teacher.logits
     total, terms = method.loss(StudentOutput.from_module(out), t_out, LossInputs(labels, pretraining=True))
 
     full_s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -208,7 +208,7 @@ def test_codir_pretrain_with_in_batch_negatives():
     cfg = SimpleNamespace(name="codir", alpha_kd=0.5, alpha_crd=0.2, kd_temperature=2.0, kd_t2_scale=True,
                           crd_temperature=0.07)
     method = build_method(cfg, "pretrain")
-    assert method.needs.teacher and method.needs.teacher_logits
+    assert method.teacher is not None and method.teacher.logits
     total, terms = method.loss(StudentOutput(logits, h_s=h_s, h_t=h_t), TeacherOutput(t_logits),
                                LossInputs(labels, pretraining=True, negatives=neg))
     want = F.cross_entropy(logits, labels) + 0.5 * 4.0 * kd_loss(logits, t_logits, 2.0) + 0.2 * crd
@@ -218,7 +218,7 @@ def test_codir_pretrain_with_in_batch_negatives():
     # alpha_kd = 0: the teacher's MLM head is not needed; no KD term, no teacher logits read
     cfg.alpha_kd = 0.0
     method = build_method(cfg, "pretrain")
-    assert method.needs.teacher and not method.needs.teacher_logits
+    assert method.teacher is not None and not method.teacher.logits
     total, terms = method.loss(StudentOutput(logits, h_s=h_s, h_t=h_t), TeacherOutput(None),
                                LossInputs(labels, pretraining=True, negatives=neg))
     assert "loss/kd" not in terms

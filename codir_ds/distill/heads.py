@@ -103,11 +103,11 @@ def build_module(student: nn.Module, teacher: Optional[nn.Module], method, maske
 
 def build_ild_spec(method, student, teacher) -> Optional[ILDSpec]:
     """The layer pairs and features an ILD method distils (None when the method reads no layers)."""
-    needs = method.needs
-    if needs.layer_pairs is None:
+    spec = method.layers
+    if spec is None:
         return None
     pairs = method.layer_pairs(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    return ILDSpec(pairs, needs.layer_pairs, attention=needs.attention_maps, consistency=needs.consistency)
+    return ILDSpec(pairs, spec.kind, attention=spec.attention, consistency=spec.consistency)
 
 
 class DistillationModule(nn.Module):

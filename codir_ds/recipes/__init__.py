@@ -1,4 +1,4 @@
-"""Training recipes: one class per kind of run, chosen from the method's needs.
+"""Training recipes: one class per kind of run, chosen from the method's specs.
 
 - :class:`~codir_ds.recipes.finetune.FinetuneRecipe`: distillation on a classification / regression task.
 - :class:`~codir_ds.recipes.pretrain.PretrainRecipe`: distillation on a text corpus (masked LM).
@@ -21,7 +21,7 @@ def recipe_for(cfg: ExperimentConfig, stage: str, ds_config_path: str, output_di
     """The recipe for ``cfg`` in ``stage`` ("finetune" or "pretrain"): co-training when the method trains a
     second model, else the stage's own. Refuses a method the stage does not have (one-line error)."""
     method = build_method(cfg.method, stage)
-    if method.needs.second_model:
+    if method.second_model is not None:
         return CoTrainRecipe(cfg, ds_config_path, output_dir, stage, resume=resume, overwrite=overwrite)
     cls = FinetuneRecipe if stage == "finetune" else PretrainRecipe
     return cls(cfg, ds_config_path, output_dir, resume=resume, overwrite=overwrite)

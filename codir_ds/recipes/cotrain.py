@@ -23,7 +23,7 @@ from typing import Optional
 
 from codir_ds.config import ExperimentConfig
 from codir_ds.distill.heads import build_module
-from codir_ds.distill.methods import LossInputs
+from codir_ds.distill.methods import LossInputs, SecondModelSpec
 from codir_ds.engine.checkpointing import engine_config
 from codir_ds.engine.compile import compile_engine
 from codir_ds.engine.distributed import set_seed
@@ -49,12 +49,12 @@ def large_init_dir(spec: Optional[str]) -> Optional[Path]:
     return model_dir(spec, "method.ctcd_large_init")
 
 
-def large_model_config(cfg: ExperimentConfig, large_dir: Optional[Path], method):
-    """The ``model.*`` settings ``build_student`` builds the larger model from (``method``: the CTCD method)."""
+def large_model_config(cfg: ExperimentConfig, large_dir: Optional[Path], spec: SecondModelSpec):
+    """The ``model.*`` settings ``build_student`` builds the larger model (``spec``) from."""
     if large_dir is not None:
         return dataclasses.replace(cfg.model, init_from=None, student_init=str(large_dir), student_init_layers=None)
     return dataclasses.replace(cfg.model, init_from=None, student_init=None, student_intermediate=None,
-                               **method.large_sizes())
+                               **spec.sizes)
 
 
 class CoTrainRecipe(Recipe):
@@ -72,7 +72,7 @@ class CoTrainRecipe(Recipe):
     def check_inputs(self) -> None:
         super().check_inputs()
         self.data.check_inputs()
-        self.large_dir = large_init_dir(self.method.large_init)
+        self.large_dir = large_init_dir(self.method.second_model.init)
         if self.large_dir is not None:
             check_same_vocab(self.tokenizer, self.large_dir, "method.ctcd_large_init")
             self.data.check_model_dir("method.ctcd_large_init", self.large_dir)
@@ -80,12 +80,13 @@ class CoTrainRecipe(Recipe):
     def setup_models(self) -> None:
         """The frozen teacher (one-way only) and both models, initialised alike on every rank (smaller first)."""
         cfg, data = self.cfg, self.data
-        self.teacher = data.load_teacher(str(self.teacher_dir)) if self.method.loads_teacher else None
+        teacher = self.method.teacher  # one-way with alpha_kd = 0: model.teacher is set but never loaded or run
+        self.teacher = data.load_teacher(str(self.teacher_dir)) if teacher is not None and teacher.logits else None
         set_seed(cfg.training.seed)
         small = build_student(cfg.model, data.num_labels, data.is_regression, self.tokenizer,
                               template_dir=self.teacher_dir or self.large_dir, masked_lm=data.masked_lm,
                               label_names=data.label_names)
-        large = build_student(large_model_config(cfg, self.large_dir, self.method), data.num_labels,
+        large = build_student(large_model_config(cfg, self.large_dir, self.method.second_model), data.num_labels,
                               data.is_regression, self.tokenizer, template_dir=self.teacher_dir,
                               masked_lm=data.masked_lm, label_names=data.label_names)
         if data.masked_lm:
@@ -122,7 +123,7 @@ class CoTrainRecipe(Recipe):
 
     def describe(self) -> str:
         data = self.data.summary()
-        kind = "one-way from model.teacher" if self.method.one_way else "mutual"
+        kind = "one-way from model.teacher" if self.method.second_model.one_way else "mutual"
         return (f"ctcd {self.stage} ({kind}): larger model {self.n_large / 1e6:.2f}M and smaller "
                 f"{self.n_small / 1e6:.2f}M parameters ({self.n_large / max(self.n_small, 1):.1f}x fewer); {data}, "
                 f"{self.batch_summary()}")

@@ -59,7 +59,7 @@ def check_task_inputs(recipe: Recipe) -> None:
     recipe.teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
     recipe.tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
     check_max_length(recipe, model_positions(recipe))
-    if recipe.method.needs.teacher:
+    if recipe.method.teacher is not None:
         check_same_vocab(recipe.tokenizer, recipe.teacher_dir, "model.teacher")
     recipe.supplementary = load_supplementary(cfg.data, recipe.task)  # CR-ILD's extra ILD inputs, ids < 0
     recipe.num_train = len(recipe.task.train)
@@ -184,7 +184,7 @@ class FinetuneRecipe(Recipe):
     def setup_models(self) -> None:
         """Teacher (checksum, classification head), then the student and the method's heads, seeded alike
         on every rank."""
-        self.teacher = self.load_teacher_model() if self.method.needs.teacher else None
+        self.teacher = self.load_teacher_model() if self.method.teacher is not None else None
         set_seed(self.cfg.training.seed)  # identical student / head initialisation on every rank
         student = self.build_student_model()
         self.module, self.teacher_layers = build_module(student, self.teacher, self.method)
@@ -284,7 +284,7 @@ class FinetuneRecipe(Recipe):
                 pick = torch.randint(len(self.supplementary), (len(examples),),
                                      generator=torch.Generator().manual_seed(micro_seed))
                 examples = examples + [self.supplementary[i] for i in pick.tolist()]
-            mix = mixup_draw(self.method.mixup_alpha(), len(examples), micro_seed)
+            mix = mixup_draw(self.method.mixing.alpha, len(examples), micro_seed)
         return to_device(self.collator(examples), self.device), mix
 
     def teacher_outputs(self, ids, batch, use_layers: bool, mix):

@@ -71,7 +71,7 @@ def check_corpus_inputs(recipe: Recipe) -> None:
     from transformers import AutoConfig
     cfg = recipe.cfg
     recipe.teacher_dir = model_dir(cfg.model.teacher, "model.teacher") if cfg.model.teacher else None
-    if recipe.method.needs.teacher:
+    if recipe.method.teacher is not None:
         if recipe.teacher_dir is None:
             raise CodirError(f"method.name={cfg.method.name} needs a teacher: set model.teacher to {teacher_hint('pretrain')}")
         verify_weights(recipe.teacher_dir, cfg.model.teacher_sha256, "model.teacher")
@@ -147,8 +147,8 @@ class PretrainRecipe(Recipe):
 
     def setup_models(self) -> None:
         """Teacher (checksum, MLM head when its logits are used), student, the method's heads."""
-        cfg, needs = self.cfg, self.method.needs
-        self.teacher = self.load_teacher_model() if needs.teacher else None
+        cfg = self.cfg
+        self.teacher = self.load_teacher_model() if self.method.teacher is not None else None
         set_seed(cfg.training.seed)  # identical student / head initialisation on every rank
         student = self.build_student_model()
         if cfg.corpus.block_size > position_limit(student.config):
@@ -159,7 +159,7 @@ class PretrainRecipe(Recipe):
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher: a masked-LM model when its logits are used, else its body alone."""
         return load_mlm_teacher(str(self.teacher_dir), self.dtype, self.cfg.model.teacher_sha256,
-                                need_head=self.method.needs.teacher_logits, source=self.cfg.source)
+                                need_head=self.method.teacher.logits, source=self.cfg.source)
 
     def build_student_model(self) -> torch.nn.Module:
         """The masked-LM student (``model.*``)."""
@@ -174,7 +174,7 @@ class PretrainRecipe(Recipe):
         if self.teacher is not None:
             self.teacher.to(self.device)
             self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, self.module.pooling,
-                                           logits=self.method.needs.teacher_logits, ild_spec=self.module.ild_spec)
+                                           logits=self.method.teacher.logits, ild_spec=self.module.ild_spec)
         self.build_bank()  # pre-training's negatives: the rows of the global mini-batch
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 

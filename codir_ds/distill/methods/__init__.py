@@ -1,7 +1,7 @@
 """Distillation methods, one module each, registered by name.
 
-``build_method(cfg.method, stage)`` gives the run's method; its ``needs`` say what the recipe
-builds (teacher outputs, bank, layer pairs, a second model, stages) and its ``loss`` turns typed
+``build_method(cfg.method, stage)`` gives the run's method; its specs say what the recipe
+builds (teacher, layer pairs, contrast heads, bank, mixup inputs, a second model) and its ``loss`` turns typed
 student / teacher outputs into the loss terms. Every module of this package is imported here, so a
 new method is one new file (see docs/adding_a_method.md).
 """
@@ -9,8 +9,9 @@ import importlib
 import pkgutil
 
 from codir_ds.distill.methods.base import (BankSpec, Consistency, ContrastSpec, LayerFeatures,  # noqa: F401
-                                           LossInputs, Method, Needs, PretrainingConfig, StudentOutput,
-                                           TeacherOutput, option)
+                                           LayerSpec, LossInputs, Method, MixSpec, PretrainingConfig,
+                                           SecondModelSpec, StudentOutput, TeacherOutput, TeacherSpec,
+                                           option)
 from codir_ds.distill.methods.registry import (build_method, get_method, method_config_class, read_by,  # noqa: F401
                                                method_names, option_groups, register_method, validate_options)
 

@@ -2,9 +2,11 @@
 
 A method is a :class:`Method` subclass registered by name (:func:`register_method`). The
 recipes never branch on a method's name and never read its options: they read its
-:class:`Needs` (which teacher outputs to compute, a second model, stages, ...), its
-:class:`ContrastSpec` (pooled layers projected into a contrastive space) and :class:`BankSpec`
-(the sharded memory bank and its negatives), build what it asks for, and call
+its specs, each None when the method has no use for it: :class:`TeacherSpec` (a frozen teacher
+and which of its outputs), :class:`LayerSpec` (mapped intermediate layers), :class:`ContrastSpec`
+(pooled layers projected into a contrastive space), :class:`BankSpec` (the sharded memory bank and
+its negatives), :class:`MixSpec` (mixup inputs) and :class:`SecondModelSpec` (a second trainable
+model: the co-training recipe); they build what the specs ask for and call
 :meth:`Method.loss` with typed outputs of the student (:class:`StudentOutput`) and the frozen
 teacher (:class:`TeacherOutput`).
 """
@@ -43,16 +45,34 @@ class PretrainingConfig:
 
 
 @dataclass(frozen=True)
-class Needs:
-    """What a method needs a recipe to build and compute, for one stage (finetune / pretrain)."""
-    teacher: bool = False            # a frozen teacher is loaded (and its vocabulary checked)
-    teacher_logits: bool = False     # ... and its logits are computed (pre-training: its MLM head is loaded)
-    layer_pairs: Optional[str] = None  # ILD: "cls" ([CLS] rows) or "hidden" (sequences) of mapped layer pairs
-    attention_maps: bool = False     # ILD: attention maps of the mapped layers (eager attention)
-    consistency: bool = False        # CR-ILD: mixup consistency targets from clean inputs
-    second_model: bool = False       # CTCD: a second trainable model, its own engine (co-training recipe)
-    supplementary_data: bool = False  # data.supplementary joins the ILD stage's batches
-    teacher_cache: bool = False      # per-example teacher outputs that training.teacher_cache may keep
+class TeacherSpec:
+    """The frozen teacher a method reads: ``model.teacher`` must be set, its vocabulary is checked, and the
+    teacher runs under inference mode on every rank (never in the optimizer)."""
+    logits: bool = True        # its logits are computed (pre-training: its MLM head is loaded)
+    cacheable: bool = False    # finetuning: its per-example outputs may be kept by training.teacher_cache
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Mapped intermediate layers of both models (ILD); the method's ``layer_pairs(Ls, Lt)`` pairs them."""
+    kind: str = "hidden"       # "cls": the [CLS] row of each mapped layer; "hidden": whole sequences
+    attention: bool = False    # also the attention maps of the mapped Transformer layers (eager attention)
+    consistency: bool = False  # CR-ILD: mixup consistency targets from the clean inputs
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Mixup of word embeddings in the stages where ``Method.mixes_inputs(stage)``: lambda ~ Beta(alpha, alpha)."""
+    alpha: float
+    supplementary: bool = True  # data.supplementary examples join the mixed batches
+
+
+@dataclass(frozen=True)
+class SecondModelSpec:
+    """A second trainable model in its own DeepSpeed engine (the co-training recipe, CTCD's larger model)."""
+    init: Optional[str]        # a model directory, packaged name or CTCD run; None: a random model of ``sizes``
+    sizes: dict                # a random model's ``model.*`` sizes (student_layers, student_hidden, student_heads)
+    one_way: bool = False      # the frozen model.teacher distils into both models, which do not distil mutually
 
 
 @dataclass(frozen=True)
@@ -184,8 +204,9 @@ TASK_TAGS = {"loss/task": "finetuning: cross-entropy (MSE on regression tasks)",
 class Method:
     """Base of every method: ``name``, ``config`` (its option dataclass), supported ``stages``.
 
-    Subclasses override :meth:`requirements` and :meth:`loss`; contrastive methods :meth:`contrast_spec`
-    (and :meth:`bank_spec` for a memory bank); staged methods also :meth:`stage_at`.
+    Subclasses override :meth:`loss` and the specs they need (:meth:`teacher_spec`, :meth:`layer_spec`,
+    :meth:`contrast_spec`, :meth:`bank_spec`, :meth:`mix_spec`, :meth:`second_model_spec`); staged methods
+    also :meth:`stage_at`.
     ``compare_keys`` / ``compare_sets``: the settings ``bench/compare.py`` writes out for it.
     """
     name: ClassVar[str] = ""
@@ -214,7 +235,15 @@ class Method:
         self.cfg = cfg
         self.stage = stage
         self.pretraining = stage == "pretrain"
-        self.needs = self.requirements()
+
+    # ------------------------------------------------------------------ specs: what the recipe builds
+    @property
+    def teacher(self) -> Optional[TeacherSpec]:
+        return self.teacher_spec()
+
+    @property
+    def layers(self) -> Optional[LayerSpec]:
+        return self.layer_spec()
 
     @property
     def contrast(self) -> Optional[ContrastSpec]:
@@ -224,9 +253,29 @@ class Method:
     def bank(self) -> Optional[BankSpec]:
         return self.bank_spec()
 
-    def requirements(self) -> Needs:
-        """What this method needs in ``self.stage`` with ``self.cfg``."""
-        return Needs()
+    @property
+    def mixing(self) -> Optional[MixSpec]:
+        return self.mix_spec()
+
+    @property
+    def second_model(self) -> Optional[SecondModelSpec]:
+        return self.second_model_spec()
+
+    def teacher_spec(self) -> Optional[TeacherSpec]:
+        """The frozen teacher this method reads in ``self.stage`` with ``self.cfg``; None: no teacher."""
+        return None
+
+    def layer_spec(self) -> Optional[LayerSpec]:
+        """The mapped intermediate layers this method distils (with :meth:`layer_pairs`); None: none."""
+        return None
+
+    def mix_spec(self) -> Optional[MixSpec]:
+        """Mixup inputs of the stages where :meth:`mixes_inputs`; None: never mixed."""
+        return None
+
+    def second_model_spec(self) -> Optional[SecondModelSpec]:
+        """A second trainable model (the co-training recipe); None: the student alone."""
+        return None
 
     def contrast_spec(self) -> Optional[ContrastSpec]:
         """The pooled, projected layers this method contrasts (``h_s`` / ``h_t``); None: none."""
@@ -247,10 +296,6 @@ class Method:
         """Pre-training: the fraction of tokens selected for masked-LM prediction."""
         return self.cfg.mlm_probability
 
-    def mixup_alpha(self) -> float:
-        """Mixing stages (``mixes_inputs``): lambda ~ Beta(a, a)."""
-        raise NotImplementedError(f"method {self.name!r} mixes inputs but sets no mixup_alpha()")
-
     @classmethod
     def validate(cls, cfg) -> None:
         """Cross-key checks of the whole experiment config when this method is chosen (one-line errors)."""
@@ -261,11 +306,12 @@ class Method:
 
     def uses_layers(self, stage: str) -> bool:
         """Whether the mapped layers' features are computed in ``stage``."""
-        return self.needs.layer_pairs is not None
+        return self.layers is not None
 
     def mixes_inputs(self, stage: str) -> bool:
-        """Whether ``stage`` trains on mixup inputs (plus ``data.supplementary`` examples)."""
-        return False
+        """Whether ``stage`` trains on mixup inputs (plus ``data.supplementary`` examples): every stage with a
+        :class:`MixSpec` unless a staged method says otherwise."""
+        return self.mixing is not None
 
     def consistency_weight(self, step: int, total_steps: int) -> float:
         """Weight of a consistency term at optimizer step ``step`` (0 for methods without one)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from codir_ds import checks
-from codir_ds.distill.methods.base import BankSpec, ContrastSpec, Needs, option
+from codir_ds.distill.methods.base import BankSpec, ContrastSpec, TeacherSpec, option
 from codir_ds.distill.methods.kd import KDConfig, KDMethod
 from codir_ds.distill.methods.registry import register_method
 from codir_ds.errors import CodirError
@@ -91,9 +91,8 @@ class CoDIR(KDMethod):
             "crd/student_norm": "mean L2 norm of the projected student features (before the cosine)",
             "crd/teacher_norm": "mean L2 norm of the projected teacher features (before the cosine)"}
 
-    def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits,
-                     teacher_cache=not self.pretraining)  # the cache is per finetuning example
+    def teacher_spec(self) -> TeacherSpec:  # the cache is per finetuning example
+        return TeacherSpec(logits=self.uses_teacher_logits, cacheable=not self.pretraining)
 
     def contrast_spec(self) -> ContrastSpec:
         m = self.cfg

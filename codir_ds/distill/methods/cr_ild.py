@@ -16,7 +16,7 @@ import torch
 
 from codir_ds import checks
 from codir_ds.distill.ild import attention_mse, consistency_weight, hidden_mse
-from codir_ds.distill.methods.base import Needs, option
+from codir_ds.distill.methods.base import LayerSpec, MixSpec, option
 from codir_ds.distill.methods.layers import HiddenAttentionMethod, LayerConfig
 from codir_ds.distill.methods.registry import register_method
 from codir_ds.errors import CodirError
@@ -53,9 +53,11 @@ class CRILD(HiddenAttentionMethod):
     compare_keys = ("ild_fraction", "alpha_consistency")
     compare_sets = ("data.supplementary={supplementary}", "data.supplementary_max_examples={max_train_examples}")
 
-    def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=True, layer_pairs="hidden", attention_maps=self.uses_attention,
-                     consistency=self.cfg.alpha_consistency > 0, supplementary_data=True)
+    def layer_spec(self) -> LayerSpec:
+        return LayerSpec("hidden", attention=self.uses_attention, consistency=self.cfg.alpha_consistency > 0)
+
+    def mix_spec(self) -> MixSpec:  # the ILD stage mixes, with data.supplementary's examples
+        return MixSpec(self.cfg.mixup_alpha, supplementary=True)
 
     def check_engine(self, ds: dict) -> None:
         if self.ema_decay > 0 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
@@ -64,16 +66,13 @@ class CRILD(HiddenAttentionMethod):
 
     @property
     def ema_decay(self) -> float:
-        return self.cfg.consistency_ema if self.needs.consistency else 0.0
+        return self.cfg.consistency_ema if self.layers.consistency else 0.0
 
     def uses_layers(self, stage: str) -> bool:
         return stage == "ild"
 
     def mixes_inputs(self, stage: str) -> bool:
         return stage == "ild"
-
-    def mixup_alpha(self) -> float:
-        return self.cfg.mixup_alpha
 
     def ild_steps(self, total_steps: int) -> int:
         return round(self.cfg.ild_fraction * total_steps)

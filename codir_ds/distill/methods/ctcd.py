@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from codir_ds import checks
-from codir_ds.distill.methods.base import LossInputs, Method, Needs, option, soft_kd, task_loss
+from codir_ds.distill.methods.base import (LossInputs, Method, SecondModelSpec, TeacherSpec, option, soft_kd,
+                                           task_loss)
 from codir_ds.distill.methods.kd import KDConfig
 from codir_ds.distill.methods.registry import register_method
 from codir_ds.errors import CodirError
@@ -51,8 +52,15 @@ class CTCD(Method):
             "loss/small_task": "the smaller model's task (or masked-LM) loss",
             "loss/large_kd": "the larger model's KD term", "loss/small_kd": "the smaller model's KD term"}
 
-    def requirements(self) -> Needs:
-        return Needs(teacher=self.cfg.ctcd_one_way, teacher_logits=self.loads_teacher, second_model=True)
+    def teacher_spec(self) -> Optional[TeacherSpec]:
+        # one-way with alpha_kd = 0 needs model.teacher set but never loads or runs it
+        return TeacherSpec(logits=self.cfg.alpha_kd > 0) if self.cfg.ctcd_one_way else None
+
+    def second_model_spec(self) -> SecondModelSpec:
+        m = self.cfg
+        return SecondModelSpec(m.ctcd_large_init, {"student_layers": m.ctcd_large_layers,
+                                                   "student_hidden": m.ctcd_large_hidden,
+                                                   "student_heads": m.ctcd_large_heads}, m.ctcd_one_way)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -63,26 +71,6 @@ class CTCD(Method):
             if m.ctcd_large_hidden % m.ctcd_large_heads:
                 raise CodirError(f"method.ctcd_large_hidden ({m.ctcd_large_hidden}) must be divisible by "
                                  f"method.ctcd_large_heads ({m.ctcd_large_heads}): change one of them")
-
-    @property
-    def one_way(self) -> bool:
-        return self.cfg.ctcd_one_way
-
-    @property
-    def large_init(self) -> Optional[str]:
-        """The larger model's directory, packaged name or CTCD run; None: a random model of ``large_sizes``."""
-        return self.cfg.ctcd_large_init
-
-    def large_sizes(self) -> dict:
-        """A random larger model's ``model.*`` sizes (layers, hidden, heads)."""
-        m = self.cfg
-        return {"student_layers": m.ctcd_large_layers, "student_hidden": m.ctcd_large_hidden,
-                "student_heads": m.ctcd_large_heads}
-
-    @property
-    def loads_teacher(self) -> bool:
-        """One-way with alpha_kd = 0 needs model.teacher set but never loads or runs it."""
-        return self.cfg.ctcd_one_way and self.cfg.alpha_kd > 0
 
     @property
     def alpha_large(self) -> float:

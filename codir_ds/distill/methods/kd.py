@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codir_ds import checks
-from codir_ds.distill.methods.base import TASK_TAGS, Method, Needs, option, soft_kd, task_loss
+from codir_ds.distill.methods.base import TASK_TAGS, Method, TeacherSpec, option, soft_kd, task_loss
 from codir_ds.distill.methods.registry import register_method
 
 
@@ -30,8 +30,8 @@ class KDMethod(Method):
     tags = {**TASK_TAGS, "loss/kd": "logit KD, when the teacher's logits are used (pre-training: `method.alpha_kd` > 0; "
                                     "`cr_ild`: its KD stage)"}
 
-    def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits)
+    def teacher_spec(self) -> TeacherSpec:
+        return TeacherSpec(logits=self.uses_teacher_logits)
 
     @property
     def uses_teacher_logits(self) -> bool:
@@ -43,7 +43,7 @@ class KDMethod(Method):
         logits32 = student.logits.float()  # one cast: task and KD gradients meet in fp32, then one cast back
         total, key = task_loss(logits32, batch)
         terms[key] = total.detach()
-        if self.needs.teacher_logits:
+        if self.uses_teacher_logits:
             kd = soft_kd(logits32, teacher.logits, self.cfg.kd_temperature, self.cfg.kd_t2_scale,
                          batch.is_regression and not batch.pretraining)
             if batch.token_scale is not None:
@@ -67,6 +67,5 @@ class KD(KDMethod):
     reference = "Hinton et al. 2015"
     compare_keys = ("alpha_kd", "kd_temperature")
 
-    def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits,
-                     teacher_cache=not self.pretraining)  # the cache is per finetuning example
+    def teacher_spec(self) -> TeacherSpec:  # the cache is per finetuning example
+        return TeacherSpec(logits=self.uses_teacher_logits, cacheable=not self.pretraining)

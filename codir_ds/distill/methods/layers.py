@@ -15,7 +15,7 @@ import torch
 
 from codir_ds import checks
 from codir_ds.distill.ild import attention_mse, hidden_mse, layer_pairs
-from codir_ds.distill.methods.base import LayerFeatures, Needs, option
+from codir_ds.distill.methods.base import LayerFeatures, LayerSpec, option
 from codir_ds.distill.methods.kd import KDConfig, KDMethod
 from codir_ds.errors import CodirError
 
@@ -54,9 +54,8 @@ class LayerMethod(KDMethod):
     def uses_attention(self) -> bool:
         return False
 
-    def requirements(self) -> Needs:
-        return Needs(teacher=True, teacher_logits=self.uses_teacher_logits, layer_pairs=self.features,
-                     attention_maps=self.uses_attention)
+    def layer_spec(self) -> LayerSpec:
+        return LayerSpec(self.features, attention=self.uses_attention)
 
     def default_pairs(self, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
         """The method's own layer map (``method.layer_map: default``): last <- last unless overridden."""
