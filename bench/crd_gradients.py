@@ -81,14 +81,15 @@ def probe(recipe, every: int, records: list, until: Optional[int] = None) -> Non
 
     from codir_ds.distill.methods.base import StudentOutput
 
-    method, original, micro_batch = recipe.method, recipe.method.loss, recipe.micro_batch
+    method, original, micro_batches = recipe.method, recipe.method.loss, recipe.data.micro_batches
     alpha, tau = recipe.cfg.method.alpha_crd, recipe.cfg.method.crd_temperature
     last: dict = {}
     seen = set()
 
-    def keep_batch(ids, stage):
-        last["batch"], mix = micro_batch(ids, stage)
-        return last["batch"], mix
+    def keep_batches(batches, stage="train"):
+        for mb in micro_batches(batches, stage):  # the recipe's micro-batches, the last one kept
+            last["batch"] = mb
+            yield mb
 
     def loss(student, teacher, batch):
         step = recipe.progress.step
@@ -101,10 +102,8 @@ def probe(recipe, every: int, records: list, until: Optional[int] = None) -> Non
             captured: list = []
             hidden_state_hooks(module.student, captured)
             b = last["batch"]
-            out = StudentOutput.from_module(module(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                                   token_type_ids=b.get("token_type_ids"),
-                                                   teacher_features=teacher.features, ild=False, mix=None,
-                                                   clean_model=None))
+            out = StudentOutput.from_module(module(**b.inputs, teacher_features=teacher.features, ild=False,
+                                                   mix=None, clean_model=None))
             sup = method.supervised(out, teacher, batch, {})
             crd, _, _ = batch.negatives.loss(out.h_t, out.h_s, tau)
             records.append(gradient_record(step, sup, alpha * crd, list(captured), out, batch))
@@ -115,7 +114,7 @@ def probe(recipe, every: int, records: list, until: Optional[int] = None) -> Non
             print(f"probe step {step}: |h_s| {r['student_norm']:.2f}  {cells}", flush=True)
         return original(student, teacher, batch)
 
-    recipe.micro_batch = keep_batch
+    recipe.data.micro_batches = keep_batches
     method.loss = loss
 
 

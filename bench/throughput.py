@@ -20,11 +20,12 @@ negatives are the recipe's. Pre-training: blocks of random ordinary tokens betwe
 [SEP]; finetuning: texts of ``seq_len - 2`` random whole-word vocabulary entries (the recipe's
 ``ClassificationCollator`` tokenizes them to exactly ``seq_len`` tokens) with random labels.
 
-The per-section breakdown is measured by timing wrappers around the recipe's components
-(``runner``, ``engine.forward`` / ``backward`` / ``step``, ``method.loss``, the bank and
-negatives calls), never by a copy of the step. ``--no_breakdown`` installs no timing wrapper,
-only pass-through ones that add no device work (token count, last loss, bank rows gathered;
-``--global_negatives`` also wraps ``batch_negatives`` to fill the candidates).
+The per-section breakdown is the wall time of the recipe's named step sections
+(``codir_ds.engine.sections``: ``teacher_forward``, ``student_forward_backward``, ``optimizer_step``
+and the components' own, e.g. the bank's ``crd_and_bank``), timed by installing a timer for the
+step, never by a copy of the step. ``--no_breakdown`` installs no timer; only pass-through wrappers
+that add no device work remain (token count, last loss, bank rows gathered; ``--global_negatives``
+also wraps the bank component's ``negative_ids`` to fill the candidates).
 
 The plain references ``ref_kd`` / ``ref_codir`` (Hugging Face models, a plain PyTorch loop, no
 codir-ds code in the step) run side by side for ratios. With tiny models their difference is the
@@ -82,13 +83,15 @@ REFERENCE_NAMES = ("ref_kd", "ref_codir")
 PROJECTION_DIM = 128   # m: bank row / projection size (CoDIR)
 BANK_MOMENTUM = 0.5    # beta of Eq. 5
 BREAKDOWN_KEYS = ("teacher_forward", "student_forward_backward", "crd_and_bank", "optimizer_step", "other")
-# What each section times: wrappers around the recipe's components (see RecipeRun.install_hooks).
+# What each section times: the recipes' named step sections (codir_ds.engine.sections), timed by Sections.
 BREAKDOWN_HOOKS = {
-    "teacher_forward": "recipe.runner (MLMTeacherRunner / TeacherRunner) calls",
-    "student_forward_backward": "recipe.engine.forward, recipe.method.loss and recipe.engine.backward calls",
-    "crd_and_bank": "codir: the bank component's negative_ids and bank.gather (pretrain) or "
-                    "step_negatives (finetune), and its after_optimizer_step (the momentum updates)",
-    "optimizer_step": "recipe.engine.step calls",
+    "teacher_forward": "section teacher_forward: the teacher step (TeacherStep: the frozen teacher's forward)",
+    "student_forward_backward": "section student_forward_backward: the engine's forward, the method's loss and "
+                                "the engine's backward",
+    "crd_and_bank": "section crd_and_bank (codir: the memory bank component): the step's negatives (pretrain: "
+                    "the global batch's ids and bank.gather; finetune: per-class or per-anchor rows), each "
+                    "micro-batch's negatives, and the momentum updates after the optimizer step",
+    "optimizer_step": "section optimizer_step: engine.step() calls",
     "other": "the rest of the step: sampler, synthetic data, collation (finetune: tokenization) and masking, "
              "host-to-device copies, loss inputs, monitor, check_skipped",
 }
@@ -478,10 +481,11 @@ def reads_teacher(method: str, task: str) -> bool:
 
 
 class Sections:
-    """Per-section wall time of wrapped calls; syncs the device around each section (CUDA, breakdown mode).
+    """Per-section wall time of a step, from the recipes' named step sections (``codir_ds.engine.sections``):
+    installed as their timer while a step runs (:meth:`timing`); syncs the device around each section (CUDA).
 
-    A call made while another section runs (``bank.gather`` inside ``step_negatives``) counts
-    in that section only.
+    A section entered while another one runs (``bank.gather`` inside the bank's ``start_step``) counts in the
+    outer one only; sections outside ``BREAKDOWN_KEYS`` (``ema_update``, ``teacher_cache``) count in ``other``.
     """
 
     def __init__(self, sync, enabled: bool):
@@ -489,24 +493,30 @@ class Sections:
         self.acc = dict.fromkeys(BREAKDOWN_KEYS[:-1], 0.0)
         self.active = False
 
-    def wrap(self, fn, key: str):
-        """``fn`` timed into section ``key`` (``fn`` itself when the breakdown is off)."""
-        if not self.enabled:
-            return fn
-
-        def timed(*args, **kwargs):
-            if self.active:
-                return fn(*args, **kwargs)
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        if self.active or key not in self.acc:
+            yield
+            return
+        self.sync()
+        self.active = True
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
             self.sync()
-            self.active = True
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.acc[key] += time.perf_counter() - t
-                self.active = False
-        return timed
+            self.acc[key] += time.perf_counter() - t
+            self.active = False
+
+    @contextlib.contextmanager
+    def timing(self):
+        """The recipe's step sections are timed into this breakdown inside the block (when it is enabled)."""
+        from codir_ds.engine.sections import install_timer
+        install_timer(self if self.enabled else None)
+        try:
+            yield
+        finally:
+            install_timer(None)
 
     def reset(self) -> None:
         self.acc = dict.fromkeys(self.acc, 0.0)
@@ -767,8 +777,8 @@ class RecipeRun(Run):
     :meth:`step` is one iteration of ``Recipe.train``'s loop without ``after_step``: this rank's
     ``accumulation`` micro-batches from the recipe's sampler, ``recipe.train_step(batches)``,
     ``progress.step += 1`` and ``check_skipped()``. What the report counts (tokens, the last loss,
-    bank rows gathered) is read by pass-through wrappers that add no device work; the breakdown's
-    timing wrappers (``install_hooks``) are installed unless ``--no_breakdown``.
+    bank rows gathered) is read by pass-through wrappers that add no device work (``install_hooks``); the
+    breakdown times the recipe's named step sections unless ``--no_breakdown``.
     """
 
     def __init__(self, name: str, args, ctx: dict):
@@ -799,7 +809,10 @@ class RecipeRun(Run):
         r.train_mode(True)
 
     def install_hooks(self) -> None:
-        r, sections = self.recipe, self.sections
+        """Pass-through wrappers that count what the report shows (tokens, the last terms, the bank rows gathered,
+        the CRD loss's inputs) and add no device work; ``--global_negatives`` fills the step's candidates. The
+        time breakdown comes from the recipe's named step sections (``Sections.timing``), not from wrappers."""
+        r = self.recipe
         collator = r.collator
 
         def counting_collator(*a, **k):  # real tokens of the host batch (no device work)
@@ -813,38 +826,23 @@ class RecipeRun(Run):
             self.last_terms = terms
             return accumulate(terms, samples)
         r.monitor.accumulate = keep_terms
-        if r.bank is not None:
-            gather = r.bank.gather
-
-            def recorded_gather(ids):
-                self.step_gathers.append(ids)
-                return gather(ids)
-            r.bank.gather = sections.wrap(recorded_gather, "crd_and_bank")
-            if not self.finetune:
-                negative_ids = r.bank_component.negative_ids
-                if self.args.global_negatives:
-                    negative_ids = self.filled_negatives(negative_ids)
-                r.bank_component.negative_ids = sections.wrap(negative_ids, "crd_and_bank")
-        if not sections.enabled:
+        if r.bank is None:
             return
-        engine = r.engine
-        engine.forward = sections.wrap(engine.forward, "student_forward_backward")
-        engine.backward = sections.wrap(engine.backward, "student_forward_backward")
-        engine.step = sections.wrap(engine.step, "optimizer_step")
+        gather = r.bank.gather
+
+        def recorded_gather(ids):
+            self.step_gathers.append(ids)
+            return gather(ids)
+        r.bank.gather = recorded_gather
+        if not self.finetune and self.args.global_negatives:
+            r.bank_component.negative_ids = self.filled_negatives(r.bank_component.negative_ids)
         loss = r.method.loss
 
         def keep_crd_inputs(student, teacher, inputs):
             if inputs.negatives is not None:
                 self.crd_inputs = (student.h_t.detach(), student.h_s.detach(), inputs.negatives)
             return loss(student, teacher, inputs)
-        r.method.loss = sections.wrap(keep_crd_inputs, "student_forward_backward")
-        if r.runner is not None:
-            r.runner = sections.wrap(r.runner, "teacher_forward")
-        if r.bank is not None:
-            component = r.bank_component
-            component.after_optimizer_step = sections.wrap(component.after_optimizer_step, "crd_and_bank")
-            if self.finetune:
-                component.step_negatives = sections.wrap(component.step_negatives, "crd_and_bank")
+        r.method.loss = keep_crd_inputs
 
     def filled_negatives(self, negative_ids):
         """The recipe's ``negative_ids``, filled up to ``--global_negatives`` as if the global batch were that large:
@@ -866,7 +864,8 @@ class RecipeRun(Run):
         r = self.recipe
         self.step_gathers = []
         batches = [next(self.batches) for _ in range(r.accum)]
-        r.train_step(batches)
+        with self.sections.timing():
+            r.train_step(batches)
         r.progress.step += 1
         r.check_skipped()
         if not timed:

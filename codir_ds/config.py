@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import shlex
 import types
@@ -25,7 +24,7 @@ from codir_ds.errors import CodirError
 
 from codir_ds import checks
 from codir_ds.assets import is_packaged_minilm, user_spec
-from codir_ds.distill.methods import build_method, get_method, method_config_class, method_names, validate_options
+from codir_ds.distill.methods import get_method, method_config_class, method_names, validate_options
 
 PRECISION_FALLBACKS = ("bf16", "fp32")
 # training.optimizer_impl: AdamW's implementation (auto = fused where the run's device has the kernel, else foreach).

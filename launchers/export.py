@@ -20,7 +20,6 @@ run's config.yaml. Prints each output directory on stdout. Single process; no De
 import argparse
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

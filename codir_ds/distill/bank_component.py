@@ -3,8 +3,8 @@
 The recipes build one :class:`MemoryBankComponent` when the method has a bank and call it at fixed points of a
 step, without knowing what it does::
 
-    negatives = bank.step_negatives(step, batches)   # COLLECTIVE, once per optimizer step
-    ... per micro step: negatives.for_batch(ids) -> the loss; after backward/step:
+    bank.start_step(step, batches)                   # COLLECTIVE, once per optimizer step: the step's negatives
+    bank.loss_inputs(ids)                            # per micro step: {"negatives": ...} for the loss
     bank.after_micro_step(ids, out)                  # holds the positives' projected features out["h_s"]
     bank.after_optimizer_step(applied, stage)        # their momentum updates (Eq. 5), if the step was applied
     bank.scalars()                                   # COLLECTIVE, at log steps: bank/never_updated
@@ -12,8 +12,8 @@ step, without knowing what it does::
 Finetuning draws negatives per class (or per anchor) from examples of other labels (``labels``); pre-training
 uses the rows of the global mini-batch (``labels=None``). The rows themselves (``bank.bank``, a
 :class:`~codir_ds.distill.memory_bank.ShardedMemoryBank`) are saved per rank by the run checkpoint and
-re-sharded on resume. It is a :class:`~codir_ds.distill.components.Component`; the negatives are its own
-addition to that lifecycle, and its work runs under the profiler section ``crd_and_bank``.
+re-sharded on resume. It is a :class:`~codir_ds.distill.components.Component`; its work runs under the
+profiler section ``crd_and_bank``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.profiler import record_function
 
 from codir_ds.distill.components import Component
 from codir_ds.distill.memory_bank import ShardedMemoryBank
@@ -35,11 +34,13 @@ from codir_ds.engine.distributed import host_group
 class MemoryBankComponent(Component):
     """A sharded memory bank of projected student features and the negatives a method reads from it.
 
-    Its rows are not in :meth:`state_dict`: the run checkpoint saves ``bank`` per rank and re-shards it on a
-    resume with another world size (``codir_ds.engine.checkpointing``).
+    Stateful and sharded: every checkpoint holds each rank's rows (:meth:`state_dict`), and a resume loads every
+    rank's (:meth:`load_shards`), re-sharding them to another number of ranks (``codir_ds.engine.checkpointing``).
     """
     name = "bank"
     section = "crd_and_bank"
+    stateful = True
+    sharded = True
     tags = {"bank/never_updated": "fraction of all bank rows that no momentum update has reached yet (still their "
                                   "initial rows)"}
 
@@ -54,21 +55,29 @@ class MemoryBankComponent(Component):
         per_anchor = labels is None or spec.finetune_negatives == "anchor"
         self.ids_group = host_group() if per_anchor else None  # step ids travel host to host (NCCL)
         self.pending: list = []
+        self.step_rows = None  # this optimizer step's negatives (step_negatives), read per micro-batch
         self.warm_start_seconds: Optional[float] = None  # bank_init=student's pass, when it ran
 
     # ------------------------------------------------------------------ one optimizer step
+    def start_step(self, step: int, batches: list) -> None:
+        """This step's negatives, shared by its micro steps. COLLECTIVE."""
+        self.step_rows = self.step_negatives(step, batches)
+
+    def loss_inputs(self, ids: torch.Tensor) -> dict:
+        """The negatives of the micro-batch's anchors ``ids``."""
+        return {"negatives": self.step_rows.for_batch(ids)}
+
     def step_negatives(self, step: int, batches):
         """The negatives of optimizer step ``step`` (``batches``: this rank's ``(epoch, ids)`` micro-batches), each
         micro-batch's through ``.for_batch(ids)``. COLLECTIVE. Finetuning: ``[C, K, m]`` per-class sets or K rows
         per anchor of the global step; pre-training: the global mini-batch's rows."""
-        with record_function(self.section):
-            local = torch.cat([ids for _, ids in batches])
-            if self.labels is None:
-                cand_ids = self.negative_ids(local, step)
-                return StepBatchNegatives(self.bank.gather(cand_ids), cand_ids.to(self.device, non_blocking=True))
-            if self.spec.finetune_negatives == "anchor":
-                return self.sampler.anchor_negatives(self.bank, step, local, self.world, self.device, self.ids_group)
-            return ClassNegativeRows(self.sampler.class_negatives(self.bank, step), self.labels)
+        local = torch.cat([ids for _, ids in batches])
+        if self.labels is None:
+            cand_ids = self.negative_ids(local, step)
+            return StepBatchNegatives(self.bank.gather(cand_ids), cand_ids.to(self.device, non_blocking=True))
+        if self.spec.finetune_negatives == "anchor":
+            return self.sampler.anchor_negatives(self.bank, step, local, self.world, self.device, self.ids_group)
+        return ClassNegativeRows(self.sampler.class_negatives(self.bank, step), self.labels)
 
     def negative_ids(self, local_ids: torch.Tensor, step: int) -> torch.Tensor:
         """Pre-training: ids (host) of the global mini-batch whose rows are the step's negatives (with
@@ -85,15 +94,22 @@ class MemoryBankComponent(Component):
         """The held positives' momentum updates (Eq. 5). A step the engine skipped (fp16 overflow, non-finite
         gradients) leaves the bank untouched too. ``training.deterministic`` (ranks train on ids they do not own)
         sends each update to the owner rank; this is collective."""
-        with record_function(self.section):
-            if applied:
-                if self.deterministic:
-                    self.bank.update_routed(torch.cat([ids for ids, _ in self.pending]),
-                                            torch.cat([f for _, f in self.pending]), id_group=host_group())
-                else:
-                    for ids, feats in self.pending:  # host ids: the bank checks them without a device sync
-                        self.bank.update(ids, feats)
-            self.pending.clear()
+        if applied:
+            if self.deterministic:
+                self.bank.update_routed(torch.cat([ids for ids, _ in self.pending]),
+                                        torch.cat([f for _, f in self.pending]), id_group=host_group())
+            else:
+                for ids, feats in self.pending:  # host ids: the bank checks them without a device sync
+                    self.bank.update(ids, feats)
+        self.pending.clear()
+
+    def state_dict(self) -> dict:
+        """This rank's rows, their ids and update counts."""
+        return self.bank.state_dict()
+
+    def load_shards(self, states: list) -> None:
+        """Every saved rank's :meth:`state_dict`, re-sharded to this run's ranks."""
+        self.bank.load_state_dict(states)
 
     def scalars(self) -> dict:
         """Logged at log steps. COLLECTIVE."""

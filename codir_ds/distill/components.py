@@ -3,6 +3,9 @@
 A recipe holds the run's components in order (:attr:`Recipe.components`) and calls each at fixed points,
 without knowing what it is::
 
+    at the start of a step       start_step(step, batches)            COLLECTIVE where a component gathers
+    into the student's forward   forward_inputs()                     extra keyword inputs of the engine
+    into the method's loss       loss_inputs(ids)                     fields of LossInputs for micro-batch ids
     after every micro step       after_micro_step(ids, out)          ids: the micro-batch's example ids,
                                                                      out: the engine's output dict
     after every optimizer step   after_optimizer_step(applied, stage)   applied: the engine did not skip it
@@ -11,7 +14,8 @@ without knowing what it is::
     in every checkpoint          state_dict() / load_state_dict()     this rank's file (None: nothing to save)
     at the end                   results()                            entries of results.json
 
-Each call runs under the profiler section :attr:`Component.section` (``torch.profiler.record_function``), which
+Each call runs under the step section :attr:`Component.section` (:func:`codir_ds.engine.sections.section`, a
+``torch.profiler.record_function`` range), which
 ``bench/throughput.py`` and any torch profiler trace show. The memory bank
 (:class:`~codir_ds.distill.bank_component.MemoryBankComponent`), CR-ILD's EMA copy (:class:`EMAComponent`) and
 the teacher cache (:class:`~codir_ds.engine.teacher_cache.TeacherCache`) are components.
@@ -22,7 +26,8 @@ import copy
 from typing import Callable, Optional
 
 import torch
-from torch.profiler import record_function
+
+from codir_ds.engine.sections import section
 
 
 class Component:
@@ -30,7 +35,19 @@ class Component:
     name: str = ""      # the key of its state in the checkpoint's per-rank file
     section: str = ""   # the profiler section of its work
     stateful: bool = False  # its state_dict() goes into every checkpoint
+    sharded: bool = False   # its state is one shard per rank, re-sharded on resume (load_shards, not load_state_dict)
     tags: dict = {}     # TensorBoard tags its scalars() write: {tag: what it is} (docs/running.md's tag reference)
+
+    def start_step(self, step: int, batches: list) -> None:
+        """Before the first micro step of optimizer step ``step`` (``batches``: this rank's ``(epoch, ids)``)."""
+
+    def forward_inputs(self) -> dict:
+        """Keyword inputs this component adds to the student's forward (e.g. a model that provides targets)."""
+        return {}
+
+    def loss_inputs(self, ids: torch.Tensor) -> dict:
+        """Fields of :class:`~codir_ds.distill.methods.base.LossInputs` for the micro-batch ``ids`` (e.g. negatives)."""
+        return {}
 
     def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
         """After a micro step's backward and ``engine.step()`` (gradient accumulation boundary or not)."""
@@ -73,14 +90,32 @@ class Components:
     def __len__(self) -> int:
         return len(self.items)
 
+    def start_step(self, step: int, batches: list) -> None:
+        for c in self.items:
+            with section(c.section):
+                c.start_step(step, batches)
+
+    def forward_inputs(self) -> dict:
+        out: dict = {}
+        for c in self.items:
+            out.update(c.forward_inputs())
+        return out
+
+    def loss_inputs(self, ids: torch.Tensor) -> dict:
+        out: dict = {}
+        for c in self.items:
+            with section(c.section):
+                out.update(c.loss_inputs(ids))
+        return out
+
     def after_micro_step(self, ids: torch.Tensor, out: dict) -> None:
         for c in self.items:
-            with record_function(c.section):
+            with section(c.section):
                 c.after_micro_step(ids, out)
 
     def after_optimizer_step(self, applied: bool, stage: str) -> None:
         for c in self.items:
-            with record_function(c.section):
+            with section(c.section):
                 c.after_optimizer_step(applied, stage)
 
     def scalars(self) -> dict:
@@ -126,6 +161,9 @@ class EMAComponent(Component):
     def update(self, student: torch.nn.Module) -> None:
         for e, p in zip(self.model.parameters(), student.parameters(), strict=True):
             e.mul_(self.decay).add_(p.detach().to(e.dtype), alpha=1.0 - self.decay)
+
+    def forward_inputs(self) -> dict:
+        return {"clean_model": self.model}  # the consistency targets come from this copy, not the student
 
     def after_optimizer_step(self, applied: bool, stage: str) -> None:
         if applied and self.active(stage):

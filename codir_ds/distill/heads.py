@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from codir_ds.distill.ild import layer_pairs, mix_targets, mixup_embeddings
+from codir_ds.distill.ild import mix_targets, mixup_embeddings
 from codir_ds.models.loading import hidden_size, resolve_layers
 from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
@@ -213,7 +213,10 @@ class PretrainModule(DistillationModule):
         return self.project_student(out.hidden_states, attention_mask)
 
     def forward(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None,
-                teacher_features: Optional[torch.Tensor] = None, ild: bool = False, hold_encoder: bool = False) -> dict:
+                teacher_features: Optional[torch.Tensor] = None, ild: bool = False, hold_encoder: bool = False,
+                mix: Optional[tuple] = None, clean_model: Optional[nn.Module] = None) -> dict:
+        if mix is not None:
+            raise ValueError("pre-training does not mix inputs")
         body, head = mlm_parts(self.student)
         want_features = self.proj_s is not None and teacher_features is not None
         out = body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,

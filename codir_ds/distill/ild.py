@@ -12,8 +12,8 @@ Positions are restricted to real tokens with the attention mask ``[B, L]`` (1 = 
   raw scores; probabilities are bounded and need no masking of ``-inf`` entries, so they are
   what is compared here. When the head counts differ, each side's maps are averaged over heads.
 - :func:`cosine_loss`: DistilBERT's cosine embedding loss ``1 - cos`` over real tokens.
-- :func:`mixup_embeddings` / :func:`consistency_weight`: CR-ILD's embedding-level mixup and
-  its linearly ramped consistency weight.
+- :func:`mixup_embeddings` / :func:`consistency_weight` / :class:`MixedInputs`: CR-ILD's embedding-level
+  mixup, its linearly ramped consistency weight and its mixed (and supplementary) inputs.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.errors import CodirError
 
 def _no_autocast(t: torch.Tensor):
@@ -116,6 +117,25 @@ def mixup_draw(alpha: float, batch: int, seed: int) -> tuple[float, torch.Tensor
     rng = np.random.default_rng(seed)
     lam = float(rng.beta(alpha, alpha))
     return max(lam, 1.0 - lam), torch.from_numpy(rng.permutation(batch)).long()
+
+
+class MixedInputs:
+    """The mixing stages' inputs (a method's :class:`~codir_ds.distill.methods.base.MixSpec`): each micro-batch
+    gains as many ``supplementary`` examples (drawn with replacement) as it has, and one mixup draw over the
+    whole. Both are seeded by ``(seed, rank, micro step)``, so a resumed run draws what the uninterrupted one
+    did."""
+
+    def __init__(self, alpha: float, supplementary: Sequence, seed: int, rank: int):
+        self.alpha, self.supplementary, self.seed, self.rank = alpha, list(supplementary), seed, rank
+
+    def __call__(self, examples: list, micro_step: int) -> tuple[list, tuple[float, torch.Tensor]]:
+        """``(examples plus supplementary ones, (lambda, partner))`` for micro step ``micro_step``."""
+        micro_seed = derive_seed(self.seed, self.rank, micro_step)
+        if self.supplementary:
+            pick = torch.randint(len(self.supplementary), (len(examples),),
+                                 generator=torch.Generator().manual_seed(micro_seed))
+            examples = examples + [self.supplementary[i] for i in pick.tolist()]
+        return examples, mixup_draw(self.alpha, len(examples), micro_seed)
 
 
 def mixup_embeddings(embeds: torch.Tensor, attention_mask: torch.Tensor, lam: float,

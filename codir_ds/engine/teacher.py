@@ -1,4 +1,5 @@
-"""The frozen teacher's forward pass: inference mode, run's precision, pooled features."""
+"""The frozen teacher's forward pass: inference mode, run's precision, pooled features; the teacher step of a
+training step (:class:`TeacherStep`: the teacher cache, else a forward)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,6 +9,7 @@ import torch
 from codir_ds.distill.heads import ILDSpec, ild_features, use_eager_attention
 from codir_ds.distill.ild import mixup_embeddings
 from codir_ds.distill.methods.base import LayerFeatures, TeacherOutput
+from codir_ds.engine.sections import section
 from codir_ds.models.mlm import gather_rows, mlm_parts
 from codir_ds.models.pooling import pool_layers
 
@@ -73,8 +75,12 @@ class MLMTeacherRunner:
         if ild_spec is not None and ild_spec.attention:
             use_eager_attention(model)
 
-    def __call__(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None) -> TeacherOutput:
-        ild = self.ild_spec is not None
+    def __call__(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None, ild: Optional[bool] = None,
+                 mix: Optional[tuple] = None) -> TeacherOutput:
+        """``ild``: the mapped layers' features (default: whenever there is a layer spec); no ``mix`` in pre-training."""
+        if mix is not None:
+            raise ValueError("pre-training does not mix inputs")
+        ild = self.ild_spec is not None if ild is None else ild and self.ild_spec is not None
         with torch.inference_mode():
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             output_hidden_states=self.layers is not None or ild,
@@ -86,3 +92,23 @@ class MLMTeacherRunner:
                 if ild else None
         return TeacherOutput(logits=None if logits is None else logits.clone(),
                              features=None if features is None else features.clone(), layers=_clone_layers(feats))
+
+
+class TeacherStep:
+    """The teacher's part of a micro step: the teacher cache's rows when it holds every example of the
+    micro-batch, else a forward of ``runner`` (then cached). Runs under the profiler section ``teacher_forward``."""
+    section = "teacher_forward"
+
+    def __init__(self, runner, cache=None, device=None):
+        self.runner, self.cache, self.device = runner, cache, device
+
+    def __call__(self, mb, ild: bool = False) -> TeacherOutput:
+        """The teacher's outputs for micro-batch ``mb`` (a :class:`~codir_ds.recipes.stages.MicroBatch`);
+        ``ild``: also the mapped layers."""
+        with section(self.section):
+            out = self.cache.lookup(mb.ids, self.device) if self.cache is not None else None
+            if out is None:
+                out = self.runner(**mb.inputs, ild=ild, mix=mb.mix)
+                if self.cache is not None:
+                    self.cache.store(mb.ids, out)
+            return out

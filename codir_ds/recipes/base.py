@@ -10,9 +10,11 @@ A recipe is one kind of run (finetuning, pre-training, co-training). ``run()`` i
                  evaluation, checkpoint, export, results.json
 
 Subclasses implement the stage-specific phases (``check_inputs``, ``setup_models``,
-``setup_engines``, ``setup_components``, ``train_step``, ``evaluate``, ``finish``). The base owns
-the run directory, checkpoints and resume, the monitor and the non-finite policy; a method's
-memory bank is a component (:mod:`codir_ds.distill.bank_component`) the recipes call at fixed points of a step.
+``setup_engines``, ``setup_components``, ``evaluate``, ``finish``); their data side is a
+:class:`~codir_ds.recipes.stages.DataStage` (``recipe.data``). The base owns the run directory,
+checkpoints and resume, the monitor, the non-finite policy and the one ``train_step``: per
+micro-batch, the teacher step, the student, ``method.loss``, backward and step, then the components
+(:mod:`codir_ds.distill.components`: the memory bank, the EMA copy, the teacher cache) at fixed points.
 """
 from __future__ import annotations
 
@@ -34,18 +36,22 @@ from codir_ds.distill.bank_component import MemoryBankComponent
 from codir_ds.distill.components import Components
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.diagnostics import CollapseWatch, last_diagnostics
-from codir_ds.distill.methods import build_method
-from codir_ds.engine.checkpointing import engine_config, resume_latest, resume_plan, save_run_checkpoint
+from codir_ds.distill.methods import LossInputs, StudentOutput, build_method
+from codir_ds.engine.checkpointing import RunState, engine_config, resume_latest, resume_plan, save_run_checkpoint
 from codir_ds.engine.checkpointing.store import COMPLETE, tag_for
 from codir_ds.engine.compile import check_compile, compile_engine
 from codir_ds.engine.distributed import dist_env, host_group, init_distributed, set_seed
+from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
 from codir_ds.engine.faults import check_fault_spec, maybe_fault
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.optim import check_optimizer_impl, optimizer_and_schedule
 from codir_ds.engine.preemption import StopSignals, clear_marker, resume_command, write_marker
 from codir_ds.engine.rundir import ARCHITECTURE, check_run_dir, open_run_dir, write_architecture
+from codir_ds.engine.sections import section
+from codir_ds.engine.teacher import TeacherStep
 from codir_ds.errors import CodirError
+from codir_ds.recipes.stages import DataStage
 
 
 @dataclass
@@ -106,15 +112,19 @@ class Recipe:
     """Base of the training recipes; ``stage`` is ``"finetune"`` or ``"pretrain"``."""
     stage = "finetune"
 
+    data_stage: type = DataStage  # the class of the stage's data side (recipe.data)
+
     def __init__(self, cfg: ExperimentConfig, ds_config_path: str, output_dir: str, resume: bool = False,
                  overwrite: bool = False):
         self.cfg, self.ds_config_path = cfg, ds_config_path
+        self.data = self.data_stage(self)  # the task or the corpus: the recipe never branches on the stage
         self.run_dir = Path(output_dir)
         self.resume, self.overwrite = resume, overwrite
         self.rank, _, self.world = dist_env()
         self.method = build_method(cfg.method, self.stage)  # refuses a method the stage does not have
         self.progress = Progress()
         self.engine = self.sampler = self.monitor = None
+        self.teacher_step: Optional[TeacherStep] = None  # the teacher's part of a micro step (a method with a teacher)
         self.bank_component: Optional[MemoryBankComponent] = None  # the method's memory bank (BankSpec), if any
         self.components = Components()  # called at fixed points of every step (codir_ds.distill.components)
         self.collapse = CollapseWatch()
@@ -200,7 +210,15 @@ class Recipe:
         return ()
 
     def setup_components(self) -> None:
-        """Teacher runner, bank, caches: what the method needs besides the engine(s)."""
+        """Teacher step, bank, caches: what the method needs besides the engine(s)."""
+
+    def build_teacher_step(self, cache=None) -> None:
+        """The teacher on the device and the step that runs it (or reads ``cache``); none without a teacher."""
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            runner = self.data.teacher_runner(self.teacher, self.teacher_layers, self.module.pooling,
+                                              self.module.ild_spec)
+            self.teacher_step = TeacherStep(runner, cache, self.device)
 
     @property
     def bank(self) -> Optional[ShardedMemoryBank]:
@@ -220,8 +238,8 @@ class Recipe:
         if self.mode == "resume":
             if self.rank == 0:
                 clear_marker(self.run_dir)
-            client = resume_latest(self.engine, self.ckpt_root, self.rank, self.world, self.sampler, self.bank,
-                                   self.cfg.training.seed, self.components.stateful(), extra_engines=self.extra_engines)
+            client = resume_latest(self.engine, self.ckpt_root, self.rank, self.world, self.cfg.training.seed,
+                                   self.run_state())
             self.progress.load_state_dict(client)
             self.collapse.load_state_dict(self.progress.collapse)
         else:
@@ -309,8 +327,30 @@ class Recipe:
             engine.train(training)
 
     def train_step(self, batches: list[tuple[int, torch.Tensor]]) -> None:
-        """One optimizer step over this rank's ``accumulation`` micro-batches ``(epoch, ids)``."""
-        raise NotImplementedError
+        """One optimizer step over this rank's ``accumulation`` micro-batches ``(epoch, ids)``: per micro-batch,
+        teacher -> student -> ``method.loss`` -> backward / step -> components; then the components' step."""
+        step, method = self.progress.step, self.method
+        stage = method.stage_at(step, self.total_steps)
+        use_layers = self.module.ild_spec is not None and method.uses_layers(stage)
+        self.components.start_step(step, batches)  # COLLECTIVE with a bank: the step's negatives
+        forward = dict(ild=use_layers, hold_encoder=step < method.encoder_delay, **self.components.forward_inputs())
+        weight = method.consistency_weight(step, self.total_steps)
+        for mb in self.data.micro_batches(batches, stage):
+            t_out = self.teacher_step(mb, use_layers) if self.teacher_step is not None else None
+            inputs = LossInputs(mb.labels, pretraining=self.data.masked_lm, is_regression=self.data.is_regression,
+                                token_scale=mb.token_scale, stage=stage, consistency_weight=weight,
+                                **self.components.loss_inputs(mb.ids))  # the bank's negatives
+            with section("student_forward_backward"):
+                out = self.engine(**mb.inputs, teacher_features=t_out.features if t_out is not None else None,
+                                  mix=mb.mix, **forward)
+                total, terms = method.loss(StudentOutput.from_module(out), t_out, inputs)
+                self.engine.backward(total)
+            with section("optimizer_step"):
+                self.engine.step()
+            self.progress.micro_step += 1
+            self.components.after_micro_step(mb.ids, out)  # the bank holds the positives' features until the step
+            self.monitor.accumulate(terms, mb.size * self.world)
+        self.components.after_optimizer_step(self.engine.was_step_applied(), stage)  # bank updates, the EMA copy
 
     def check_skipped(self) -> None:
         """The non-finite policy, after every optimizer step (identical on all ranks)."""
@@ -357,8 +397,33 @@ class Recipe:
         if warning:
             self.monitor.write(warning)
 
+    def trained_models(self) -> list[tuple[str, object, ModelProgress, Path, str]]:
+        """``(role, engine, progress, export directory, eval tag prefix)`` of every trained model, the run's
+        student first."""
+        return [("student", self.engine, self.progress, self.run_dir / "export", "")]
+
     def evaluate(self) -> dict:
-        raise NotImplementedError
+        """Every trained model's validation metrics (``{role: metrics}``), logged and recorded; with a main metric
+        (finetuning) each model's new best is exported as it comes. COLLECTIVE."""
+        step, main, models = self.progress.step, self.data.main_metric, self.trained_models()
+        self.train_mode(False)
+        results = {role: self.data.evaluate(self.data.forward_with(engine)) for role, engine, *_ in models}
+        self.train_mode(True)
+        self.log_eval({f"eval/{prefix}{k}": v for role, *_, prefix in models for k, v in results[role].items()})
+        for role, engine, progress, out, _ in models:
+            if results[role] and progress.record(step, results[role], main):
+                self.export(engine, out, role, results[role])
+        return results
+
+    def export_manifest(self, role: str) -> dict:
+        """What the export of model ``role`` records about the run."""
+        return self.run_manifest()
+
+    def export(self, engine, out: Path, role: str, metrics: dict) -> None:
+        """Export ``engine``'s model to ``out`` with the run manifest, the step and its validation ``metrics``."""
+        export_engine_student(engine, self.tokenizer, out, self.rank,
+                              {**self.export_manifest(role), "step": self.progress.step,
+                               **{f"validation_{k}": v for k, v in metrics.items()}})
 
     def log_eval(self, scalars: dict) -> None:
         """Evaluation scalars (``eval/...`` keys) to TensorBoard and one ``step N: ...`` line."""
@@ -372,13 +437,17 @@ class Recipe:
     def ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def run_state(self) -> RunState:
+        """What a checkpoint holds besides the engine: sampler, stateful components, further engines."""
+        return RunState(self.sampler, self.components.stateful(), self.extra_engines)
+
     def save(self) -> None:
-        """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and extras."""
+        """Collective: DeepSpeed state plus this rank's sampler position, RNG and stateful components (the bank's
+        shard, the EMA copy)."""
         self.progress.collapse = self.collapse.state_dict()
         self.components.before_save()
         save_run_checkpoint(self.engine, self.ckpt_root, self.progress.step, self.progress.state_dict(), self.rank,
-                            self.world, self.sampler, self.bank, self.cfg.training.keep_checkpoints, self.components.stateful(),
-                            extra_engines=self.extra_engines)
+                            self.world, self.cfg.training.keep_checkpoints, self.run_state())
         self.stops.last_checkpoint = str(self.ckpt_root / tag_for(self.progress.step))
 
     def stop_early(self) -> dict:
@@ -389,6 +458,22 @@ class Recipe:
         return {"stopped_at_step": self.progress.step}
 
     def finish(self) -> dict:
+        """The final evaluation, checkpoint and (without a main metric) export of the final models; results.json."""
+        final = self.evaluate()
+        reported = self.final_reports()
+        self.save()
+        if self.data.main_metric is None:  # no best was exported along the way: the final models are
+            for role, engine, _, out, _ in self.trained_models():
+                self.export(engine, out, role, final[role])
+        timing = self.throughput()
+        return self.write_results(self.results(final, reported, timing))
+
+    def final_reports(self) -> dict:
+        """What the final model reports beside validation (finetuning: the test split). COLLECTIVE."""
+        return {}
+
+    def results(self, final: dict, reported: dict, timing: dict) -> dict:
+        """results.json's content (``final``: :meth:`evaluate`'s, ``timing``: :meth:`throughput`'s)."""
         raise NotImplementedError
 
     def throughput(self) -> dict:

@@ -27,15 +27,17 @@ from codir_ds.distill.methods import LossInputs, SecondModelSpec
 from codir_ds.engine.checkpointing import engine_config
 from codir_ds.engine.compile import compile_engine
 from codir_ds.engine.distributed import set_seed
-from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.optim import optimizer_and_schedule
 from codir_ds.engine.rundir import ARCHITECTURE
+from codir_ds.engine.sections import section
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import build_student, check_same_vocab, model_dir, position_limit
 from codir_ds.models.size import parameter_counts
 from codir_ds.recipes.base import ModelProgress, Progress, Recipe, check_skipped
-from codir_ds.recipes.stages import stage_for
+from codir_ds.recipes.finetune import TaskStage
+from codir_ds.recipes.pretrain import CorpusStage
 
+STAGES = {"finetune": TaskStage, "pretrain": CorpusStage}  # the data side of each stage
 LARGE = "large"  # the larger model's DeepSpeed tag inside each checkpoint folder: checkpoints/step_N/large/
 EXPORT_LARGE = "export_large"
 
@@ -62,8 +64,9 @@ class CoTrainRecipe(Recipe):
 
     def __init__(self, cfg: ExperimentConfig, ds_config_path: str, output_dir: str, stage: str = "finetune",
                  resume: bool = False, overwrite: bool = False):
-        self.data = stage_for(stage, self)  # the task or the corpus: the recipe never branches on the stage
-        self.stage = stage
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        self.stage, self.data_stage = stage, STAGES[stage]  # the task or the corpus
         super().__init__(cfg, ds_config_path, output_dir, resume, overwrite)
         self.progress = Progress(large=ModelProgress())
         self.monitor_name = "ctcd" if stage == "finetune" else "ctcd-pre"
@@ -92,7 +95,7 @@ class CoTrainRecipe(Recipe):
         if data.masked_lm:
             check_mlm_pair(small, large, cfg.corpus.block_size)
         # no heads (the method contrasts nothing): module.student is the model
-        self.module = build_module(small, None, self.method, masked_lm=data.masked_lm)[0]
+        self.module, self.teacher_layers = build_module(small, None, self.method, masked_lm=data.masked_lm)
         self.module_large = build_module(large, None, self.method, masked_lm=data.masked_lm)[0]
         self.sizes = {"student": parameter_counts(small), "teacher": parameter_counts(large)}
         self.n_small, self.n_large = self.sizes["student"]["total"], self.sizes["teacher"]["total"]
@@ -116,10 +119,7 @@ class CoTrainRecipe(Recipe):
         self.extra_engines[LARGE] = self.engine_large
 
     def setup_components(self) -> None:
-        self.runner = None
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-            self.runner = self.data.teacher_runner(self.teacher)
+        self.build_teacher_step()  # the one-way variant's teacher: its logits alone
 
     def describe(self) -> str:
         data = self.data.summary()
@@ -130,21 +130,23 @@ class CoTrainRecipe(Recipe):
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches) -> None:
-        for inputs, labels, token_scale, n in self.data.step_inputs(batches):
-            t_out = self.runner(**inputs) if self.runner is not None else None  # one-way variant only
-            large_logits = self.engine_large(**inputs)["logits"]
-            small_logits = self.engine(**inputs)["logits"]
-            batch = LossInputs(labels, pretraining=self.data.masked_lm, is_regression=self.data.is_regression,
-                               token_scale=token_scale)
-            # Each loss reads the other model's logits detached: two separate graphs, one per engine.
-            loss_large, loss_small, terms = self.method.co_loss(
-                large_logits, small_logits, batch, teacher_logits=t_out.logits if t_out is not None else None)
-            self.engine_large.backward(loss_large)
-            self.engine.backward(loss_small)
-            self.engine_large.step()
-            self.engine.step()
+        for mb in self.data.micro_batches(batches):
+            t_out = self.teacher_step(mb) if self.teacher_step is not None else None  # one-way variant only
+            batch = LossInputs(mb.labels, pretraining=self.data.masked_lm, is_regression=self.data.is_regression,
+                               token_scale=mb.token_scale)
+            with section("student_forward_backward"):
+                large_logits = self.engine_large(**mb.inputs)["logits"]
+                small_logits = self.engine(**mb.inputs)["logits"]
+                # Each loss reads the other model's logits detached: two separate graphs, one per engine.
+                loss_large, loss_small, terms = self.method.co_loss(
+                    large_logits, small_logits, batch, teacher_logits=t_out.logits if t_out is not None else None)
+                self.engine_large.backward(loss_large)
+                self.engine.backward(loss_small)
+            with section("optimizer_step"):
+                self.engine_large.step()
+                self.engine.step()
             self.progress.micro_step += 1
-            self.monitor.accumulate(terms, n * self.world)
+            self.monitor.accumulate(terms, mb.size * self.world)
 
     def check_skipped(self) -> None:
         limit, step = self.cfg.training.max_consecutive_skips, self.progress.step
@@ -158,36 +160,14 @@ class CoTrainRecipe(Recipe):
     def architectures(self) -> dict:
         return {ARCHITECTURE: self.module.student, ARCHITECTURE + "_large": self.module_large.student}
 
-    def export(self, engine, out: Path, role: str, metrics: dict) -> None:
-        export_engine_student(engine, self.tokenizer, out, self.rank,
-                              {**self.run_manifest(), "ctcd_model": role, "step": self.progress.step,
-                               **{f"validation_{k}": v for k, v in metrics.items()}})
+    def trained_models(self) -> list:
+        return [("small", self.engine, self.progress, self.run_dir / "export", ""),
+                (LARGE, self.engine_large, self.progress.large, self.run_dir / EXPORT_LARGE, "large_")]
 
-    def evaluate(self) -> dict:
-        """Evaluate both models; finetuning exports each one's best to export/ and export_large/."""
-        step = self.progress.step
-        self.train_mode(False)
-        results = {}
-        for role, engine, progress, out in (("small", self.engine, self.progress, self.run_dir / "export"),
-                                            (LARGE, self.engine_large, self.progress.large,
-                                             self.run_dir / EXPORT_LARGE)):
-            metrics = self.data.evaluate(self.data.forward_with(engine))
-            results[role] = metrics
-            main = self.data.main_metric  # None (pre-training): no best kept, the final models are exported
-            if metrics and progress.record(step, metrics, main):
-                self.export(engine, out, role, metrics)
-        self.train_mode(True)
-        self.log_eval({**{f"eval/{k}": v for k, v in results["small"].items()},
-                       **{f"eval/large_{k}": v for k, v in results[LARGE].items()}})
-        return results
+    def export_manifest(self, role: str) -> dict:
+        return {**self.run_manifest(), "ctcd_model": role}
 
-    def finish(self) -> dict:
-        final = self.evaluate()
-        self.save()
-        if self.data.main_metric is None:  # no best was exported along the way
-            self.export(self.engine, self.run_dir / "export", "small", final["small"])
-            self.export(self.engine_large, self.run_dir / EXPORT_LARGE, LARGE, final[LARGE])
-        timing = self.throughput()
+    def results(self, final: dict, reported: dict, timing: dict) -> dict:
         results = {**self.common_results(), **self.data.results(final["small"], self.progress)}
         large = {"final": final[LARGE], "history": self.progress.large.history,
                  "export_dir": str(self.run_dir / EXPORT_LARGE), "num_parameters": self.n_large}
@@ -196,7 +176,7 @@ class CoTrainRecipe(Recipe):
         results.update({**timing, "export_dir": str(self.run_dir / "export"), "num_parameters": self.n_small,
                         # The KD weights actually used: alpha_small_to_large / alpha_large_to_small, or alpha_kd.
                         "ctcd": self.method.summary_dict(), LARGE: large})
-        return self.write_results(results)
+        return results
 
 
 def check_mlm_pair(small, large, block_size: int) -> None:

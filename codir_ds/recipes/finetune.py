@@ -21,12 +21,9 @@ from codir_ds.data.collate import ClassificationCollator, to_device, token_lengt
 from codir_ds.data.tasks import TaskData, load_supplementary, load_task
 from codir_ds.distill.components import EMAComponent
 from codir_ds.distill.heads import build_module
-from codir_ds.distill.memory_bank import derive_seed
-from codir_ds.distill.methods import LossInputs, StudentOutput
-from codir_ds.distill.ild import mixup_draw
+from codir_ds.distill.ild import MixedInputs
 from codir_ds.engine.distributed import set_seed
 from codir_ds.engine.evaluation import evaluate
-from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.teacher import TeacherRunner
 from codir_ds.engine.teacher_cache import CACHE_DIR, TeacherCache
 from codir_ds.errors import CodirError
@@ -34,6 +31,7 @@ from codir_ds.models.loading import (WEIGHTS, build_student, check_same_vocab, h
                                      load_tokenizer, model_dir, position_limit, tokenizer_dir)
 from codir_ds.models.size import counts_from_config, parameter_counts, size_comparison
 from codir_ds.recipes.base import Recipe
+from codir_ds.recipes.stages import DataStage, MicroBatch
 
 
 def contrast_labels(task: TaskData, bins: int) -> torch.Tensor:
@@ -172,14 +170,105 @@ def task_lengths(recipe: Recipe):
     return token_lengths(recipe.tokenizer, recipe.task.train, recipe.cfg.data.max_length)
 
 
+class TaskStage(DataStage):
+    """Finetuning's data: the task's training examples (with the mixing stages' supplementary examples and mixup
+    draw), validation metrics, the best model exported as it comes."""
+    name = "finetune"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.mixer = None  # MixedInputs of a method with a MixSpec (set up with the run's components)
+
+    def check_inputs(self) -> None:
+        check_task_inputs(self.recipe)
+
+    def check_model_dir(self, what: str, path) -> None:
+        check_max_length(self.recipe, [(f"{what} '{path}'", path)])
+
+    @property
+    def task(self) -> TaskData:
+        return self.recipe.task
+
+    @property
+    def num_labels(self) -> int:
+        return self.task.num_labels
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task.is_regression
+
+    @property
+    def label_names(self) -> tuple:
+        return self.task.label_names
+
+    @property
+    def main_metric(self) -> str:
+        return self.task.metric_names[0]
+
+    def lengths(self):
+        return task_lengths(self.recipe)
+
+    def collator(self):
+        r = self.recipe
+        return ClassificationCollator(r.tokenizer, r.cfg.data.max_length, self.is_regression)
+
+    def load_teacher(self, path: str):
+        r = self.recipe
+        return load_teacher(path, self.num_labels, r.dtype, r.cfg.model.teacher_sha256, source=r.cfg.source)
+
+    def teacher_runner(self, teacher, layers=None, pooling: str = "mean", ild_spec=None):
+        return TeacherRunner(teacher, layers, pooling, ild_spec)
+
+    def setup_mixing(self, spec, supplementary) -> None:
+        """The mixing stages' inputs for a method's MixSpec ``spec`` (None: never mixed)."""
+        r = self.recipe
+        if spec is not None:
+            self.mixer = MixedInputs(spec.alpha, supplementary if spec.supplementary else [],
+                                     r.cfg.training.seed, r.rank)
+
+    def micro_batches(self, batches, stage: str = "train"):
+        r = self.recipe
+        mixes = self.mixer is not None and r.method.mixes_inputs(stage)
+        for _, ids in batches:
+            examples, mix = [self.task.train[i] for i in ids.tolist()], None
+            if mixes:  # CR-ILD: supplementary inputs join the batch, embeddings are mixed
+                examples, mix = self.mixer(examples, r.progress.micro_step)
+            batch = to_device(r.collator(examples), r.device)
+            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch.get("token_type_ids"))
+            yield MicroBatch(ids, inputs, batch["labels"], len(ids), mix=mix)
+
+    def forward_with(self, engine):
+        return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                token_type_ids=b.get("token_type_ids"))["logits"]
+
+    def evaluate(self, forward, split: str = "validation") -> dict:
+        r = self.recipe
+        return evaluate(forward, getattr(self.task, split), r.collator, r.cfg.training.eval_batch_size, r.device,
+                        self.task.metric_names, r.rank, r.world)
+
+    def manifest(self) -> dict:
+        return {"task": self.task.name, "label_names": self.task.label_names}
+
+    def summary(self) -> str:
+        return task_summary(self.task)
+
+    def results(self, final: dict, progress) -> dict:
+        task = self.task
+        return {"task": task.name, "num_train_examples": len(task.train), "parameters": self.recipe.sizes,
+                "num_validation_examples": len(task.validation), "main_metric": self.main_metric,
+                "final": final, "best": progress.best, "history": progress.history}
+
+
 class FinetuneRecipe(Recipe):
     """Distil a frozen teacher into a student classifier (or regressor) on one task."""
     stage = "finetune"
+    data_stage = TaskStage
     monitor_name = property(lambda self: self.method.name)
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        check_task_inputs(self)
+        self.data.check_inputs()
 
     def setup_models(self) -> None:
         """Teacher (checksum, classification head), then the student and the method's heads, seeded alike
@@ -198,8 +287,7 @@ class FinetuneRecipe(Recipe):
 
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher classifier (checksum verified, classification head for this task)."""
-        return load_teacher(str(self.teacher_dir), self.task.num_labels, self.dtype, self.cfg.model.teacher_sha256,
-                            source=self.cfg.source)
+        return self.data.load_teacher(str(self.teacher_dir))
 
     def build_student_model(self) -> torch.nn.Module:
         """The student classifier (``model.*``), from layers of another model or a config."""
@@ -207,8 +295,8 @@ class FinetuneRecipe(Recipe):
                              template_dir=self.teacher_dir, label_names=self.task.label_names)
 
     def setup_data(self) -> None:
-        super().setup_data(task_lengths(self))
-        self.collator = ClassificationCollator(self.tokenizer, self.cfg.data.max_length, self.task.is_regression)
+        super().setup_data(self.data.lengths())
+        self.collator = self.data.collator()
         warning = short_schedule_warning(self.total_steps, self.num_train, self.cfg, self.ds["train_batch_size"],
                                          self.steps_per_epoch)
         if warning and self.rank == 0:
@@ -218,16 +306,14 @@ class FinetuneRecipe(Recipe):
         return (self.ema.model,) if self.ema is not None else ()
 
     def setup_components(self) -> None:
-        """Teacher runner, EMA copy, memory bank and label negatives, teacher cache."""
+        """EMA copy, memory bank and label negatives, teacher cache and teacher step, mixed inputs."""
         t, bank = self.cfg.training, self.method.bank
-        self.runner = None
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-            self.runner = TeacherRunner(self.teacher, self.teacher_layers, self.module.pooling, self.ild_spec)
         if self.ema is not None:
             self.ema.model.to(device=self.device, dtype=self.dtype)
         self.build_bank(contrast_labels(self.task, bank.regression_bins) if bank is not None else None)
         self.cache = self.components.add(self.open_teacher_cache()) if t.teacher_cache else None
+        self.build_teacher_step(self.cache)
+        self.data.setup_mixing(self.method.mixing, self.supplementary)
 
     def open_teacher_cache(self) -> TeacherCache:
         """Memory-mapped per-example teacher logits (and pooled features) under <run>/teacher_cache/."""
@@ -244,104 +330,31 @@ class FinetuneRecipe(Recipe):
         return (f"{self.method.name}: {task_summary(self.task)}, {size_comparison(**self.sizes)}, "
                 f"{self.batch_summary()}")
 
-    # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, batches) -> None:
-        step = self.progress.step
-        stage = self.method.stage_at(step, self.total_steps)
-        bank, step_rows = self.bank_component, None  # the negatives' rows: once per optimizer step
-        for _, ids in batches:
-            batch, mix = self.micro_batch(ids, stage)
-            use_layers = self.ild_spec is not None and self.method.uses_layers(stage)
-            t_out = self.teacher_outputs(ids, batch, use_layers, mix)
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              token_type_ids=batch.get("token_type_ids"),
-                              teacher_features=t_out.features if t_out is not None else None, ild=use_layers,
-                              mix=mix, clean_model=self.ema.model if self.ema is not None else None,
-                              hold_encoder=step < self.method.encoder_delay)
-            if bank is not None and step_rows is None:  # collective, first micro step of an optimizer step
-                step_rows = bank.step_negatives(step, batches)
-            negatives = step_rows.for_batch(ids) if bank is not None else None
-            inputs = LossInputs(batch["labels"], is_regression=self.task.is_regression, negatives=negatives,
-                                stage=stage, consistency_weight=self.method.consistency_weight(step, self.total_steps))
-            total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
-            self.engine.backward(total)
-            self.engine.step()
-            self.progress.micro_step += 1
-            self.components.after_micro_step(ids, out)  # the bank holds the positives' features until the optimizer step
-            self.monitor.accumulate(terms, len(ids) * self.world)
-        self.components.after_optimizer_step(self.engine.was_step_applied(), stage)  # bank updates (if applied), the EMA copy (its stages, if applied)
-
     def feature_batch(self, ids: torch.Tensor) -> dict:
         return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)
 
-    def micro_batch(self, ids: torch.Tensor, stage: str):
-        """The collated micro-batch on the device and the mixup draw (staged methods' mixing stage only)."""
-        examples = [self.task.train[i] for i in ids.tolist()]
-        mix = None
-        if self.method.mixes_inputs(stage):  # CR-ILD: supplementary inputs join the batch, embeddings are mixed
-            micro_seed = derive_seed(self.cfg.training.seed, self.rank, self.progress.micro_step)
-            if self.supplementary:
-                pick = torch.randint(len(self.supplementary), (len(examples),),
-                                     generator=torch.Generator().manual_seed(micro_seed))
-                examples = examples + [self.supplementary[i] for i in pick.tolist()]
-            mix = mixup_draw(self.method.mixing.alpha, len(examples), micro_seed)
-        return to_device(self.collator(examples), self.device), mix
-
-    def teacher_outputs(self, ids, batch, use_layers: bool, mix):
-        """From the teacher cache when it holds these examples, else a teacher forward (then cached)."""
-        t_out = self.cache.lookup(ids, self.device) if self.cache is not None else None
-        if t_out is None and self.runner is not None:
-            t_out = self.runner(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                                ild=use_layers, mix=mix)
-            if self.cache is not None:
-                self.cache.store(ids, t_out)
-        return t_out
-
     # ------------------------------------------------------------------ evaluation and the end
-    def forward_logits(self, batch):
-        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch.get("token_type_ids"))["logits"]
-
-    def evaluate(self) -> dict:
-        """Validation metrics, logged; a new best is exported to <run>/export/."""
-        step, task = self.progress.step, self.task
-        self.engine.eval()
-        metrics = evaluate(self.forward_logits, task.validation, self.collator, self.cfg.training.eval_batch_size,
-                           self.device, task.metric_names, self.rank, self.world)
-        self.engine.train()
-        self.log_eval({f"eval/{k}": v for k, v in metrics.items()})
-        if self.progress.record(step, metrics, task.metric_names[0]):
-            export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
-                                  {**self.run_manifest(), "step": step,
-                                   **{f"validation_{k}": v for k, v in metrics.items()}})
-        return metrics
-
     def run_manifest(self) -> dict:
-        return {"task": self.task.name, "label_names": self.task.label_names, "method": self.method.name}
+        return {**self.data.manifest(), "method": self.method.name}
 
-    def test_metrics(self):
+    def final_reports(self) -> dict:
         """The final model's metrics on the task's test split (None without one). COLLECTIVE. Reported only:
         nothing is selected on them."""
         task = self.task
         if not task.test:
-            return None
+            return {"test": None}
         self.engine.eval()
-        metrics = evaluate(self.forward_logits, task.test, self.collator, self.cfg.training.eval_batch_size,
-                           self.device, task.metric_names, self.rank, self.world)
+        metrics = self.data.evaluate(self.data.forward_with(self.engine), "test")
         self.engine.train()
         if self.rank == 0:
             print(f"test split ({len(task.test)} examples, final model): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        return metrics
+        return {"test": metrics}
 
-    def finish(self) -> dict:
-        final = self.evaluate()
-        test = self.test_metrics()
-        self.save()
+    def results(self, final: dict, reported: dict, timing: dict) -> dict:
         task = self.task
-        results = {"task": task.name, **self.common_results(), "num_train_examples": len(task.train),
-                   "num_validation_examples": len(task.validation), "num_test_examples": len(task.test),
-                   "main_metric": task.metric_names[0], "final": final, "test": test,
-                   "best": self.progress.best, "history": self.progress.history,
-                   "parameters": self.sizes, **self.throughput(), "export_dir": str(self.run_dir / "export")}
-        return self.write_results(results)
+        return {"task": task.name, **self.common_results(), "num_train_examples": len(task.train),
+                "num_validation_examples": len(task.validation), "num_test_examples": len(task.test),
+                "main_metric": task.metric_names[0], "final": final["student"], "test": reported["test"],
+                "best": self.progress.best, "history": self.progress.history,
+                "parameters": self.sizes, **timing, "export_dir": str(self.run_dir / "export")}

@@ -1,6 +1,6 @@
 """Pre-training distillation (MLM-Pre, KD-Pre, CoDIR-Pre, TinyBERT / DistilBERT-style) on a text corpus.
 
-One optimizer step (``train_step``) reads:
+One optimizer step (the recipes' one ``train_step``, with this stage's micro-batches) reads:
 
 1. take this rank's ``accumulation`` micro-batches of block ids;
 2. CRD only: all-gather every rank's ids -> the global mini-batch, and read its bank rows with
@@ -26,16 +26,15 @@ from codir_ds.data.collate import to_device
 from codir_ds.data.corpus import load_corpus
 from codir_ds.data.mlm import MLMCollator
 from codir_ds.distill.heads import build_module
-from codir_ds.distill.methods import LossInputs, StudentOutput
 from codir_ds.engine.distributed import set_seed
 from codir_ds.engine.evaluation import evaluate_mlm
-from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.teacher import MLMTeacherRunner
 from codir_ds.errors import CodirError
 from codir_ds.models.loading import (build_student, check_same_vocab, load_tokenizer, model_dir, position_limit,
                                      tokenizer_dir, verify_weights)
 from codir_ds.models.mlm import load_mlm_teacher, masked_rows
 from codir_ds.recipes.base import Recipe
+from codir_ds.recipes.stages import DataStage, MicroBatch
 
 
 @dataclass
@@ -136,14 +135,70 @@ def count_tokens(tokens: int, device, world: int) -> int:
     return tokens
 
 
+class CorpusStage(DataStage):
+    """Pre-training's data: masked-LM blocks of the corpus, masked on the host per optimizer step; held-out MLM
+    metrics; the final models exported."""
+    name = "pretrain"
+    masked_lm = True
+
+    def check_inputs(self) -> None:
+        check_corpus_inputs(self.recipe)
+
+    def collator(self):
+        r = self.recipe
+        return MLMCollator(r.tokenizer, r.method.mlm_probability, seed=r.cfg.training.seed)
+
+    def load_teacher(self, path: str):
+        """A masked-LM model when its logits are used, else its body alone."""
+        r = self.recipe
+        return load_mlm_teacher(path, r.dtype, r.cfg.model.teacher_sha256, need_head=r.method.teacher.logits,
+                                source=r.cfg.source)
+
+    def teacher_runner(self, teacher, layers=None, pooling: str = "mean", ild_spec=None):
+        return MLMTeacherRunner(teacher, layers, pooling, logits=self.recipe.method.teacher.logits,
+                                ild_spec=ild_spec)
+
+    def micro_batches(self, batches, stage: str = "train"):
+        r = self.recipe
+        for mb in mask_step(r, batches):  # COLLECTIVE on the first; vocabulary logits at the masked positions only
+            batch = to_device(mb.host, r.device)
+            labels = mb.host["labels"].reshape(-1)[mb.rows].to(r.device, non_blocking=True)
+            r.tokens += int(mb.host["attention_mask"].sum())
+            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          rows=mb.rows.to(r.device, non_blocking=True))
+            yield MicroBatch(mb.ids, inputs, labels, len(mb.ids), token_scale=mb.token_scale)
+
+    def forward_with(self, engine):
+        return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], rows=b["rows"])["logits"]
+
+    def evaluate(self, forward) -> dict:
+        r = self.recipe
+        return evaluate_mlm(forward, r.corpus, r.collator, r.cfg.training.eval_batch_size, r.device, r.rank, r.world)
+
+    def manifest(self) -> dict:
+        return {"stage": "pretrain"}
+
+    def summary(self) -> str:
+        return corpus_summary(self.recipe.corpus)
+
+    def results(self, final: dict, progress) -> dict:
+        r = self.recipe
+        tokens = count_tokens(r.tokens, r.device, r.world)
+        return {"stage": "pretrain", "block_size": r.corpus.block_size, "num_train_blocks": r.num_train,
+                "num_validation_blocks": len(r.corpus.validation_ids), "corpus": str(r.corpus.path),
+                "final": final, "history": progress.history,
+                "tokens_per_second": round(tokens / max(r.elapsed, 1e-9), 1)}
+
+
 class PretrainRecipe(Recipe):
     """Distil a frozen MLM teacher into a masked-LM student on a packed corpus."""
     stage = "pretrain"
+    data_stage = CorpusStage
     monitor_name = property(lambda self: f"{self.method.name}-pre")
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        check_corpus_inputs(self)
+        self.data.check_inputs()
 
     def setup_models(self) -> None:
         """Teacher (checksum, MLM head when its logits are used), student, the method's heads."""
@@ -158,8 +213,7 @@ class PretrainRecipe(Recipe):
 
     def load_teacher_model(self) -> torch.nn.Module:
         """The frozen teacher: a masked-LM model when its logits are used, else its body alone."""
-        return load_mlm_teacher(str(self.teacher_dir), self.dtype, self.cfg.model.teacher_sha256,
-                                need_head=self.method.teacher.logits, source=self.cfg.source)
+        return self.data.load_teacher(str(self.teacher_dir))
 
     def build_student_model(self) -> torch.nn.Module:
         """The masked-LM student (``model.*``)."""
@@ -167,14 +221,10 @@ class PretrainRecipe(Recipe):
 
     def setup_data(self) -> None:
         super().setup_data()
-        self.collator = MLMCollator(self.tokenizer, self.method.mlm_probability, seed=self.cfg.training.seed)
+        self.collator = self.data.collator()
 
     def setup_components(self) -> None:
-        self.runner = None
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-            self.runner = MLMTeacherRunner(self.teacher, self.teacher_layers, self.module.pooling,
-                                           logits=self.method.teacher.logits, ild_spec=self.module.ild_spec)
+        self.build_teacher_step()
         self.build_bank()  # pre-training's negatives: the rows of the global mini-batch
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
 
@@ -183,67 +233,12 @@ class PretrainRecipe(Recipe):
         return to_device(self.collator([self.corpus[i] for i in ids.tolist()], ids, 0), self.device)
 
     def describe(self) -> str:
-        return f"{self.method.name} pre-training: {corpus_summary(self.corpus)}, {self.batch_summary()}"
-
-    # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, batches) -> None:
-        bank = self.bank_component
-        # collective: the global mini-batch's bank rows, shared by the step's micro steps
-        step_rows = bank.step_negatives(self.progress.step, batches) if bank is not None else None
-        for mb in mask_step(self, batches):
-            labels = mb.host["labels"].reshape(-1)[mb.rows].to(self.device, non_blocking=True)
-            self.tokens += int(mb.host["attention_mask"].sum())
-            rows = mb.rows.to(self.device, non_blocking=True)
-            batch = to_device(mb.host, self.device)
-            t_out = self.runner(batch["input_ids"], batch["attention_mask"], rows) if self.runner is not None else None
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], rows=rows,
-                              teacher_features=t_out.features if t_out is not None else None,
-                              ild=self.module.ild_spec is not None,
-                              hold_encoder=self.progress.step < self.method.encoder_delay)
-            negatives = step_rows.for_batch(batch["ids"]) if bank is not None else None
-            inputs = LossInputs(labels, pretraining=True, token_scale=mb.token_scale, negatives=negatives)
-            total, terms = self.method.loss(StudentOutput.from_module(out), t_out, inputs)
-            self.engine.backward(total)
-            self.engine.step()
-            self.progress.micro_step += 1
-            self.components.after_micro_step(mb.ids, out)  # the bank holds the positives' features until the optimizer step
-            self.monitor.accumulate(terms, len(mb.ids) * self.world)
-        self.components.after_optimizer_step(self.engine.was_step_applied(), "train")  # bank updates, if applied
+        return f"{self.method.name} pre-training: {self.data.summary()}, {self.batch_summary()}"
 
     # ------------------------------------------------------------------ evaluation and the end
-    def forward_logits(self, batch: dict) -> torch.Tensor:
-        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           rows=batch["rows"])["logits"]
-
-    def evaluate(self) -> dict:
-        """Held-out masked-LM loss, accuracy and perplexity, logged."""
-        step = self.progress.step
-        self.engine.eval()
-        metrics = evaluate_mlm(self.forward_logits, self.corpus, self.collator, self.cfg.training.eval_batch_size,
-                               self.device, self.rank, self.world)
-        self.engine.train()
-        if metrics:
-            self.log_eval({f"eval/{k}": v for k, v in metrics.items()})
-            self.progress.record(step, metrics)
-        return metrics
-
     def run_manifest(self) -> dict:
-        return {"stage": "pretrain", "method": self.method.name}
+        return {**self.data.manifest(), "method": self.method.name}
 
-    def finish(self) -> dict:
-        final = self.evaluate()
-        self.save()
-        step = self.progress.step
-        export_engine_student(self.engine, self.tokenizer, self.run_dir / "export", self.rank,
-                              {**self.run_manifest(), "step": step,
-                               **{f"validation_{k}": v for k, v in final.items()}})
-        timing = self.throughput()
-        tokens = count_tokens(self.tokens, self.device, self.world)
-        c = self.corpus
-        results = {"stage": "pretrain", **self.common_results(), "block_size": c.block_size,
-                   "num_train_blocks": self.num_train, "num_validation_blocks": len(c.validation_ids),
-                   "corpus": str(c.path), "final": final, "history": self.progress.history, **timing,
-                   "tokens_per_second": round(tokens / max(self.elapsed, 1e-9), 1),
-                   "export_dir": str(self.run_dir / "export")}
-        return self.write_results(results)
-
+    def results(self, final: dict, reported: dict, timing: dict) -> dict:
+        return {**self.common_results(), **self.data.results(final["student"], self.progress), **timing,
+                "export_dir": str(self.run_dir / "export")}

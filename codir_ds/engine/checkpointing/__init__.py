@@ -25,7 +25,8 @@ from codir_ds.engine.checkpointing.store import (COMPLETE, LATEST, UNIVERSAL_SUF
                                                  set_rng_state, tag_for)
 from codir_ds.engine.checkpointing.universal import convert_to_universal, is_zero_checkpoint, saved_world_size
 from codir_ds.engine.checkpointing.integrity import ZIP_MAGIC, check_resume_checkpoint
-from codir_ds.engine.checkpointing.resume import engine_config, resume_latest, resume_plan, save_run_checkpoint
+from codir_ds.engine.checkpointing.resume import (RunState, engine_config, resume_latest, resume_plan,
+                                                  save_run_checkpoint)
 
 __all__ = [
     # store
@@ -37,5 +38,5 @@ __all__ = [
     # integrity
     "ZIP_MAGIC", "check_resume_checkpoint",
     # resume
-    "engine_config", "resume_latest", "resume_plan", "save_run_checkpoint",
+    "RunState", "engine_config", "resume_latest", "resume_plan", "save_run_checkpoint",
 ]

@@ -1,7 +1,13 @@
-"""A run's checkpoints: the DeepSpeed state plus every rank's bank shard, sampler position, RNG and extras,
-saved together and resumed on the same or another number of ranks."""
+"""A run's checkpoints: the DeepSpeed state plus every rank's sampler position, RNG and stateful components (the
+memory bank's shard among them), saved together and resumed on the same or another number of ranks.
+
+Each rank's file holds ``world_size``, ``rank``, ``sampler``, ``rng``, one top-level entry per sharded component
+(``bank``: its rows, re-sharded on a resume with another number of ranks) and ``extras``: the other stateful
+components' states (``ema``).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -41,18 +47,35 @@ def engine_config(ds: dict, universal: bool) -> dict:
     return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
 
 
-def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank, seed: int,
-                  extras: Optional[dict] = None, extra_engines: Optional[dict] = None) -> dict:
-    """Load the newest complete checkpoint into the engine, sampler, RNG and bank; returns the client state.
+@dataclass
+class RunState:
+    """What a run checkpoint holds besides the main engine and the client state.
+
+    ``components``: name -> stateful component (``state_dict`` / ``load_state_dict``); one whose ``sharded`` is
+    true saves its rank's shard and, on resume, loads every rank's (``load_shards``), re-sharding to the new number
+    of ranks. ``engines``: name -> further DeepSpeed engine saved in the same folder (CTCD's larger model).
+    """
+    sampler: object
+    components: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)
+
+    def sharded(self) -> dict:
+        return {n: c for n, c in self.components.items() if getattr(c, "sharded", False)}
+
+    def extras(self) -> dict:
+        return {n: c for n, c in self.components.items() if not getattr(c, "sharded", False)}
+
+
+def resume_latest(engine, ckpt_root: Path, rank: int, world: int, seed: int, state: RunState) -> dict:
+    """Load the newest complete checkpoint into the engine, RNG and ``state`` (sampler, components, further
+    engines); returns the client state.
 
     Collective. On the number of ranks that wrote it, everything is restored exactly. On
     another number, rank 0 first converts the DeepSpeed state to a universal checkpoint
-    (:func:`resume_plan` made the engine ready for it), the bank is re-sharded from every
-    rank's shard, the sampler continues the epoch with the examples not yet seen in it,
-    and dropout RNGs are re-seeded from ``(seed, rank, step)``. ``extras`` (name -> object with
-    ``load_state_dict``, e.g. CR-ILD's EMA student) are restored from the checkpoint's rank files.
-    ``extra_engines`` (name -> DeepSpeed engine, e.g. CTCD's larger model, saved by
-    :func:`save_run_checkpoint`) are loaded, and converted, like the main engine.
+    (:func:`resume_plan` made the engine ready for it), the sharded components (the bank) are re-sharded from
+    every rank's shard, the sampler continues the epoch with the examples not yet seen in it,
+    and dropout RNGs are re-seeded from ``(seed, rank, step)``. The other components (e.g. CR-ILD's EMA student)
+    are restored from the checkpoint's rank files. Further engines are loaded, and converted, like the main one.
     """
     tag = latest_tag(ckpt_root)
     if tag is None:
@@ -61,15 +84,15 @@ def resume_latest(engine, ckpt_root: Path, rank: int, world: int, sampler, bank,
     saved_world = len(rank_states)
     load_tag = tag
     if saved_world != world and is_zero_checkpoint(ckpt_root / tag):
-        _convert_on_rank0(ckpt_root, tag, rank, saved_world, world, extra_engines or {})
+        _convert_on_rank0(ckpt_root, tag, rank, saved_world, world, state.engines)
         load_tag = tag + UNIVERSAL_SUFFIX
     client = load_checkpoint(engine, ckpt_root, load_tag)
-    for name, other in (extra_engines or {}).items():
+    for name, other in state.engines.items():
         if load_tag == tag:
             load_checkpoint(other, ckpt_root / tag, name)
         else:
             load_checkpoint(other, ckpt_root / load_tag, name + UNIVERSAL_SUFFIX)
-    _restore_rank_state(ckpt_root / tag, rank_states, rank, world, sampler, bank, extras or {})
+    _restore_rank_state(ckpt_root / tag, rank_states, rank, world, state)
     if saved_world == world:
         set_rng_state(rank_states[rank]["rng"])
     else:
@@ -99,15 +122,17 @@ def _convert_on_rank0(ckpt_root: Path, tag: str, rank: int, saved_world: int, wo
         raise CodirError(flag[0])
 
 
-def _restore_rank_state(tag_dir: Path, rank_states: list, rank: int, world: int, sampler, bank, extras: dict) -> None:
-    """Sampler position, bank shard(s) and extras from every rank's saved files (re-sharded when needed)."""
+def _restore_rank_state(tag_dir: Path, rank_states: list, rank: int, world: int, state: RunState) -> None:
+    """Sampler position, sharded components and extras from every rank's saved files (re-sharded when needed)."""
     saved_world = len(rank_states)
     try:
-        sampler.resume([s["sampler"] for s in rank_states])
-        if bank is not None:
-            bank.load_state_dict([s["bank"] for s in rank_states])
+        state.sampler.resume([s["sampler"] for s in rank_states])
+        for name, obj in state.sharded().items():
+            if any(s.get(name) is None for s in rank_states):
+                raise ValueError(f"no saved {name} shards")
+            obj.load_shards([s[name] for s in rank_states])
         own = rank_states[rank if saved_world == world else 0].get("extras") or {}
-        for name, obj in extras.items():
+        for name, obj in state.extras().items():
             if name not in own:
                 raise ValueError(f"no saved state for {name}")
             obj.load_state_dict(own[name])
@@ -116,15 +141,13 @@ def _restore_rank_state(tag_dir: Path, rank_states: list, rank: int, world: int,
                          f"own config and data") from None
 
 
-def save_run_checkpoint(engine, ckpt_root: Path, step: int, state: dict, rank: int, world: int, sampler, bank,
-                        keep: int, extras: Optional[dict] = None, extra_engines: Optional[dict] = None) -> None:
-    """Collective: DeepSpeed state plus this rank's bank shard, sampler position, RNG and ``extras``' states.
-
-    ``extra_engines`` (name -> DeepSpeed engine, CTCD's larger model) are written into the same
-    checkpoint folder before it is published.
-    """
-    rank_state = {"world_size": world, "rank": rank, "sampler": sampler.state_dict(), "rng": rng_state(),
-                  "bank": bank.state_dict() if bank is not None else None,
-                  "extras": {name: obj.state_dict() for name, obj in (extras or {}).items()}}
-    save_checkpoint(engine, ckpt_root, step, {"codir": dict(state)}, rank_state, rank, keep,
-                         extra_engines=extra_engines)
+def save_run_checkpoint(engine, ckpt_root: Path, step: int, client: dict, rank: int, world: int, keep: int,
+                        state: RunState) -> None:
+    """Collective: the DeepSpeed state(s) with the ``client`` state, and this rank's sampler position, RNG and
+    components' states (:class:`RunState`); further engines are written into the same folder before it is
+    published."""
+    rank_state = {"world_size": world, "rank": rank, "sampler": state.sampler.state_dict(), "rng": rng_state(),
+                  **{name: obj.state_dict() for name, obj in state.sharded().items()},
+                  "extras": {name: obj.state_dict() for name, obj in state.extras().items()}}
+    save_checkpoint(engine, ckpt_root, step, {"codir": dict(client)}, rank_state, rank, keep,
+                    extra_engines=state.engines)
