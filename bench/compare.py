@@ -46,6 +46,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cli import ArgumentError, Parser, read_json, shown_command  # noqa: E402,F401 (re-exported)
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 from codir_ds.config import ExperimentConfig, MethodConfig, load_config  # noqa: E402
 from codir_ds.distill.methods import get_method, method_names, read_by  # noqa: E402
@@ -144,30 +145,8 @@ def uses_teacher(method: str) -> bool:
 # --------------------------------------------------------------------------- arguments
 
 
-class ArgumentError(Exception):
-    """A bad command line: reported as one ``error: ...`` line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    script = "bench/compare.py"  # named in the one-line errors
-
-    def error(self, message: str):  # argparse's own errors: one line too, no usage block
-        print(f"error: {message} (see python {self.script} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-    def parse_checked(self, argv: Optional[list[str]], check) -> argparse.Namespace:
-        """``parse_args``, then ``check(args)``: an :class:`ArgumentError` is one ``error:`` line, exit 2."""
-        args = self.parse_args(argv)
-        try:
-            check(args)
-        except ArgumentError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        return args
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = _Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter, script="bench/compare.py")
     ap.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     ap.add_argument("--methods", default=",".join(FINETUNE_METHODS),
                     help=f"comma-separated, table rows in this order (default: {','.join(FINETUNE_METHODS)})")
@@ -311,7 +290,7 @@ def plan_run(run_dir: Path, expected: dict, force: bool) -> tuple[str, str]:
     """What to do with one run directory: ('reuse' | 'resume' | 'overwrite' | 'fresh', why)."""
     saved = saved_config(run_dir)
     diff = config_differences(saved, expected) if saved is not None else None
-    if _read_json(run_dir / "results.json") is not None:
+    if read_json(run_dir / "results.json") is not None:
         if force:
             return "overwrite", "--force"
         if diff == []:
@@ -354,13 +333,6 @@ def launch_command(args: argparse.Namespace, launcher_args: list[str]) -> list[s
     return deepspeed_command(LAUNCHER, args.ranks, launcher_args)
 
 
-def shown_command(cmd: list[str]) -> str:
-    """The command as a user types it (``deepspeed ...`` / ``python ...``)."""
-    if cmd[1:3] == ["-m", "deepspeed.launcher.runner"]:
-        return shlex.join(["deepspeed", *cmd[3:]])
-    return shlex.join(["python", *cmd[1:]])
-
-
 def execute(cmd: list[str], log: Path, processes: int) -> int:
     """Run one launcher job with its output in ``log``; the exit status."""
     env = dict(os.environ)
@@ -386,8 +358,8 @@ def run_one(args: argparse.Namespace, name: str, run_dir: Path, overrides: list[
     launcher_args += ["--output_dir", launcher_path(run_dir)]
     record = {"name": name, "run_dir": str(run_dir), "log": str(log), "action": action}
     if action == "reuse":
-        sidecar = _read_json(run_dir / "compare_run.json") or {}
-        record.update(status="ok", results=_read_json(run_dir / "results.json"),
+        sidecar = read_json(run_dir / "compare_run.json") or {}
+        record.update(status="ok", results=read_json(run_dir / "results.json"),
                       command=sidecar.get("command"), wall_seconds=sidecar.get("wall_seconds"))
         return record
     if action != "fresh":
@@ -399,7 +371,7 @@ def run_one(args: argparse.Namespace, name: str, run_dir: Path, overrides: list[
     code = execute(cmd, log, args.ranks * (args.jobs if name != "teacher" else 1))
     wall = round(time.perf_counter() - t0, 1)
     record["wall_seconds"] = wall
-    results = _read_json(run_dir / "results.json") if code == 0 else None
+    results = read_json(run_dir / "results.json") if code == 0 else None
     if results is None:
         tail = read_tail(log)
         record.update(status="failed", exit_code=code, error=error_summary(tail), error_tail=tail)
@@ -408,13 +380,6 @@ def run_one(args: argparse.Namespace, name: str, run_dir: Path, overrides: list[
                                                           "action": action}, indent=2))
     record.update(status="ok", results=results)
     return record
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def with_minilm(overrides: list[str], args: argparse.Namespace) -> list[str]:
@@ -697,7 +662,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     teacher_export = teacher_dir / "export"
     teacher_sha = None
     if teacher["status"] == "ok":
-        teacher_sha = (_read_json(teacher_export / EXPORT_MANIFEST) or {}).get("sha256")
+        teacher_sha = (read_json(teacher_export / EXPORT_MANIFEST) or {}).get("sha256")
     grid = [(method, seed) for method in args.methods for seed in args.seeds]
     done: dict[tuple[str, int], dict] = {}
     lock = threading.Lock()

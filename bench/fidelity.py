@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import statistics
@@ -37,10 +36,8 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-_spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" / "compare.py")
-compare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare)
-
+from bench import compare  # noqa: E402
+from bench.cli import ArgumentError, Parser, read_json  # noqa: E402
 from codir_ds import paired_stats  # noqa: E402
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
@@ -184,12 +181,8 @@ PRESETS = {
 DIAGNOSTICS = ("bank/pos_sim", "bank/neg_sim", "bank/sim_gap", "crd/loss_over_log_k1")
 
 
-class _Parser(compare._Parser):
-    script = "bench/fidelity.py"
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = _Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter, script="bench/fidelity.py")
     ap.add_argument("--task", required=True, help=f"one of {', '.join(compare.TASKS)}")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated, of {','.join(VARIANTS)} (default: the preset's, else all)")
@@ -222,28 +215,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.task not in compare.TASKS:
-        raise compare.ArgumentError(f"unknown task {args.task!r}: choose one of {', '.join(compare.TASKS)}")
+        raise ArgumentError(f"unknown task {args.task!r}: choose one of {', '.join(compare.TASKS)}")
     if args.size not in PRESETS:
-        raise compare.ArgumentError(f"unknown --size {args.size!r}: choose one of {', '.join(PRESETS)}")
+        raise ArgumentError(f"unknown --size {args.size!r}: choose one of {', '.join(PRESETS)}")
     preset = PRESETS[args.size]
     args.variants = parse_variants(args.variants or ",".join(preset.get("variants", VARIANTS)), VARIANTS)
     args.seeds = parse_seeds(args.seeds or ",".join(map(str, preset.get("seeds", [1, 2, 3, 4, 5]))))
     args.jobs = args.jobs if args.jobs is not None else preset.get("jobs", 1)
     if args.model_copy is not None:
         if "packaged" not in preset:
-            raise compare.ArgumentError(f"--model_copy: preset {args.size!r} names no packaged model to replace; "
+            raise ArgumentError(f"--model_copy: preset {args.size!r} names no packaged model to replace; "
                                         f"use it with {', '.join(k for k, v in PRESETS.items() if 'packaged' in v)}")
         if not Path(args.model_copy, "config.json").is_file():
-            raise compare.ArgumentError(f"--model_copy {args.model_copy!r} is not a model directory (no config.json)")
+            raise ArgumentError(f"--model_copy {args.model_copy!r} is not a model directory (no config.json)")
         args.model_copy = compare.launcher_path(Path(args.model_copy))
     for path in args.resume_json:
         if not Path(path).is_file():
-            raise compare.ArgumentError(f"--resume_json {path!r}: no such file; pass a <task>.json an earlier run "
+            raise ArgumentError(f"--resume_json {path!r}: no such file; pass a <task>.json an earlier run "
                                         f"of this command wrote")
     if args.launcher not in ("python", "deepspeed"):
-        raise compare.ArgumentError(f"unknown --launcher {args.launcher!r}: choose python or deepspeed")
+        raise ArgumentError(f"unknown --launcher {args.launcher!r}: choose python or deepspeed")
     if args.jobs < 1:
-        raise compare.ArgumentError(f"--jobs must be >= 1, got {args.jobs}")
+        raise ArgumentError(f"--jobs must be >= 1, got {args.jobs}")
     args.out = args.out or f"bench/results/fidelity_{args.size}"
     args.work_dir = args.work_dir or f"runs/fidelity_{args.size}"
     # what compare.run_one reads
@@ -255,7 +248,7 @@ def parse_variants(text: str, known) -> list[str]:
     variants = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in variants if v not in known]
     if not variants or unknown:
-        raise compare.ArgumentError(f"unknown or no --variants {','.join(unknown)!r}: choose from {','.join(known)}")
+        raise ArgumentError(f"unknown or no --variants {','.join(unknown)!r}: choose from {','.join(known)}")
     return list(dict.fromkeys(variants))
 
 
@@ -264,9 +257,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
     except ValueError:
-        raise compare.ArgumentError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise ArgumentError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise compare.ArgumentError("--seeds is empty: give at least one seed, e.g. --seeds 1,2,3,4,5")
+        raise ArgumentError("--seeds is empty: give at least one seed, e.g. --seeds 1,2,3,4,5")
     return seeds
 
 
@@ -510,7 +503,7 @@ def write_chart(path: Path, args, records: dict, comparisons: list[dict], metric
 
 def recorded_study(path: Path, command: str) -> dict:
     """A committed study's JSON for ``--report_only``, with the device line of its table (the JSON has none)."""
-    data = compare._read_json(path)
+    data = read_json(path)
     if data is None:
         raise CodirError(f"--report_only: no study JSON at '{path}': run the study first")
     if data.get("command") != command:
@@ -598,7 +591,7 @@ def resumed_records(args, command: str) -> dict:
     teacher sha256 it trained against (``teacher_sha256``), so a study that retrained its teacher shows it."""
     kept: dict = {}
     for path in args.resume_json:
-        data = compare._read_json(Path(path))
+        data = read_json(Path(path))
         if data is None or _settings_of(data.get("command") or "") != _settings_of(command):
             raise CodirError(f"--resume_json '{path}' was written by `{(data or {}).get('command')}`, whose task, "
                              f"preset, split or settings differ from `{command}`: pass a JSON of this study")
@@ -665,7 +658,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if teacher["status"] != "ok":
         print(f"error: the teacher run failed: {teacher['error']} (log {teacher['log']})", file=sys.stderr)
         return 1
-    sha = (compare._read_json(teacher_dir / "export" / compare.EXPORT_MANIFEST) or {}).get("sha256")
+    sha = (read_json(teacher_dir / "export" / compare.EXPORT_MANIFEST) or {}).get("sha256")
     # seed-major: the first seeds complete first
     grid = [(v, s) for s in args.seeds for v in args.variants if (v, s) not in records]
     resumed = len(records)

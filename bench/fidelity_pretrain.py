@@ -33,16 +33,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def _load(name: str, path: Path):
+from bench import fidelity  # noqa: E402
+from bench.cli import ArgumentError, Parser  # noqa: E402
+
+
+def _load_launcher(name: str, path: Path):
+    """A launcher script as a module (launchers/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-fidelity = _load("bench_fidelity", REPO / "bench" / "fidelity.py")
-compare = fidelity.compare
-demo = _load("demo_pretrain", REPO / "launchers" / "demo_pretrain.py")
+demo = _load_launcher("demo_pretrain", REPO / "launchers" / "demo_pretrain.py")
 
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 from codir_ds.errors import CodirError  # noqa: E402
@@ -57,12 +60,8 @@ COMPARISONS: list[tuple[str, str, str]] = [
 ]
 
 
-class _Parser(compare._Parser):
-    script = "bench/fidelity_pretrain.py"
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = _Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
+    ap = Parser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter, script="bench/fidelity_pretrain.py")
     ap.add_argument("--variants", default=",".join(demo.PRE_VARIANTS),
                     help=f"comma-separated stage-2 variants, of {','.join(demo.PRE_VARIANTS)}")
     ap.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated integers")
@@ -82,7 +81,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.variants = fidelity.parse_variants(args.variants, demo.PRE_VARIANTS)
     args.seeds = fidelity.parse_seeds(args.seeds)
     if args.ranks < 1:
-        raise compare.ArgumentError(f"--ranks must be >= 1, got {args.ranks}")
+        raise ArgumentError(f"--ranks must be >= 1, got {args.ranks}")
     args.task = "pretrain"  # what fidelity.write_chart titles the plot with
 
 

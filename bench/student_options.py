@@ -187,8 +187,7 @@ def _common_sets(args, work: Path) -> list[str]:
     if build_method(MethodConfig(name=args.method), "finetune").teacher is None:
         sets.append("model.teacher=null")
     else:
-        sys.path.insert(0, str(REPO / "bench"))
-        from teacher_cache import _timing_teacher
+        from bench.teacher_cache import _timing_teacher
         sets.append(f"model.teacher={_timing_teacher(args.minilm, 'movie_snippets', work / 'teacher')}")
     return sets + args.overrides
 

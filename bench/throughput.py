@@ -77,6 +77,8 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.cli import int_list  # noqa: E402
+
 OBJECTIVE_NAMES = ("mlm", "kd", "codir")
 # The plain reference of kd / codir (bench_reference): Hugging Face models, a straightforward loop.
 REFERENCE_NAMES = ("ref_kd", "ref_codir")
@@ -111,17 +113,6 @@ class BenchError(Exception):
     """Bad arguments: printed as one ``error: ...`` line, exit status 2."""
 
 
-def _int_list(text: str) -> list[int]:
-    """``"64,128"`` -> ``[64, 128]`` (an argparse type)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} holds no value")
-    return values
-
-
 def _add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The teacher's and student's sizes, the vocabulary and the sequence length."""
     ap.add_argument("--teacher_layers", type=int, default=12)
@@ -136,7 +127,7 @@ def _add_model_arguments(ap: argparse.ArgumentParser) -> None:
 
 def _add_training_arguments(ap: argparse.ArgumentParser) -> None:
     """Batch, precision, DeepSpeed JSON, the objectives and the task."""
-    ap.add_argument("--micro_batch", type=_int_list, default=[32],
+    ap.add_argument("--micro_batch", type=int_list, default=[32],
                     help="sequences per micro-batch per rank; comma-separated values (64,128,...) are a sweep in "
                          "one process, an out-of-memory point recorded and the larger ones skipped")
     ap.add_argument("--grad_accum", type=int, default=None,
@@ -147,10 +138,10 @@ def _add_training_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="bf16")
     ap.add_argument("--deepspeed_config", default=os.path.join(REPO, "ds_configs", "zero2.json"),
                     help="DeepSpeed JSON (batch sizes and precision are overridden)")
-    ap.add_argument("--zero_stage", type=_int_list, default=None,
+    ap.add_argument("--zero_stage", type=int_list, default=None,
                     help="ZeRO stage(s) 0-3 set in the DeepSpeed JSON; comma-separated values are swept in one "
                          "process (default: the JSON's stage)")
-    ap.add_argument("--bucket_size", type=_int_list, default=None,
+    ap.add_argument("--bucket_size", type=int_list, default=None,
                     help="ZeRO reduce_bucket_size and allgather_bucket_size (elements); comma-separated values are "
                          "swept in one process (default: the JSON's)")
     ap.add_argument("--compile", action="store_true",

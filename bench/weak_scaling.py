@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import io
 import json
 import os
@@ -36,6 +35,9 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench import throughput  # noqa: E402
+from bench.cli import ArgumentError, Parser, read_json, shown_command  # noqa: E402
 
 THROUGHPUT = "bench/throughput.py"
 OBJECTIVES = ("mlm", "kd", "codir")   # the reference objectives (ref_*) run in one process only
@@ -54,15 +56,6 @@ COMPARED_IF_PRESENT = ("task", "schedule", "global_negatives")
 TAIL_LINES = 20
 
 
-class ArgumentError(Exception):
-    """A bad command line: one ``error: ...`` line, exit status 2, nothing launched."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors: one line, no usage block
-        raise ArgumentError(f"{message} (see python bench/weak_scaling.py --help)")
-
-
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask), else the machine's logical cores."""
     try:
@@ -75,13 +68,6 @@ def threads_per_rank(ranks: int, cores: int) -> int:
     return max(1, cores // ranks)
 
 
-def _load_throughput():
-    spec = importlib.util.spec_from_file_location("_bench_throughput", REPO / THROUGHPUT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # stdlib imports only at module level
-    return module
-
-
 # --------------------------------------------------------------------------- arguments
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -92,7 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         cut = argv.index("--")
         argv, after = argv[:cut], argv[cut + 1:]
     from codir_ds.cli import DefaultsHelpFormatter
-    ap = _Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=DefaultsHelpFormatter,
+    ap = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=DefaultsHelpFormatter,
+                script="bench/weak_scaling.py",
                  epilog="Any other argument (or everything after --) is passed to bench/throughput.py verbatim, "
                         "e.g. --teacher_layers 6 --seq_len 128 --micro_batch 16 --steps 6 --precision fp32.")
     ap.add_argument("--ranks", default=DEFAULT_RANKS, help=f"comma-separated world sizes (default {DEFAULT_RANKS})")
@@ -162,7 +149,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def validate_throughput_args(throughput_args: list[str], objectives: list[str]) -> argparse.Namespace:
     """bench/throughput.py's own parser and checks on the pass-through arguments; one line on error."""
-    bench = _load_throughput()
+    bench = throughput  # its module level imports the standard library only
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
@@ -213,14 +200,6 @@ def config_differences(report: dict, expected: dict) -> list[str]:
     return diffs
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def plan(args: argparse.Namespace, cores: int) -> list[dict]:
     """Per world size: reuse the stored report or run. A stored run with other settings is an error."""
     output_dir = Path(args.output_dir)
@@ -230,7 +209,7 @@ def plan(args: argparse.Namespace, cores: int) -> list[dict]:
         paths = run_paths(output_dir, n)
         item = {"ranks": n, "threads_per_rank": threads, "paths": paths, "action": "run"}
         if not args.force and paths["report"].is_file():
-            report = _read_json(paths["report"])
+            report = read_json(paths["report"])
             if report is None:
                 item["why"] = f"{paths['report']} is not a readable JSON object: rerun"
             else:
@@ -256,11 +235,9 @@ def launch_command(args: argparse.Namespace, ranks: int, port: int, output: Path
                                                  "--output", str(output)], master_port=port)
 
 
-def shown_command(cmd: list[str], threads: int) -> str:
-    """The launch as a user types it."""
-    if cmd[1:3] == ["-m", "deepspeed.launcher.runner"]:
-        cmd = ["deepspeed", *cmd[3:]]
-    return f"DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS={threads} " + shlex.join(cmd)
+def shown_launch(cmd: list[str], threads: int) -> str:
+    """The launch as a user types it, with its environment."""
+    return shown_command(cmd, f"DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS={threads}")
 
 
 def run_env(threads: int) -> dict:
@@ -296,8 +273,7 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 def error_summary(text: str) -> str:
     """The line that says why a run failed (``bench/compare.py``'s rule), read past the launcher's ``[rankN]:``."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from compare import error_summary as summary
+    from bench.compare import error_summary as summary
     return summary("\n".join(re.sub(r"^\[rank\d+\]:\s*", "", ln) for ln in text.splitlines()))
 
 
@@ -310,7 +286,7 @@ def run_world_size(args: argparse.Namespace, item: dict) -> dict:
         paths[key].unlink(missing_ok=True)
     port = free_port()
     cmd = launch_command(args, n, port, paths["partial"].resolve())
-    record = {"ranks": n, "threads_per_rank": threads, "action": "run", "command": shown_command(cmd, threads),
+    record = {"ranks": n, "threads_per_rank": threads, "action": "run", "command": shown_launch(cmd, threads),
               "master_port": port, "stdout_log": str(paths["stdout"]), "stderr_log": str(paths["stderr"]),
               "load_average_before": list(os.getloadavg()),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -333,7 +309,7 @@ def run_world_size(args: argparse.Namespace, item: dict) -> dict:
         remove_shm_buffers(port)
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
     record["load_average_after"] = list(os.getloadavg())
-    report = _read_json(paths["partial"]) if code == 0 else None
+    report = read_json(paths["partial"]) if code == 0 else None
     problem = None  # for a non-zero exit status the run's own error line says why
     if timed_out:
         problem = f"stopped after --timeout {args.timeout:g} s"
@@ -365,7 +341,7 @@ def run_world_size(args: argparse.Namespace, item: dict) -> dict:
 def reused_record(item: dict) -> dict:
     record = {"ranks": item["ranks"], "threads_per_rank": item["threads_per_rank"], "action": "reuse",
               "stdout_log": str(item["paths"]["stdout"]), "stderr_log": str(item["paths"]["stderr"])}
-    launch = _read_json(item["paths"]["launch"]) or {}
+    launch = read_json(item["paths"]["launch"]) or {}
     record.update({k: v for k, v in launch.items() if k != "threads_per_rank"})
     record.update(status="ok", report=item["report"])
     return record

@@ -1,10 +1,12 @@
 """Finetuning-stage distillation (CoDIR-Fine, KD, CE, PKD, TinyBERT, DistilBERT, CR-ILD) on one task.
 
-One optimizer step (``train_step``) reads top to bottom, per micro-batch: collate (CR-ILD's
-ILD stage: supplementary inputs and mixup), teacher forward (or the teacher cache), student
-forward, CRD negatives (one bank gather per step), the method's loss terms, backward, step;
-then the positives' bank updates and the EMA copy. ``evaluate`` scores the validation split
-and exports the best student; ``finish`` writes results.json.
+The stage's data side is :class:`TaskStage`: the task's input checks, its micro-batches (collated;
+CR-ILD's ILD stage adds supplementary inputs and the mixup draw), the teacher classifier and its
+runner, validation and test metrics, the export manifest and results. One optimizer step is the
+recipes' one ``train_step`` (``codir_ds/recipes/base.py``): CRD negatives (one bank gather per
+step), then per micro-batch the teacher step (or the teacher cache), student forward, the method's
+loss terms, backward, step; then the positives' bank updates and the EMA copy. Evaluation scores
+the validation split and exports each new best student; ``finish`` writes results.json.
 """
 from __future__ import annotations
 
