@@ -486,7 +486,7 @@ class Sections:
 
     @contextlib.contextmanager
     def __call__(self, key: str):
-        if self.active or key not in self.acc:
+        if not self.enabled or self.active or key not in self.acc:
             yield
             return
         self.sync()
@@ -754,6 +754,13 @@ class Run:
         }
         return result
 
+    def breakdown(self, step_time_mean_s: float) -> dict:
+        """Mean seconds per timed step in each section (``BREAKDOWN_KEYS``; ``other``: the rest of the step)."""
+        steps = len(self.step_times)
+        per_step = {k: v / steps for k, v in self.sections.acc.items()}
+        per_step["other"] = max(0.0, step_time_mean_s - sum(per_step.values()))
+        return {k: per_step[k] for k in BREAKDOWN_KEYS}
+
     def close(self) -> None:
         import torch
         self.__dict__.clear()
@@ -912,10 +919,7 @@ class RecipeRun(Run):
                                           else None),
         })
         if self.sections.enabled:
-            steps = len(self.step_times)
-            per_step = {k: v / steps for k, v in self.sections.acc.items()}
-            per_step["other"] = max(0.0, result["step_time_mean_s"] - sum(per_step.values()))
-            result["breakdown_s"] = {k: per_step[k] for k in BREAKDOWN_KEYS}
+            result["breakdown_s"] = self.breakdown(result["step_time_mean_s"])
             result["crd_loss_fwd_bwd_s"] = statistics.fmean(self.crd_times) if self.crd_times else 0.0
         return result
 
@@ -994,11 +998,8 @@ class ReferenceRun(Run):
 
     def step(self, step: int, timed: bool) -> None:
         import torch
-        import torch.nn.functional as F
-        device, mcfg = self.device, self.mcfg
-        rho, tau = mcfg.kd_temperature, mcfg.crd_temperature
+        device, teacher = self.device, self.ctx["teacher"]
         half = self.dtype in (torch.float16, torch.bfloat16)
-        teacher = self.ctx["teacher"]
         for _ in range(self.accum):
             epoch, ids = next(self.batches)
             if self.finetune:
@@ -1010,9 +1011,25 @@ class ReferenceRun(Run):
             batch = {k: v.to(device) for k, v in host.items()}
             self.tokens += int(host["attention_mask"].sum())
             with torch.autocast(device.type, dtype=self.dtype, enabled=half):
-                with torch.no_grad():
+                with torch.no_grad(), self.sections("teacher_forward"):
                     t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     output_hidden_states=self.codir)
+            self.student_step(batch, ids, t_out, half)
+        with self.sections("optimizer_step"):
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+
+    def student_step(self, batch: dict, ids, t_out, half: bool) -> None:
+        """One micro step's student forward, loss and backward (section ``student_forward_backward``) and, for
+        codir, the positives' bank rows (``crd_and_bank``)."""
+        import torch
+        import torch.nn.functional as F
+        device, mcfg = self.device, self.mcfg
+        rho, tau = mcfg.kd_temperature, mcfg.crd_temperature
+        with self.sections("student_forward_backward"):
+            with torch.autocast(device.type, dtype=self.dtype, enabled=half):
                 s_out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      output_hidden_states=self.codir)
             if self.finetune:
@@ -1034,16 +1051,12 @@ class ReferenceRun(Run):
                 crd = F.cross_entropy(scores, torch.zeros(len(ids), dtype=torch.long, device=device))
                 loss = loss + mcfg.alpha_crd * crd
             self.scaler.scale(loss / self.accum).backward()
-            self.micro_steps += 1
-            if self.codir:
-                with torch.no_grad():
-                    rows = batch["ids"]
-                    self.bank[rows] = F.normalize(mcfg.bank_momentum * self.bank[rows]
-                                                  + (1 - mcfg.bank_momentum) * h_s, dim=1)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
+        self.micro_steps += 1
+        if self.codir:
+            with torch.no_grad(), self.sections("crd_and_bank"):
+                rows = batch["ids"]
+                self.bank[rows] = F.normalize(mcfg.bank_momentum * self.bank[rows]
+                                              + (1 - mcfg.bank_momentum) * h_s, dim=1)
         self.last_loss = loss.detach()
 
     def result(self) -> dict:
@@ -1053,6 +1066,7 @@ class ReferenceRun(Run):
             self.args.micro_batch * (self.args.num_negatives + 1) * PROJECTION_DIM * 4 if self.codir else 0)
         result.update(optimizer_steps=self.optimizer_steps, micro_steps=self.micro_steps, engine_zero_stage=None,
                       engine_reduce_bucket_size=None)
+        result["breakdown_s"] = self.breakdown(result["step_time_mean_s"]) if self.sections.enabled else None
         return result
 
 

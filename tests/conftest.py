@@ -159,7 +159,7 @@ FAST_MODULES = frozenset({
     "test_losses", "test_objectives", "test_memory_bank", "test_negatives", "test_sampler", "test_methods",
     "test_ild", "test_layout", "test_docs", "test_config", "test_data", "test_ds_config", "test_data_formats",
     "test_metrics", "test_models", "test_paired_stats", "test_pretrain_units", "test_pipeline",
-    "test_adding_a_method", "test_numerics", "test_base_preset", "test_parity",
+    "test_adding_a_method", "test_numerics", "test_base_preset", "test_parity", "test_step_parts",
 })
 
 

@@ -112,6 +112,11 @@ def test_plain_reference_runs_side_by_side_with_ratios():
     for name in ("ref_kd", "ref_codir"):
         res = report["results"][name]
         assert all(_number(res[k]) and res[k] > 0 for k in ("samples_per_second", "step_time_mean_s", "mfu"))
+        # the reference times the same buckets as codir-ds, so a gap reads bucket by bucket
+        assert tuple(res["breakdown_s"]) == BREAKDOWN and res["breakdown_s"]["student_forward_backward"] > 0
+        assert sum(res["breakdown_s"].values()) == pytest.approx(res["step_time_mean_s"], rel=1e-6)
+    assert (report["results"]["ref_codir"]["breakdown_s"]["crd_and_bank"] > 0
+            and report["results"]["ref_kd"]["breakdown_s"]["crd_and_bank"] == 0)
     # Same models, init, data and masking (the optimizers' schedules differ): losses of the same size.
     assert report["results"]["ref_kd"]["final_loss"] == pytest.approx(report["results"]["kd"]["final_loss"], rel=0.05)
     assert report["results"]["ref_codir"]["negatives_copy_bytes_per_micro_step"] == 4 * 21 * 128 * 4
@@ -308,3 +313,21 @@ def test_teacher_cache_sizes_build_the_paper_size_runs():
     assert sets.index("model.student_init=null") > sets.index(f"model.student_init={args.minilm}")
     with pytest.raises(SystemExit):
         module.parse_args(["--teacher_size", "12/770/12"])
+
+
+def test_step_probe_times_the_recipes_module_and_loss_beside_a_plain_loop(tmp_path):
+    """bench/step_probe.py: DistillationModule in a DeepSpeed engine with the kd method's loss, against the plain
+    model's forward and backward; a bad argument is one line."""
+    out = tmp_path / "probe.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    script = str(REPO / "bench" / "step_probe.py")
+    proc = subprocess.run([sys.executable, script, "--repeats", "2", "--output", str(out)], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {k: len(v) for k, v in report["seconds"].items()} == {"plain": 2, "codir_ds": 2, "codir_ds_step": 2}
+    assert all(v > 0 for v in report["median_s"].values()) and report["codir_ds_over_plain"] > 0
+    bad = subprocess.run([sys.executable, script, "--hidden", "64", "--heads", "3"], env=env, cwd=str(REPO),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --hidden 64 must be divisible by --heads 3"

@@ -131,6 +131,17 @@ class Recipe:
         self.last_scalars: dict = {}
         self.extra_engines: dict = {}   # name -> DeepSpeed engine saved in the same checkpoint folder
         self.stops = StopSignals()      # SIGTERM / SIGINT while training: stop after the step, save, exit
+        # Set by the phases of setup(), in this order (declared here so that a reader need not hunt for them):
+        self.mode = self.ds = self.dtype = self.ds_warning = None  # check_inputs: run mode, DeepSpeed config
+        self.universal = False          # check_inputs: resuming from a checkpoint written by another world size
+        self.tokenizer = self.teacher_dir = None  # the data side's check_inputs (with task or corpus)
+        self.num_train = 0              # ... training examples (blocks): ids 0..num_train-1
+        self.teacher = self.module = self.teacher_layers = None  # setup_models: frozen teacher, trained module
+        self.sizes: dict = {}           # setup_models: parameter counts (finetuning, co-training)
+        self.accum = self.steps_per_epoch = self.total_steps = 0  # setup_data
+        self.collator = None            # setup_data: the stage's collator
+        self.optimizer = None           # setup_engines
+        self.tokens = 0                 # real tokens trained on (pre-training), counted on the host
 
     # ------------------------------------------------------------------ phases
     def run(self) -> dict:
