@@ -110,7 +110,6 @@ PRESETS = {
     },
 }
 
-_M = MethodConfig()  # the config's defaults, written out per method so that the table header states them
 FINETUNE_METHODS = method_names("finetune")
 
 
@@ -118,8 +117,8 @@ def registry_settings(method: str) -> list[str]:
     """A method's own --set overrides (on top of the size preset and method.name / training.seed), from the
     registry: its headline keys at their defaults (``compare_keys``), then its fixed settings (``compare_sets``,
     where {supplementary} is the other packaged task and {max_train_examples} the preset's training-set cap)."""
-    cls = get_method(method)
-    return [f"method.{key}={getattr(_M, key)}" for key in cls.compare_keys] + list(cls.compare_sets)
+    cls, defaults = get_method(method), MethodConfig(name=method)  # the method's own defaults, written out
+    return [f"method.{key}={getattr(defaults, key)}" for key in cls.compare_keys] + list(cls.compare_sets)
 
 
 METHOD_SETTINGS: dict[str, list[str]] = {name: registry_settings(name) for name in FINETUNE_METHODS}

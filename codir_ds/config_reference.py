@@ -96,6 +96,9 @@ def _value(value: Any) -> str:
 
 
 def _default(f: dataclasses.Field) -> str:
+    if "default" in f.metadata:  # a method option: its declaring dataclass's default, and the methods that differ
+        others = "".join(f"; `{m}`: `{_value(v)}`" for m, v in f.metadata.get("method_defaults", {}).items())
+        return f"`{_value(f.metadata['default'])}`{others}"
     if f.default is not dataclasses.MISSING:
         return f"`{_value(f.default)}`"
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

@@ -284,7 +284,7 @@ def test_a_registered_method_joins_names_config_and_validation(new_method):
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     assert fields["kd_scale_for_test"].metadata["methods"] == (NEW,)
     assert fields["kd_scale_for_test"].metadata["help"].startswith("test-only")
-    assert fields["kd_scale_for_test"].default == 2.0
+    assert fields["kd_scale_for_test"].metadata["default"] == 2.0 and cfg_cls(name=NEW).kd_scale_for_test == 2.0
     assert NEW in fields["alpha_kd"].metadata["methods"]          # it inherits KDConfig's options
     assert NEW in fields["name"].metadata["methods"] and new_method.summary in fields["name"].metadata["help"]
     assert set(fields) == {f.name for f in dataclasses.fields(MethodConfig)} | {"kd_scale_for_test"}
@@ -314,3 +314,48 @@ def test_registry_is_back_to_the_packaged_methods():
     assert "kd_scale_for_test" not in {f.name for f in dataclasses.fields(method_config_class())}
     with pytest.raises(CodirError, match="method.name"):
         validate(ExperimentConfig(model=ModelConfig(teacher="x"), method=MethodConfig(name=NEW)))
+
+
+@dataclass
+class HotKDConfig(KDConfig):
+    alpha_kd: float = option(1.0, "re-declared: this method's own default")
+    kd_temperature: float = option(4.0, "re-declared: this method's own default")
+
+
+def test_a_method_gives_an_inherited_option_its_own_default():
+    """A subclass option dataclass re-declares an inherited key with another default: the key stays one flat
+    method.* key, the chosen method's default applies when the key is not given, an explicit value wins, the
+    configuration reference lists the difference; a second declaration of an unrelated name is refused."""
+    class HotKD(KDMethod):
+        name = "hot_kd_for_test"
+        config = HotKDConfig
+        summary = "test-only KD with its own defaults"
+
+    register_method(HotKD)
+    try:
+        cfg_cls = method_config_class()
+        assert cfg_cls(name="hot_kd_for_test").alpha_kd == 1.0 and cfg_cls(name="kd").alpha_kd == 0.7
+        assert cfg_cls(name="hot_kd_for_test").kd_temperature == 4.0 and cfg_cls(name="codir").kd_temperature == 2.0
+        assert cfg_cls(name="hot_kd_for_test", alpha_kd=0.2).alpha_kd == 0.2
+        field = {f.name: f for f in dataclasses.fields(cfg_cls)}["alpha_kd"]
+        assert field.metadata["default"] == 0.7 and field.metadata["method_defaults"] == {"hot_kd_for_test": 1.0}
+        assert build_method(cfg_cls(name="hot_kd_for_test"), "finetune").cfg.kd_temperature == 4.0
+        from codir_ds.config_reference import _default
+        assert _default(field) == "`0.7`; `hot_kd_for_test`: `1.0`"
+    finally:
+        registry._METHODS.pop("hot_kd_for_test", None)
+
+    @dataclass
+    class Clash:
+        alpha_kd: float = option(0.1, "an unrelated second declaration")
+
+    class ClashKD(Method):
+        name = "clash_for_test"
+        config = Clash
+        summary = "test-only"
+    register_method(ClashKD)
+    try:
+        with pytest.raises(ValueError, match="'alpha_kd' is declared twice"):
+            method_config_class()
+    finally:
+        registry._METHODS.pop("clash_for_test", None)

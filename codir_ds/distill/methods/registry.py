@@ -1,6 +1,7 @@
 """The method registry: methods by name, and the ``method.*`` config section built from their configs."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from typing import Optional
@@ -79,33 +80,84 @@ def _owners(group: type) -> tuple[str, ...]:
     return tuple(n for n, c in _METHODS.items() if c.config is not None and issubclass(c.config, group))
 
 
+class _Unset:
+    """The default of every option in the ``method`` section: replaced, when the section is built, by the chosen
+    method's own default (:func:`method_config_class`)."""
+
+    def __repr__(self) -> str:
+        return "<the chosen method's default>"
+
+
+UNSET = _Unset()
+
+
+def _field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def method_defaults(name: str) -> dict:
+    """``{option: default}`` of method ``name``'s own option dataclass (its overrides of inherited defaults
+    included); ``{}`` for an unknown name or a method without options."""
+    cls = _METHODS.get(name)
+    if cls is None or cls.config is None:
+        return {}
+    return {f.name: _field_default(f) for f in dataclasses.fields(cls.config)}
+
+
 def method_config_class() -> type:
     """The ``method`` section's dataclass: ``name`` plus every registered method's options.
 
-    A key belongs to the option dataclass that declares it; its metadata carries its help text
-    and the methods that read it (``"methods"``). Keys keep their flat names (``method.alpha_kd``).
+    A key belongs to the option dataclass that declares it; its metadata carries its help text, the methods
+    that read it (``"methods"``), its default (``"default"``, the declaring dataclass's) and the methods whose
+    own option dataclass re-declares it with another default (``"method_defaults"``). Keys keep their flat names
+    (``method.alpha_kd``). An option not given takes the chosen method's own default when the section is built
+    (``MethodConfig(name="x")`` has x's defaults); a subclass option dataclass may re-declare an inherited option
+    to give it another default, and any other second declaration of a name is refused.
     """
     fields = [("name", str, dataclasses.field(default="codir", metadata={
         "help": "the method: " + ", ".join(f"{n} ({c.summary})" for n, c in _METHODS.items()),
         "methods": method_names()}))]
-    seen = {"name"}
+    declared: dict = {"name": None}
+    overrides: dict = {}
     for group in option_groups():
         hints = typing.get_type_hints(group)
         own = [f for f in dataclasses.fields(group) if f.name in group.__dict__.get("__annotations__", {})]
         for f in own:
-            if f.name in seen:
-                raise ValueError(f"method option {f.name!r} is declared twice ({group.__name__})")
-            seen.add(f.name)
-            kwargs = {"metadata": {**f.metadata, "methods": _owners(group)}}
-            if f.default_factory is not dataclasses.MISSING:
-                kwargs["default_factory"] = f.default_factory
-            else:
-                kwargs["default"] = f.default
-            fields.append((f.name, hints[f.name], dataclasses.field(**kwargs)))
-    cls = dataclasses.make_dataclass("MethodConfig", fields)
+            if f.name in declared:
+                first = declared[f.name]
+                if first is None or not issubclass(group, first) or typing.get_type_hints(first)[f.name] != hints[f.name]:
+                    raise ValueError(f"method option {f.name!r} is declared twice ({group.__name__}); a subclass of "
+                                     f"its option dataclass may re-declare it, with the same type, to change its "
+                                     f"default")
+                overrides.setdefault(f.name, set()).update(
+                    n for n, c in _METHODS.items() if c.config is not None and issubclass(c.config, group))
+                continue
+            declared[f.name] = group
+            metadata = {**f.metadata, "methods": _owners(group), "default": _field_default(f)}
+            fields.append((f.name, hints[f.name], dataclasses.field(default=UNSET, metadata=metadata)))
+    fields = [(n, t, _with_method_defaults(n, fl, overrides.get(n, ()))) for n, t, fl in fields]
+    cls = dataclasses.make_dataclass("MethodConfig", fields, namespace={"__post_init__": _fill_defaults})
     cls.__module__ = "codir_ds.config"  # where it is published (pickling, repr)
     cls.__doc__ = "The ``method`` section: the method's name and every method's options (see docs/methods/)."
     return cls
+
+
+def _with_method_defaults(name: str, f: dataclasses.Field, methods) -> dataclasses.Field:
+    """Option ``name``'s field ``f`` with ``metadata["method_defaults"]``: the methods among ``methods`` whose own
+    default differs from the declaring dataclass's."""
+    if not methods:
+        return f
+    base = f.metadata["default"]
+    differ = {m: d[name] for m in sorted(methods) if (d := method_defaults(m)).get(name, base) != base}
+    return dataclasses.field(default=f.default, metadata={**f.metadata, "method_defaults": differ})
+
+
+def _fill_defaults(self) -> None:
+    """Every option not given: the chosen method's own default, else the declaring dataclass's."""
+    own = method_defaults(self.name)
+    for f in dataclasses.fields(self):
+        if getattr(self, f.name) is UNSET:
+            setattr(self, f.name, own[f.name] if f.name in own else copy.deepcopy(f.metadata["default"]))
 
 
 def validate_options(m) -> None:
