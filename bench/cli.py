@@ -52,6 +52,15 @@ def read_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def emit_report(report: dict, output: Optional[str]) -> None:
+    """Print ``report`` as indented JSON and, with ``output``, write the same text to that file."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
+
+
 def shown_command(cmd: list[str], env: str = "") -> str:
     """A launch as a user types it (``deepspeed ...`` / ``python ...``), after ``env`` (e.g. ``OMP_NUM_THREADS=2``)."""
     if cmd[1:3] == ["-m", "deepspeed.launcher.runner"]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.cli import emit_report  # noqa: E402
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -117,12 +118,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["bench/matmul_peak.py", *sys.argv[1:]]),
     }
-    text = json.dumps(report, indent=2)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_report(report, args.output)
     return 0
 
 

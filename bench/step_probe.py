@@ -16,7 +16,6 @@ this isolates the student side of ``bench/throughput.py``'s ``student_forward_ba
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.cli import ArgumentError, Parser  # noqa: E402
+from bench.cli import ArgumentError, Parser, emit_report  # noqa: E402
 from codir_ds.cli import DefaultsHelpFormatter  # noqa: E402
 
 
@@ -114,10 +113,7 @@ def main(argv=None) -> int:
     from codir_ds.cli import quiet_environment
     quiet_environment()
     report = probe(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit_report(report, args.output)
     return 0
 
 

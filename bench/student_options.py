@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cli import emit_report  # noqa: E402
+
 DEFAULT_VARIANTS = "eager:fused,eager:foreach,eager:plain,compile:fused"
 
 
@@ -327,10 +329,7 @@ def main() -> int:
     report = _report(args, summary, runs)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)  # 8 runs' checkpoints
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit_report(report, args.output)
     return 0
 
 

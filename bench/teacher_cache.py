@@ -30,6 +30,8 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cli import emit_report  # noqa: E402
+
 from codir_ds.pipeline import deepspeed_command  # noqa: E402
 
 
@@ -132,10 +134,7 @@ def main(argv=None) -> int:
         "speedup_train": round(runs["no_cache"]["train_seconds"] / max(runs["cache"]["train_seconds"], 1e-9), 3),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit_report(report, args.output)
     return 0
 
 
