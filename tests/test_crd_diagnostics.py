@@ -112,7 +112,7 @@ def test_warm_start_in_a_real_run_and_resume(tmp_path, tiny_config, single_proce
     ids = torch.arange(64)
     recipe.engine.eval()
     with torch.no_grad():
-        b = recipe.feature_batch(ids)
+        b = recipe.data.feature_batch(ids)
         want = F.normalize(recipe.engine.module.student_features(b["input_ids"], b["attention_mask"],
                                                                  b["token_type_ids"]).float(), dim=1)
     recipe.engine.train()

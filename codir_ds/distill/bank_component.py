@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from codir_ds.distill.components import Component
+from codir_ds.distill.components import Component, RunContext
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.methods.base import BankSpec, ContrastSpec
 from codir_ds.distill.negatives import (BatchNegatives, ClassNegativeRows, LabelNegativeSampler, batch_negatives,
@@ -119,6 +119,16 @@ class MemoryBankComponent(Component):
         return {"bank_warm_start_seconds": self.warm_start_seconds} if self.warm_start_seconds is not None else {}
 
     # ------------------------------------------------------------------ before step 0
+    def prepare(self, run: RunContext) -> None:
+        """``bank_init=student`` on a new run: the warm start from the student's projected features, in eval mode
+        (a resumed run has its rows from the checkpoint)."""
+        if run.resumed or self.spec.init != "student":
+            return
+        with run.eval_mode():
+            self.warm_start(run.student_features, run.batch_size)
+        run.log(f"bank warm start: {self.num_train} rows from the student's projected features "
+                f"({self.bank.num_local} on this rank) in {self.warm_start_seconds} s")
+
     def warm_start(self, features: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> None:
         """``bank_init=student``: every rank fills the rows it owns with ``features(ids)`` (the student's projected
         features, no communication). Called on new runs only: a resumed run has its bank from the checkpoint."""

@@ -3,6 +3,8 @@
 A recipe holds the run's components in order (:attr:`Recipe.components`) and calls each at fixed points,
 without knowing what it is::
 
+    once the run is set up       prepare(run)                         run: a RunContext (new or resumed run,
+                                                                     the student's features, batch size, log)
     at the start of a step       start_step(step, batches)            COLLECTIVE where a component gathers
     into the student's forward   forward_inputs()                     extra keyword inputs of the engine
     into the method's loss       loss_inputs(ids)                     fields of LossInputs for micro-batch ids
@@ -23,11 +25,22 @@ the teacher cache (:class:`~codir_ds.engine.teacher_cache.TeacherCache`) are com
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
 
 import torch
 
 from codir_ds.engine.sections import section
+
+
+@dataclass
+class RunContext:
+    """What a component may use once the run is set up (models, engines, checkpoint restored)."""
+    resumed: bool                                   # restored from a checkpoint (its components' states loaded)
+    student_features: Callable[[torch.Tensor], torch.Tensor]  # training ids -> [B, m] projected student features
+    eval_mode: Callable[[], ContextManager]         # the trained models in eval mode inside the block
+    batch_size: int                                 # examples per inference batch (training.eval_batch_size)
+    log: Callable[[str], None] = print              # rank 0's start-up lines (no-op on other ranks)
 
 
 class Component:
@@ -37,6 +50,9 @@ class Component:
     stateful: bool = False  # its state_dict() goes into every checkpoint
     sharded: bool = False   # its state is one shard per rank, re-sharded on resume (load_shards, not load_state_dict)
     tags: dict = {}     # TensorBoard tags its scalars() write: {tag: what it is} (docs/running.md's tag reference)
+
+    def prepare(self, run: RunContext) -> None:
+        """Once, after the models, the engines and (on ``--resume``) the checkpoint are loaded, before training."""
 
     def start_step(self, step: int, batches: list) -> None:
         """Before the first micro step of optimizer step ``step`` (``batches``: this rank's ``(epoch, ids)``)."""
@@ -89,6 +105,10 @@ class Components:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def prepare(self, run: RunContext) -> None:
+        for c in self.items:
+            c.prepare(run)
 
     def start_step(self, step: int, batches: list) -> None:
         for c in self.items:

@@ -18,6 +18,7 @@ micro-batch, the teacher step, the student, ``method.loss``, backward and step, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +34,7 @@ from codir_ds.cli import report_line
 from codir_ds.config import ExperimentConfig
 from codir_ds.data.sampler import build_sampler
 from codir_ds.distill.bank_component import MemoryBankComponent
-from codir_ds.distill.components import Components
+from codir_ds.distill.components import Components, RunContext
 from codir_ds.distill.memory_bank import ShardedMemoryBank
 from codir_ds.distill.diagnostics import CollapseWatch, last_diagnostics
 from codir_ds.distill.methods import LossInputs, StudentOutput, build_method
@@ -161,7 +162,7 @@ class Recipe:
         self.setup_engines()
         self.setup_components()
         self.restore()
-        self.warm_start_bank()
+        self.prepare_components()
         self.setup_logging()
 
     def check_inputs(self) -> None:
@@ -236,12 +237,14 @@ class Recipe:
         """The memory bank's rows (checkpointed per rank), None without a bank."""
         return self.bank_component.bank if self.bank_component is not None else None
 
-    def build_bank(self, labels: Optional[torch.Tensor] = None) -> None:
-        """The method's memory bank, when it has a :class:`BankSpec` (``labels``: finetuning's contrast labels)."""
-        if self.method.bank is not None:
+    def build_bank(self) -> None:
+        """The method's memory bank component, when it has a :class:`BankSpec` (its negatives: from other labels
+        of the data side's contrast labels, or the global batch's rows without them)."""
+        spec = self.method.bank
+        if spec is not None:
             self.bank_component = self.components.add(MemoryBankComponent(
-                self.method.bank, self.method.contrast, self.num_train, self.cfg.training.seed, self.device,
-                self.world, self.cfg.training.deterministic, labels))
+                spec, self.method.contrast, self.num_train, self.cfg.training.seed, self.device, self.world,
+                self.cfg.training.deterministic, self.data.contrast_labels(spec)))
 
 
     def restore(self) -> None:
@@ -257,27 +260,24 @@ class Recipe:
             set_seed(self.cfg.training.seed * 1000 + self.rank)
         self.progress.step = self.engine.global_steps
 
-    def warm_start_bank(self) -> None:
-        """``bank_init=student``, new runs only: every rank fills its own bank rows with the student's projected
-        features, one inference pass over the ids it owns (no communication). A resumed run has its bank from
-        the checkpoint."""
-        if self.bank_component is None or self.mode == "resume" or self.method.bank.init != "student":
-            return
-        self.train_mode(False)
+    def prepare_components(self) -> None:
+        """Every component's ``prepare`` once the run is set up (the bank's warm start on a new run)."""
         student_features = self.engine.module.student_features
 
         def features(ids: torch.Tensor) -> torch.Tensor:
-            batch = self.feature_batch(ids)
+            batch = self.data.feature_batch(ids)
             return student_features(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        self.bank_component.warm_start(features, self.cfg.training.eval_batch_size)
-        self.train_mode(True)
-        if self.rank == 0:
-            print(f"bank warm start: {self.num_train} rows from the student's projected features "
-                  f"({self.bank.num_local} on this rank) in {self.bank_component.warm_start_seconds} s", flush=True)
 
-    def feature_batch(self, ids: torch.Tensor) -> dict:
-        """The training inputs of ``ids`` on the device, as the bank's features are computed in training."""
-        raise NotImplementedError
+        @contextlib.contextmanager
+        def eval_mode():
+            self.train_mode(False)
+            try:
+                yield
+            finally:
+                self.train_mode(True)
+        log = (lambda line: print(line, flush=True)) if self.rank == 0 else (lambda line: None)
+        self.components.prepare(RunContext(self.mode == "resume", features, eval_mode,
+                                           self.cfg.training.eval_batch_size, log))
 
     def setup_logging(self) -> None:
         if self.rank == 0:

@@ -240,6 +240,13 @@ class TaskStage(DataStage):
                           token_type_ids=batch.get("token_type_ids"))
             yield MicroBatch(ids, inputs, batch["labels"], len(ids), mix=mix)
 
+    def contrast_labels(self, spec) -> torch.Tensor:
+        return contrast_labels(self.task, spec.regression_bins)
+
+    def feature_batch(self, ids: torch.Tensor) -> dict:
+        r = self.recipe
+        return to_device(r.collator([self.task.train[i] for i in ids.tolist()]), r.device)
+
     def forward_with(self, engine):
         return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                 token_type_ids=b.get("token_type_ids"))["logits"]
@@ -309,11 +316,10 @@ class FinetuneRecipe(Recipe):
 
     def setup_components(self) -> None:
         """EMA copy, memory bank and label negatives, teacher cache and teacher step, mixed inputs."""
-        t, bank = self.cfg.training, self.method.bank
         if self.ema is not None:
             self.ema.model.to(device=self.device, dtype=self.dtype)
-        self.build_bank(contrast_labels(self.task, bank.regression_bins) if bank is not None else None)
-        self.cache = self.components.add(self.open_teacher_cache()) if t.teacher_cache else None
+        self.build_bank()
+        self.cache = self.components.add(self.open_teacher_cache()) if self.cfg.training.teacher_cache else None
         self.build_teacher_step(self.cache)
         self.data.setup_mixing(self.method.mixing, self.supplementary)
 
@@ -331,9 +337,6 @@ class FinetuneRecipe(Recipe):
     def describe(self) -> str:
         return (f"{self.method.name}: {task_summary(self.task)}, {size_comparison(**self.sizes)}, "
                 f"{self.batch_summary()}")
-
-    def feature_batch(self, ids: torch.Tensor) -> dict:
-        return to_device(self.collator([self.task.train[i] for i in ids.tolist()]), self.device)
 
     # ------------------------------------------------------------------ evaluation and the end
     def run_manifest(self) -> dict:

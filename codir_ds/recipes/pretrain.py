@@ -168,6 +168,11 @@ class CorpusStage(DataStage):
                           rows=mb.rows.to(r.device, non_blocking=True))
             yield MicroBatch(mb.ids, inputs, labels, len(mb.ids), token_scale=mb.token_scale)
 
+    def feature_batch(self, ids: torch.Tensor) -> dict:
+        """Masked as in epoch 0 (the bank holds features of masked blocks)."""
+        r = self.recipe
+        return to_device(r.collator([r.corpus[i] for i in ids.tolist()], ids, 0), r.device)
+
     def forward_with(self, engine):
         return lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], rows=b["rows"])["logits"]
 
@@ -227,10 +232,6 @@ class PretrainRecipe(Recipe):
         self.build_teacher_step()
         self.build_bank()  # pre-training's negatives: the rows of the global mini-batch
         self.tokens = 0  # real tokens trained on, counted on the host side of the batch (no device sync)
-
-    def feature_batch(self, ids: torch.Tensor) -> dict:
-        """Masked as in epoch 0 (the bank holds features of masked blocks)."""
-        return to_device(self.collator([self.corpus[i] for i in ids.tolist()], ids, 0), self.device)
 
     def describe(self) -> str:
         return f"{self.method.name} pre-training: {self.data.summary()}, {self.batch_summary()}"

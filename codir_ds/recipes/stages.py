@@ -76,6 +76,15 @@ class DataStage:
         """The micro-batches of one optimizer step (``batches``: this rank's ``(epoch, ids)``), on the device."""
         raise NotImplementedError
 
+    def contrast_labels(self, spec) -> Optional[torch.Tensor]:
+        """``[N]`` labels whose other values give a bank's negatives (``spec``: its BankSpec); None: the global
+        batch's rows are the negatives."""
+        return None
+
+    def feature_batch(self, ids: torch.Tensor) -> dict:
+        """The training inputs of ``ids`` on the device, as the bank's features are computed in training."""
+        raise NotImplementedError
+
     def forward_with(self, engine):
         """``batch -> logits`` of ``engine`` for evaluation."""
         raise NotImplementedError
