@@ -75,12 +75,11 @@ class MLMTeacherRunner:
         if ild_spec is not None and ild_spec.attention:
             use_eager_attention(model)
 
-    def __call__(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None, ild: Optional[bool] = None,
+    def __call__(self, input_ids, attention_mask, rows: torch.Tensor, token_type_ids=None, ild: bool = False,
                  mix: Optional[tuple] = None) -> TeacherOutput:
-        """``ild``: the mapped layers' features (default: whenever there is a layer spec); no ``mix`` in pre-training."""
+        """``ild``: also the mapped layers' features; no ``mix`` in pre-training."""
         if mix is not None:
             raise ValueError("pre-training does not mix inputs")
-        ild = self.ild_spec is not None if ild is None else ild and self.ild_spec is not None
         with torch.inference_mode():
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             output_hidden_states=self.layers is not None or ild,

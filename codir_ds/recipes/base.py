@@ -42,8 +42,8 @@ from codir_ds.engine.checkpointing import RunState, engine_config, resume_latest
 from codir_ds.engine.checkpointing.store import COMPLETE, tag_for
 from codir_ds.engine.compile import check_compile, compile_engine
 from codir_ds.engine.distributed import dist_env, host_group, init_distributed, set_seed
-from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
+from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.faults import check_fault_spec, maybe_fault
 from codir_ds.engine.monitor import Monitor
 from codir_ds.engine.optim import check_optimizer_impl, optimizer_and_schedule
@@ -185,7 +185,7 @@ class Recipe:
 
     def run_manifest(self) -> dict:
         """What an export of this run records about the run (task and label names, or the stage; the method)."""
-        raise NotImplementedError
+        return {**self.data.manifest(), "method": self.method.name}
 
     def write_architectures(self) -> None:
         """Rank 0 writes each model's ``config.json``, the tokenizer and the run manifest to ``<run>/architecture/``

@@ -154,9 +154,6 @@ class CoTrainRecipe(Recipe):
         check_skipped(self.engine_large, self.progress.large, limit, step)
 
     # ------------------------------------------------------------------ evaluation and the end
-    def run_manifest(self) -> dict:
-        return {**self.data.manifest(), "method": self.method.name}
-
     def architectures(self) -> dict:
         return {ARCHITECTURE: self.module.student, ARCHITECTURE + "_large": self.module_large.student}
 

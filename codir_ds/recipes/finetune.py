@@ -286,7 +286,6 @@ class FinetuneRecipe(Recipe):
         set_seed(self.cfg.training.seed)  # identical student / head initialisation on every rank
         student = self.build_student_model()
         self.module, self.teacher_layers = build_module(student, self.teacher, self.method)
-        self.ild_spec = self.module.ild_spec
         teacher_size = (parameter_counts(self.teacher) if self.teacher is not None else
                         counts_from_config(self.teacher_dir, self.task.num_labels) if self.teacher_dir else None)
         self.sizes = {"student": parameter_counts(student), "teacher": teacher_size}
@@ -339,9 +338,6 @@ class FinetuneRecipe(Recipe):
                 f"{self.batch_summary()}")
 
     # ------------------------------------------------------------------ evaluation and the end
-    def run_manifest(self) -> dict:
-        return {**self.data.manifest(), "method": self.method.name}
-
     def final_reports(self) -> dict:
         """The final model's metrics on the task's test split (None without one). COLLECTIVE. Reported only:
         nothing is selected on them."""

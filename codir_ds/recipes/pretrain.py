@@ -237,9 +237,6 @@ class PretrainRecipe(Recipe):
         return f"{self.method.name} pre-training: {self.data.summary()}, {self.batch_summary()}"
 
     # ------------------------------------------------------------------ evaluation and the end
-    def run_manifest(self) -> dict:
-        return {**self.data.manifest(), "method": self.method.name}
-
     def results(self, final: dict, reported: dict, timing: dict) -> dict:
         return {**self.common_results(), **self.data.results(final["student"], self.progress), **timing,
                 "export_dir": str(self.run_dir / "export")}
