@@ -132,16 +132,65 @@ def remove_shm_buffers(port) -> None:
         f.unlink(missing_ok=True)
 
 
-def deepspeed_launch(script: str, ranks: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N script args`` on CPU ranks (gloo), one thread each."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def deepspeed_launch(script: str, ranks: int, args: list[str], timeout: int = 240,
+                     runner: bool = False) -> subprocess.CompletedProcess:
+    """``script args`` on ``ranks`` CPU ranks (gloo), one thread each.
+
+    By default the ranks are started here with the environment and ``--local_rank`` argument that
+    ``deepspeed.launcher.launch`` gives them (``spawn_ranks``): the same job without the two launcher
+    processes, each of which imports DeepSpeed (several seconds on 2 cores). ``runner=True`` goes through
+    ``deepspeed --num_gpus N`` itself, for the tests of what the launcher adds (its output, its signals).
+    """
     port = free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(port), str(REPO / script), *args]
     try:
+        if not runner:
+            return spawn_ranks(script, ranks, args, port, timeout)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(port), str(REPO / script), *args]
         return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
     finally:
         remove_shm_buffers(port)
+
+
+def spawn_ranks(script: str, ranks: int, args: list[str], port: int, timeout: int) -> subprocess.CompletedProcess:
+    """The ranks ``deepspeed.launcher.launch`` would start, started directly.
+
+    Every rank writes to one stdout and one stderr file (appends: lines stay whole), as under the
+    launcher. When a rank fails the others are killed and its exit status is the job's, as the launcher
+    does; past ``timeout`` every rank is killed and ``subprocess.TimeoutExpired`` raised.
+    """
+    import tempfile
+    import time
+    base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), CROSS_RANK="0",
+                CROSS_SIZE="1")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [subprocess.Popen([sys.executable, "-u", str(REPO / script), f"--local_rank={r}", *args],
+                                  env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), cwd=str(REPO),
+                                  stdout=out, stderr=err, start_new_session=True)
+                 for r in range(ranks)]
+        deadline, status = time.monotonic() + timeout, 0
+        try:
+            while any(p.poll() is None for p in procs):
+                failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    status = failed[0] if failed else None
+                    break
+                time.sleep(0.05)
+            else:
+                status = next((p.returncode for p in procs if p.returncode), 0)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    cmd = [script, *args]
+    if status is None:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(cmd, status, stdout, stderr)
 
 
 def python_launch(script: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
@@ -150,6 +199,23 @@ def python_launch(script: str, args: list[str], timeout: int = 240) -> subproces
                MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(REPO / script), *args], env=env, cwd=str(REPO),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(main, argv: list[str]) -> subprocess.CompletedProcess:
+    """A script's ``main(argv)`` in this process, as its command line would run: its exit status (a
+    ``SystemExit`` included) and what it printed. For the checks that fail before any work starts, where a
+    fresh interpreter would spend seconds importing torch and DeepSpeed."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(argv, status or 0, out.getvalue(), err.getvalue())
 
 
 # The fast tier (`bash scripts/test.sh -m fast`, about a minute on 2 cores): modules of unit tests that start no

@@ -37,7 +37,7 @@ def _scalar_tags(run: Path) -> set[str]:
 def test_codir_finetune_two_ranks_through_deepspeed_launcher(tmp_path, tiny_config):
     run = tmp_path / "run"
     proc = deepspeed_launch("launchers/finetune.py", 2, ["--deepspeed_config", DS, "--config", str(tiny_config),
-                                                         "--output_dir", str(run)])
+                                                         "--output_dir", str(run)], runner=True)
     _ok(proc)
     # DeepSpeed's ZeRO step calls a collective torch deprecates: filtered (codir_ds/cli.py), not printed per rank.
     assert "FutureWarning" not in proc.stderr, proc.stderr[-4000:]

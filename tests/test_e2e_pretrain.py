@@ -62,10 +62,10 @@ def _scalars(run: Path) -> dict:
 
 
 def test_codir_pretrain_two_ranks_resume_matches_uninterrupted(tmp_path, pre_config):
-    """2 CPU ranks through the deepspeed launcher; a stopped-and-resumed run equals an uninterrupted one."""
+    """2 CPU ranks through the deepspeed launcher (its output included); a stopped-and-resumed run equals an uninterrupted one."""
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["--deepspeed_config", DS, "--config", str(pre_config), "--set", "logging.log_every=1"]
-    proc = deepspeed_launch("launchers/pretrain.py", 2, args + ["--output_dir", str(full)])
+    proc = deepspeed_launch("launchers/pretrain.py", 2, args + ["--output_dir", str(full)], runner=True)
     _ok(proc)
     # DeepSpeed's ZeRO step calls a collective torch deprecates: filtered (codir_ds/cli.py), not printed per rank.
     assert "FutureWarning" not in proc.stderr, proc.stderr[-4000:]

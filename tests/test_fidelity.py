@@ -13,7 +13,7 @@ import pytest
 
 from codir_ds.errors import CodirError
 
-from conftest import REPO
+from conftest import REPO, run_main
 
 SCRIPT = REPO / "bench" / "fidelity.py"
 _spec = importlib.util.spec_from_file_location("bench_fidelity", SCRIPT)
@@ -129,7 +129,9 @@ def test_report_only_rewrites_a_study_from_its_json_and_keeps_its_date_and_devic
     (["--task", "trec6", "--set", "method.bank_normalize=maybe"], "error: "),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
-    proc = _script([*args, "--out", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work")])
+    argv = [*args, "--out", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work")]
+    # one case as a command line; the rest in this process (no interpreter start)
+    proc = _script(argv) if args[-1] == "sst9" else run_main(fidelity.main, argv)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -108,7 +108,7 @@ def test_two_loopback_nodes_train_as_one_job_identical_to_one_node(tmp_path, tin
     reference = {}
     thread = threading.Thread(target=lambda: reference.update(proc=deepspeed_launch(
         "launchers/finetune.py", 2, ["--deepspeed_config", DS, "--config", str(tiny_config), *overrides,
-                                     "--output_dir", str(single)])))
+                                     "--output_dir", str(single)], runner=True)))
     thread.start()
     port = str(free_port())
     try:
