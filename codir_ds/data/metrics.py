@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import stats
 
 from codir_ds.errors import CodirError
 
@@ -79,6 +78,7 @@ def pearson(preds: np.ndarray, labels: np.ndarray) -> float:
     """Pearson correlation of predicted and gold scores."""
     if len(preds) < 2 or _is_constant(preds) or _is_constant(labels):
         return 0.0
+    from scipy import stats  # here: importing scipy.stats costs every rank about a second at start-up
     return float(stats.pearsonr(preds.astype(np.float64), labels.astype(np.float64))[0])
 
 
@@ -86,6 +86,7 @@ def spearman(preds: np.ndarray, labels: np.ndarray) -> float:
     """Spearman rank correlation of predicted and gold scores (ties get average ranks)."""
     if len(preds) < 2 or _is_constant(preds) or _is_constant(labels):
         return 0.0
+    from scipy import stats
     return float(stats.spearmanr(preds.astype(np.float64), labels.astype(np.float64))[0])
 
 
