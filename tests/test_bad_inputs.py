@@ -528,6 +528,33 @@ def test_j_intact_checkpoint_passes_the_checks_and_resumes(stopped_run, tmp_path
     assert results["steps"] == 6 and (run / "results.json").is_file()
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_j_resume_with_another_zero_layout_is_refused_before_the_engine(stopped_run, tmp_path, guarded, stage):
+    """The stopped run wrote ZeRO-2 checkpoints; a stage-0 or stage-3 JSON cannot load them (DeepSpeed would fail in
+    its load with a traceback, or ask for files never written)."""
+    run = _copy(stopped_run, tmp_path)
+    ds = json.loads(Path(DS).read_text())
+    ds["zero_optimization"] = {"stage": stage}
+    other = write(tmp_path / f"zero{stage}.json", json.dumps(ds))
+    before = snapshot(run, mtimes=True)
+    config, overrides, _ = stopped_run
+    with pytest.raises(CodirError) as info:
+        finetune(config, run, *overrides, ds=str(other), resume=True, overwrite=False)
+    one_line(info, "--resume", "step_00000004", "written with ZeRO stage 1 or 2", f"asks for ZeRO stage {stage}",
+             str(run / "ds_config.json"))
+    assert snapshot(run, mtimes=True) == before
+
+
+@pytest.mark.parametrize("json_file", ["zero1.json", "the run's ds_config.json"])
+def test_j_resume_with_a_json_of_the_same_layout_finishes(stopped_run, tmp_path, single_process_env, json_file):
+    """Stages 1 and 2 share a checkpoint layout; the run's recorded JSON resumes it too."""
+    run = _copy(stopped_run, tmp_path)
+    ds = str(REPO / "ds_configs" / json_file) if json_file.endswith("zero1.json") else str(run / "ds_config.json")
+    config, overrides, _ = stopped_run
+    results = finetune(config, run, *overrides, ds=ds, resume=True, overwrite=False)
+    assert results["steps"] == 6
+
+
 def test_j_launcher_on_a_truncated_checkpoint(stopped_run, tmp_path):
     run = _copy(stopped_run, tmp_path)
     _truncate(run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", keep=0.9)

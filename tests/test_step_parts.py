@@ -144,6 +144,33 @@ def test_mixed_inputs_add_supplementary_examples_and_draw_from_the_micro_step_se
     assert plain == ["a", "b"] and len(p) == 2
 
 
+@pytest.mark.parametrize("files, layout", [
+    (["mp_rank_00_model_states.pt"], 0),
+    (["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+      "zero_pp_rank_1_mp_rank_00_optim_states.pt"], 1),
+    (["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 3),
+])
+def test_checkpoint_zero_layout_from_its_files_and_a_mismatch_is_one_line(tmp_path, files, layout):
+    """DeepSpeed's file names per layout (as written by ZeRO 0, 2 and 3 runs); resuming under another is refused."""
+    from codir_ds.engine.checkpointing.universal import check_zero_stage, saved_zero_layout, zero_layout
+    from codir_ds.errors import CodirError
+    tag = tmp_path / "run" / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    for f in files + ["codir_rank_00000.pt"]:
+        (tag / f).write_bytes(b"")
+    assert saved_zero_layout(tag) == layout
+    assert [zero_layout(s) for s in (0, 1, 2, 3)] == [0, 1, 1, 3]
+    for stage in (0, 1, 2, 3):
+        if zero_layout(stage) == layout:
+            check_zero_stage(tag, stage, "ds.json")
+        else:
+            with pytest.raises(CodirError) as info:
+                check_zero_stage(tag, stage, "ds.json")
+            msg = str(info.value)
+            assert "\n" not in msg and f"asks for ZeRO stage {stage}" in msg
+            assert str(tmp_path / "run" / "ds_config.json") in msg
+
+
 def test_run_state_splits_sharded_components_from_the_others():
     class Sharded(Component):
         sharded = True

@@ -169,9 +169,11 @@ class Recipe:
         """The checks every run shares, cheap first: fault spec, run directory, DeepSpeed JSON, student options."""
         check_fault_spec()
         self.mode = check_run_dir(self.run_dir, self.cfg.to_dict(), self.resume, self.overwrite)
-        self.universal = self.mode == "resume" and resume_plan(self.ckpt_root, self.world) == "universal"
         self.ds, self.dtype, self.ds_warning = prepare_ds_config(read_ds_config(self.ds_config_path), self.world,
                                                                  self.cfg.training)
+        stage = int(self.ds.get("zero_optimization", {}).get("stage", 0))
+        self.universal = (self.mode == "resume"
+                          and resume_plan(self.ckpt_root, self.world, stage, self.ds_config_path) == "universal")
         check_optimizer_impl(self.cfg.training, self.ds)
         check_compile(self.cfg.training, self.ds)
         self.method.check_engine(self.ds)

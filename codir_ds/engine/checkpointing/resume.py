@@ -16,24 +16,26 @@ import torch.distributed as dist
 from codir_ds.distill.memory_bank import derive_seed
 from codir_ds.engine.checkpointing.store import (check_rank_files, latest_tag, load_checkpoint, load_rank_states,
                                                  rng_state, save_checkpoint, set_rng_state)
-from codir_ds.engine.checkpointing.universal import (UNIVERSAL_SUFFIX, convert_to_universal, is_zero_checkpoint,
-                                                     saved_world_size)
+from codir_ds.engine.checkpointing.universal import (UNIVERSAL_SUFFIX, check_zero_stage, convert_to_universal,
+                                                     is_zero_checkpoint, saved_world_size)
 from codir_ds.engine.distributed import set_seed
 from codir_ds.errors import CodirError
 
 
-def resume_plan(ckpt_root: Path, world: int) -> Optional[str]:
+def resume_plan(ckpt_root: Path, world: int, zero_stage: int, ds_path: str) -> Optional[str]:
     """Before ``deepspeed.initialize`` on --resume: how the DeepSpeed state must be loaded.
 
     Returns ``"universal"`` when the newest checkpoint was written by another number of
     ranks with ZeRO-partitioned optimizer state (the engine must then be created with
     ``checkpoint.load_universal``), else None. Refuses first a checkpoint whose rank files hold anything but
-    plain data (:func:`check_rank_files`), so such a file is reported before anything is started.
+    plain data (:func:`check_rank_files`), so such a file is reported before anything is started, and one written
+    in another ZeRO layout than ``zero_stage`` loads (:func:`check_zero_stage`).
     """
     tag = latest_tag(ckpt_root)
     if tag is None:
         raise CodirError(f"--resume: no complete checkpoint under '{ckpt_root}': start a new run with --overwrite")
     check_rank_files(ckpt_root / tag)
+    check_zero_stage(ckpt_root / tag, zero_stage, ds_path)
     saved = saved_world_size(ckpt_root / tag)
     if saved and saved != world and is_zero_checkpoint(ckpt_root / tag):
         return "universal"

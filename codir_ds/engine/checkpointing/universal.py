@@ -21,6 +21,34 @@ def is_zero_checkpoint(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*optim_states.pt"))
 
 
+# DeepSpeed's checkpoint layouts: stage 0 keeps the optimizer state in the model file, stages 1 and 2 share one
+# partitioned layout, stage 3 also partitions the parameters. A checkpoint loads only into an engine of its layout.
+_LAYOUTS = {0: "ZeRO stage 0", 1: "ZeRO stage 1 or 2", 3: "ZeRO stage 3"}
+
+
+def zero_layout(stage: int) -> int:
+    """The checkpoint layout of a ZeRO stage: 0, 1 (stages 1 and 2) or 3."""
+    return 0 if stage <= 0 else 1 if stage < 3 else 3
+
+
+def saved_zero_layout(tag_dir: Path) -> int:
+    """The layout checkpoint ``tag_dir`` was written in (its main engine's files)."""
+    if any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):
+        return 3
+    return 1 if is_zero_checkpoint(tag_dir) else 0
+
+
+def check_zero_stage(tag_dir: Path, stage: int, ds_path: str) -> None:
+    """Refuse, in one line, resuming checkpoint ``tag_dir`` with a DeepSpeed JSON of another layout (DeepSpeed
+    would fail deep in the engine's load, or ask for files that were never written)."""
+    saved = saved_zero_layout(tag_dir)
+    if saved != zero_layout(stage):
+        record = tag_dir.parent.parent / "ds_config.json"
+        raise CodirError(f"--resume: checkpoint '{tag_dir}' was written with {_LAYOUTS[saved]} but --deepspeed_config "
+                         f"'{ds_path}' asks for ZeRO stage {stage}: resume with a DeepSpeed JSON of "
+                         f"{_LAYOUTS[saved]} (the run's last one is '{record}')")
+
+
 def convert_to_universal(ckpt_root: Path, tag: str, out_root: Optional[Path] = None) -> str:
     """DeepSpeed's universal-checkpoint conversion of ``tag``; returns the universal tag.
 
