@@ -153,41 +153,148 @@ def deepspeed_launch(script: str, ranks: int, args: list[str], timeout: int = 24
         remove_shm_buffers(port)
 
 
-def spawn_ranks(script: str, ranks: int, args: list[str], port: int, timeout: int) -> subprocess.CompletedProcess:
-    """The ranks ``deepspeed.launcher.launch`` would start, started directly.
+class RankServer:
+    """Client of ``tests/rank_server.py``: ranks forked from one process that has imported the libraries."""
 
-    Every rank writes to one stdout and one stderr file (appends: lines stay whole), as under the
-    launcher. When a rank fails the others are killed and its exit status is the job's, as the launcher
-    does; past ``timeout`` every rank is killed and ``subprocess.TimeoutExpired`` raised.
+    def __init__(self):
+        import json
+        import threading
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.import_env = {k: env.get(k) for k in IMPORT_TIME_ENV}
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "rank_server.py")], env=env,
+                                     cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._json, self._lock, self._cond = json, threading.Lock(), threading.Condition()
+        self._pids, self._status = [], {}
+        first = self.proc.stdout.readline()
+        if not first.startswith(b'{"ready"'):
+            raise RuntimeError(f"tests/rank_server.py did not start: {first!r}")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = self._json.loads(line)
+            with self._cond:
+                if "pid" in msg:
+                    self._pids.append(msg["pid"])
+                else:
+                    self._status[msg["exit"]] = msg["status"]
+                self._cond.notify_all()
+
+    def spawn(self, script: str, argv: list[str], env: dict, stdout: str, stderr: str) -> int:
+        req = {"script": script, "argv": argv, "env": env, "cwd": str(REPO), "stdout": stdout, "stderr": stderr}
+        with self._lock:
+            with self._cond:
+                known = len(self._pids)
+            self.proc.stdin.write((self._json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            with self._cond:
+                if not self._cond.wait_for(lambda: len(self._pids) > known, timeout=60):
+                    raise RuntimeError("tests/rank_server.py did not answer")
+                return self._pids[known]
+
+    def poll(self, pid: int):
+        with self._cond:
+            return self._status.get(pid)
+
+    def wait(self, pid: int, timeout: float = 60):
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self._status, timeout=timeout)
+            return self._status.get(pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+_RANK_SERVER = None
+# Variables the preloaded libraries read when imported: a job that sets them otherwise starts fresh interpreters.
+IMPORT_TIME_ENV = ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")
+
+
+def rank_server():
+    """The session's rank server, or None where ``CODIR_TEST_RANK_SERVER=0`` or it could not start."""
+    global _RANK_SERVER
+    if os.environ.get("CODIR_TEST_RANK_SERVER", "1") == "0":
+        return None
+    if _RANK_SERVER is None or not _RANK_SERVER.alive():
+        _RANK_SERVER = RankServer()
+    return _RANK_SERVER
+
+
+class _Rank:
+    """One rank, started by the rank server or as a fresh interpreter, behind one poll / kill / wait."""
+
+    def __init__(self, server, argv: list[str], env: dict, out: str, err: str):
+        self.server = server
+        if server is not None:
+            self.pid, self.popen = server.spawn(argv[0], argv[1:], env, out, err), None
+        else:
+            with open(out, "a") as o, open(err, "a") as e:
+                self.popen = subprocess.Popen([sys.executable, "-u", *argv], env=env, cwd=str(REPO), stdout=o,
+                                              stderr=e, start_new_session=True)
+            self.pid = self.popen.pid
+
+    def poll(self):
+        return self.popen.poll() if self.popen is not None else self.server.poll(self.pid)
+
+    def kill(self) -> None:
+        import contextlib
+        import signal
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # its whole group: a rank may run a converter subprocess
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self):
+        return self.popen.wait() if self.popen is not None else self.server.wait(self.pid)
+
+
+def spawn_ranks(script: str, ranks: int, args: list[str], port: int, timeout: int) -> subprocess.CompletedProcess:
+    """The ranks ``deepspeed.launcher.launch`` would start (its environment and ``--local_rank``), started directly:
+    forked from the rank server (``tests/rank_server.py``), which has imported torch, transformers and DeepSpeed
+    once, unless the job's ``PYTHONPATH`` differs from this process's (the server's imports would be the wrong
+    ones) or ``CODIR_TEST_RANK_SERVER=0``.
+
+    Every rank appends to one stdout and one stderr file (lines stay whole), as under the launcher. When a rank
+    fails the others are killed and its exit status is the job's, as the launcher does; past ``timeout`` every rank
+    is killed and ``subprocess.TimeoutExpired`` raised.
     """
-    import tempfile
-    import time
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port), WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), CROSS_RANK="0",
                 CROSS_SIZE="1")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        procs = [subprocess.Popen([sys.executable, "-u", str(REPO / script), f"--local_rank={r}", *args],
-                                  env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), cwd=str(REPO),
-                                  stdout=out, stderr=err, start_new_session=True)
-                 for r in range(ranks)]
+    return run_processes([[str(REPO / script), f"--local_rank={r}", *args] for r in range(ranks)],
+                         [dict(base, RANK=str(r), LOCAL_RANK=str(r)) for r in range(ranks)], timeout)
+
+
+def run_processes(argvs: list[list[str]], envs: list[dict], timeout: int) -> subprocess.CompletedProcess:
+    """``python argv`` for each argv (with its env) as one job: forked from the rank server where the env's
+    import-time variables match its own, else fresh interpreters; one stdout and one stderr file for all;
+    the first failure kills the rest and is the job's status; past ``timeout`` all are killed and
+    ``subprocess.TimeoutExpired`` raised."""
+    import tempfile
+    import time
+    server = rank_server()
+    if server is not None and any(env.get(k) != server.import_env[k] for env in envs for k in IMPORT_TIME_ENV):
+        server = None
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        procs = [_Rank(server, argv, env, out, err) for argv, env in zip(argvs, envs)]
         deadline, status = time.monotonic() + timeout, 0
         try:
             while any(p.poll() is None for p in procs):
-                failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                failed = [p.poll() for p in procs if p.poll() not in (None, 0)]
                 if failed or time.monotonic() > deadline:
                     status = failed[0] if failed else None
                     break
                 time.sleep(0.05)
             else:
-                status = next((p.returncode for p in procs if p.returncode), 0)
+                status = next((p.poll() for p in procs if p.poll()), 0)
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
                 p.wait()
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    cmd = [script, *args]
+        stdout, stderr = (open(f).read() if os.path.exists(f) else "" for f in (out, err))
+    cmd = argvs[0]
     if status is None:
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
     return subprocess.CompletedProcess(cmd, status, stdout, stderr)
@@ -197,8 +304,7 @@ def python_launch(script: str, args: list[str], timeout: int = 240) -> subproces
     """A launcher run as a single plain process (no deepspeed runner)."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / script), *args], env=env, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_processes([[str(REPO / script), *args]], [env], timeout)
 
 
 def run_main(main, argv: list[str]) -> subprocess.CompletedProcess:
