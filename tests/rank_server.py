@@ -97,7 +97,10 @@ def _reap(out) -> None:
 def serve() -> None:
     import importlib
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another library version without that module: the rank imports what it needs
+            pass
     out = os.fdopen(os.dup(1), "w")
     inp = sys.stdin.buffer
     out.write(json.dumps({"ready": os.getpid()}) + "\n")
