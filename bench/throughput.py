@@ -159,10 +159,10 @@ def _add_measurement_arguments(ap: argparse.ArgumentParser) -> None:
     """How the steps are scheduled, counted and timed, and where the report goes."""
     ap.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
                     help="interleaved: every objective lives in the process and their steps alternate (a slow "
-                         "spell of the machine costs all alike); sequential: one objective after another. Both "
-                         "keep every objective's models in memory, which at base size on a CPU slowed codir-ds "
-                         "against the plain reference (0.86-0.88 interleaved, level when run alone): for "
-                         "codir-ds vs the reference, run each objective alone (--objectives kd, then ref_kd)")
+                         "spell of the machine costs all alike, but at base size on a CPU it slowed codir-ds's "
+                         "ZeRO-2 step against the plain reference: 0.86-0.88, level when run alone); sequential: "
+                         "one objective after another. For codir-ds vs the reference, run each objective alone "
+                         "(--objectives kd, then ref_kd)")
     ap.add_argument("--global_negatives", type=int, default=0,
                     help="pretrain codir: fill each step's candidates up to this many ids (capped at "
                          "num_negatives + 1), as if the global batch were this large (e.g. the paper's 8192)")

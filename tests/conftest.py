@@ -164,21 +164,32 @@ class RankServer:
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "rank_server.py")], env=env,
                                      cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._json, self._lock, self._cond = json, threading.Lock(), threading.Condition()
-        self._pids, self._status = [], {}
+        self._pids, self._status, self._dead = [], {}, False
         first = self.proc.stdout.readline()
         if not first.startswith(b'{"ready"'):
             raise RuntimeError(f"tests/rank_server.py did not start: {first!r}")
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            msg = self._json.loads(line)
+        try:
+            for line in self.proc.stdout:
+                msg = self._json.loads(line)
+                with self._cond:
+                    if "pid" in msg:  # a new rank: a status kept from an earlier process of that pid is stale
+                        self._pids.append(msg["pid"])
+                        self._status.pop(msg["pid"], None)
+                    else:
+                        self._status[msg["exit"]] = msg["status"]
+                    self._cond.notify_all()
+        finally:
             with self._cond:
-                if "pid" in msg:
-                    self._pids.append(msg["pid"])
-                else:
-                    self._status[msg["exit"]] = msg["status"]
+                self._dead = True
                 self._cond.notify_all()
+
+    def _check(self) -> None:
+        if self._dead:
+            raise RuntimeError("tests/rank_server.py died: its ranks cannot be followed (rerun with "
+                               "CODIR_TEST_RANK_SERVER=0 to start fresh interpreters)")
 
     def spawn(self, script: str, argv: list[str], env: dict, stdout: str, stderr: str) -> int:
         req = {"script": script, "argv": argv, "env": env, "cwd": str(REPO), "stdout": stdout, "stderr": stderr}
@@ -188,21 +199,26 @@ class RankServer:
             self.proc.stdin.write((self._json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
             with self._cond:
-                if not self._cond.wait_for(lambda: len(self._pids) > known, timeout=60):
+                if not self._cond.wait_for(lambda: len(self._pids) > known or self._dead, timeout=60):
                     raise RuntimeError("tests/rank_server.py did not answer")
+                self._check()
                 return self._pids[known]
 
     def poll(self, pid: int):
         with self._cond:
+            if pid not in self._status:
+                self._check()
             return self._status.get(pid)
 
     def wait(self, pid: int, timeout: float = 60):
         with self._cond:
-            self._cond.wait_for(lambda: pid in self._status, timeout=timeout)
+            self._cond.wait_for(lambda: pid in self._status or self._dead, timeout=timeout)
+            if pid not in self._status:
+                self._check()
             return self._status.get(pid)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.poll() is None and not self._dead
 
 
 _RANK_SERVER = None

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sys
+import threading
 
 # Started with OMP_NUM_THREADS=1, these leave the server with one thread (numpy's OpenBLAS would start a pool).
 # Besides the packages, what every rank imports lazily later: the BERT model classes (2-3 s: transformers' kernel
@@ -38,6 +40,8 @@ def _run_rank(req: dict) -> int:
     import atexit
     import io
     import runpy
+    import numpy
+    numpy.random.seed()  # a fresh interpreter's global numpy RNG differs per process; a fork's would not
     os.setsid()  # its own process group, as Popen(start_new_session=True): the client kills the group
     os.chdir(req["cwd"])
     os.environ.clear()
@@ -66,11 +70,13 @@ def _run_rank(req: dict) -> int:
         else:
             print(e.code, file=sys.stderr)
             status = 1
+    except KeyboardInterrupt:  # the interpreter then dies of SIGINT itself
+        status = -signal.SIGINT
     except BaseException:  # what the interpreter prints and exits with on an uncaught exception
-        import traceback
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         status = 1
     try:
+        threading._shutdown()  # join non-daemon threads, as at interpreter exit (executors finish their work)
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -78,6 +84,9 @@ def _run_rank(req: dict) -> int:
                 stream.flush()
             except Exception:
                 pass
+    if status == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     return status
 
 
@@ -102,6 +111,7 @@ def serve() -> None:
         except ImportError:  # another library version without that module: the rank imports what it needs
             pass
     out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the replies go to ``out`` only: a stray print in the server cannot corrupt them
     inp = sys.stdin.buffer
     out.write(json.dumps({"ready": os.getpid()}) + "\n")
     out.flush()

@@ -21,6 +21,10 @@ if mode == "raise":
     raise ValueError("boom")
 if mode == "message":
     sys.exit("a message")
+if mode == "probe":
+    import probe_mod
+    print("probe", probe_mod.X)
+    sys.exit(0)
 if mode == "hang":
     import time
     time.sleep(60)
@@ -67,3 +71,28 @@ def test_a_failing_rank_ends_the_job_and_a_hung_one_times_out(tmp_path, starter)
     assert proc.returncode == 4
     with pytest.raises(subprocess.TimeoutExpired):
         _job(tmp_path, "hang", timeout=3)
+
+
+def test_a_job_with_another_pythonpath_gets_fresh_interpreters(tmp_path, monkeypatch):
+    """The server's imports were made with its own PYTHONPATH: a job that sets another one must see it."""
+    assert conftest.rank_server() is not None
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "probe_mod.py").write_text("X = 41 + 1\n")
+    monkeypatch.setenv("PYTHONPATH", str(extra))
+    proc = _job(tmp_path, "probe")
+    assert proc.returncode == 0 and "probe 42" in proc.stdout, proc.stderr
+
+
+def test_exit_joins_threads_and_an_interrupt_is_death_by_sigint(tmp_path, starter):
+    script = tmp_path / "threads.py"
+    script.write_text("import sys, threading, time\n"
+                      "from concurrent.futures import ThreadPoolExecutor\n"
+                      "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+                      "ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.3), print('pool done')))\n"
+                      "if sys.argv[1] == 'interrupt':\n"
+                      "    raise KeyboardInterrupt\n")
+    proc = run_processes([[str(script), "end"]], [dict(os.environ)], 60)
+    assert proc.returncode == 0 and sorted(proc.stdout.split()) == ["done", "done", "pool", "thread"], proc.stdout
+    proc = run_processes([[str(script), "interrupt"]], [dict(os.environ)], 60)
+    assert proc.returncode == -2, (proc.returncode, proc.stderr)
