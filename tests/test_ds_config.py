@@ -264,3 +264,10 @@ def test_fp16_never_chosen_on_the_cpu_even_where_deepspeed_reports_it(monkeypatc
     ds, dtype, warning = dsc.prepare_ds_config(_fp16_ds(), 1, TrainingConfig(fp16_fallback="fp32", train_batch_size=8,
                                                                                micro_batch_size=4))
     assert dtype == torch.float32 and not ds.get("fp16", {}).get("enabled") and "fp16" in warning
+
+
+def test_zero_stage_is_read_as_deepspeed_reads_it():
+    from codir_ds.engine.ds_config import zero_stage
+    assert zero_stage({}) == 0 and zero_stage({"zero_optimization": {}}) == 0
+    assert [zero_stage({"zero_optimization": {"stage": s}}) for s in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    assert zero_stage({"zero_optimization": True}) == 1 and zero_stage({"zero_optimization": False}) == 0

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from codir_ds.engine.ds_config import zero_stage
 from codir_ds.engine.optim import run_device_type
 from codir_ds.errors import CodirError
 
@@ -17,8 +18,7 @@ def check_compile(tcfg, ds: dict) -> None:
     are in the config's ``validate``). One-line errors, nothing written."""
     if not tcfg.compile:
         return
-    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-    if stage == 3:
+    if zero_stage(ds) == 3:
         raise CodirError("training.compile is not supported with ZeRO-3 (its parameter-gathering hooks break the "
                          "compiled graph at every submodule): use ds_configs/zero2.json or set training.compile=false")
     if ds.get("compile", {}).get("deepcompile", False):

@@ -16,6 +16,15 @@ import torch
 from codir_ds.errors import CodirError
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage DeepSpeed reads from ``ds``: ``zero_optimization.stage`` (0 without the block; the deprecated
+    ``"zero_optimization": true`` is stage 1, as DeepSpeed reads it)."""
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, bool):
+        return int(zero)
+    return int((zero or {}).get("stage", 0))
+
+
 def read_ds_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():

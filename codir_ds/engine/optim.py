@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from codir_ds.engine.ds_config import zero_stage
 from codir_ds.errors import CodirError
 
 
@@ -31,8 +32,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
 def needs_nonfinite_guard(ds: dict) -> bool:
     """True when DeepSpeed would apply a step with non-finite gradients (fp32 without ZeRO)."""
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    return (stage == 0 and not ds.get("fp16", {}).get("enabled", False)
+    return (zero_stage(ds) == 0 and not ds.get("fp16", {}).get("enabled", False)
             and not ds.get("bf16", {}).get("enabled", False))
 
 

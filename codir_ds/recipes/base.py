@@ -42,7 +42,7 @@ from codir_ds.engine.checkpointing import RunState, engine_config, resume_latest
 from codir_ds.engine.checkpointing.store import COMPLETE, tag_for
 from codir_ds.engine.compile import check_compile, compile_engine
 from codir_ds.engine.distributed import dist_env, host_group, init_distributed, set_seed
-from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config
+from codir_ds.engine.ds_config import prepare_ds_config, read_ds_config, zero_stage
 from codir_ds.engine.export import export_engine_student
 from codir_ds.engine.faults import check_fault_spec, maybe_fault
 from codir_ds.engine.monitor import Monitor
@@ -171,9 +171,8 @@ class Recipe:
         self.mode = check_run_dir(self.run_dir, self.cfg.to_dict(), self.resume, self.overwrite)
         self.ds, self.dtype, self.ds_warning = prepare_ds_config(read_ds_config(self.ds_config_path), self.world,
                                                                  self.cfg.training)
-        stage = int(self.ds.get("zero_optimization", {}).get("stage", 0))
-        self.universal = (self.mode == "resume"
-                          and resume_plan(self.ckpt_root, self.world, stage, self.ds_config_path) == "universal")
+        self.universal = (self.mode == "resume" and resume_plan(self.ckpt_root, self.world, zero_stage(self.ds),
+                                                                self.ds_config_path) == "universal")
         check_optimizer_impl(self.cfg.training, self.ds)
         check_compile(self.cfg.training, self.ds)
         self.method.check_engine(self.ds)

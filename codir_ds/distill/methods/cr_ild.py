@@ -19,6 +19,7 @@ from codir_ds.distill.ild import attention_mse, consistency_weight, hidden_mse
 from codir_ds.distill.methods.base import LayerSpec, MixSpec, option
 from codir_ds.distill.methods.layers import HiddenAttentionMethod, LayerConfig
 from codir_ds.distill.methods.registry import register_method
+from codir_ds.engine.ds_config import zero_stage
 from codir_ds.errors import CodirError
 
 
@@ -60,7 +61,7 @@ class CRILD(HiddenAttentionMethod):
         return MixSpec(self.cfg.mixup_alpha, supplementary=True)
 
     def check_engine(self, ds: dict) -> None:
-        if self.ema_decay > 0 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        if self.ema_decay > 0 and zero_stage(ds) == 3:
             raise CodirError("method.consistency_ema keeps a full copy of the student, which ZeRO-3 partitions: use "
                              "ds_configs/zero2.json or set method.consistency_ema=0")
 
