@@ -268,16 +268,8 @@ class Recipe:
         def features(ids: torch.Tensor) -> torch.Tensor:
             batch = self.data.feature_batch(ids)
             return student_features(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-
-        @contextlib.contextmanager
-        def eval_mode():
-            self.train_mode(False)
-            try:
-                yield
-            finally:
-                self.train_mode(True)
         log = (lambda line: print(line, flush=True)) if self.rank == 0 else (lambda line: None)
-        self.components.prepare(RunContext(self.mode == "resume", features, eval_mode,
+        self.components.prepare(RunContext(self.mode == "resume", features, self.eval_mode,
                                            self.cfg.training.eval_batch_size, log))
 
     def setup_logging(self) -> None:
@@ -337,6 +329,15 @@ class Recipe:
     def train_mode(self, training: bool) -> None:
         for engine in (self.engine, *self.extra_engines.values()):
             engine.train(training)
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Every trained model in eval mode inside the block, back in training mode after it."""
+        self.train_mode(False)
+        try:
+            yield
+        finally:
+            self.train_mode(True)
 
     def train_step(self, batches: list[tuple[int, torch.Tensor]]) -> None:
         """One optimizer step over this rank's ``accumulation`` micro-batches ``(epoch, ids)``: per micro-batch,
@@ -418,9 +419,8 @@ class Recipe:
         """Every trained model's validation metrics (``{role: metrics}``), logged and recorded; with a main metric
         (finetuning) each model's new best is exported as it comes. COLLECTIVE."""
         step, main, models = self.progress.step, self.data.main_metric, self.trained_models()
-        self.train_mode(False)
-        results = {role: self.data.evaluate(self.data.forward_with(engine)) for role, engine, *_ in models}
-        self.train_mode(True)
+        with self.eval_mode():
+            results = {role: self.data.evaluate(self.data.forward_with(engine)) for role, engine, *_ in models}
         self.log_eval({f"eval/{prefix}{k}": v for role, *_, prefix in models for k, v in results[role].items()})
         for role, engine, progress, out, _ in models:
             if results[role] and progress.record(step, results[role], main):

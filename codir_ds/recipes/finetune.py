@@ -344,9 +344,8 @@ class FinetuneRecipe(Recipe):
         task = self.task
         if not task.test:
             return {"test": None}
-        self.engine.eval()
-        metrics = self.data.evaluate(self.data.forward_with(self.engine), "test")
-        self.engine.train()
+        with self.eval_mode():
+            metrics = self.data.evaluate(self.data.forward_with(self.engine), "test")
         if self.rank == 0:
             print(f"test split ({len(task.test)} examples, final model): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
